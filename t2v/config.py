@@ -1,0 +1,281 @@
+"""Configuration: one small dataclass per concern, resolved in a fixed order.
+
+Precedence (later wins):
+  1. dataclass defaults (the baseline's defaults)
+  2. a YAML file (``--config configs/demo.yaml`` or the CONFIG environment variable)
+  3. the baseline's environment variables: MANIFEST, OUTDIR, STEPS, BS, FRAMES, SIZE, LR
+  4. ``key=value`` arguments on the command line (``train.steps=5000``)
+
+Unknown keys fail loudly and list the valid ones, because a typo in a 5000-step job should cost
+seconds, not a night on the queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "/scratch/data/manifests/train.manifest.processed.jsonl"
+    video_root: str = ""  # relative video paths resolve here; "" = the manifest's folder
+    frames: int = 8
+    size: int = 64
+    sampling: str = "even"  # "even": FRAMES spread over the whole clip; "random_window": over a random window
+    window: float = 0.5  # fraction of the clip covered by a random window
+    cache: bool = True  # pre-decode clips into a memory-mapped uint8 cache (built once)
+    cache_dir: str = ""  # "" = <manifest folder>/.t2v_cache
+    skip_bad_lines: bool = False  # train on a manifest with bad lines, skipping them
+    max_bad_clips: int = 50  # corrupt clips skipped at train time before training stops
+    num_workers: int = 2
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "clip"  # "clip" (Hugging Face CLIP text model), "hash" (offline demo encoder), "tiny" (tests)
+    name: str = "openai/clip-vit-base-patch32"  # hub name or local folder for encoder=clip
+    dim: int = 512
+    max_tokens: int = 77
+    tokens: bool = False  # also cache per-token embeddings (needed by model.cross_attention)
+    cache_dir: str = ""  # "" = <manifest folder>/.t2v_cache
+
+
+@dataclass
+class ModelConfig:
+    size: str = "base"  # a name in t2v.model.SIZES: tiny, small, base, large
+    base_channels: int = 0  # 0 = taken from the size registry
+    channel_mults: tuple = ()  # () = taken from the size registry
+    temporal_attention: bool = False
+    cross_attention: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "cosine"
+    prediction: str = "eps"  # "eps" (the baseline) or "v"
+    cond_dropout: float = 0.1  # caption dropout for classifier-free guidance
+
+
+@dataclass
+class TrainConfig:
+    outdir: str = "/scratch/runs/t2v_ddpm"
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp16; fp32 on CPU. Or bf16/fp16/fp32
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 3
+    sample_every: int = 200
+    sample_steps: int = 50  # DDIM steps for previews
+    guidance: float = 3.0
+    sample_prompts: tuple = (
+        "a red circle moving right",
+        "a green square moving up",
+        "a blue triangle moving left",
+        "a yellow circle moving down",
+    )
+    max_nan_steps: int = 20
+    max_restarts: int = 20  # the job script stops requeueing after this many restarts
+    compile: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# The baseline's environment variables, which people's scripts already set.
+ENV_VARS = {
+    "MANIFEST": "data.manifest",
+    "OUTDIR": "train.outdir",
+    "STEPS": "train.steps",
+    "BS": "train.batch_size",
+    "FRAMES": "data.frames",
+    "SIZE": "data.size",
+    "LR": "train.lr",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
+    """Coerce a YAML/env/CLI value to the field's type; strings come from env vars and key=value."""
+    try:
+        if typ is bool or typ == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if typ is int or typ == "int":
+            if isinstance(value, bool):
+                raise ValueError("boolean given")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not an integer: {value!r}")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float or typ == "float":
+            return float(value)
+        if typ is tuple or typ == "tuple":
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"not a list: {value!r}")
+            return tuple(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: bad value for {key}: {e}") from None
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str) -> None:
+    section, _, name = key.partition(".")
+    sub = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
+    names = {f.name: f for f in dataclasses.fields(sub)} if sub is not None else {}
+    if not name or name not in names:
+        raise ConfigError(f"{where}: unknown config key {key!r}. Valid keys:\n  " + "\n  ".join(valid_keys(cfg)))
+    hints = typing.get_type_hints(type(sub))
+    setattr(sub, name, _convert(value, hints[name], key, where))
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _yaml_lines(path: Path) -> dict[str, int]:
+    """Line number of each flattened key in a YAML file, so errors can point at the line."""
+    lines: dict[str, int] = {}
+    node = yaml.compose(path.read_text())
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    walk(node, "")
+    return lines
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    cfg = Config()
+    env = os.environ if env is None else env
+    path = path or env.get("CONFIG") or None
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{p}: expected a mapping of sections (data:, train:, ...)")
+        lines = _yaml_lines(p)
+        for key, value in _flatten(data).items():
+            set_key(cfg, key, value, f"{p}:{lines.get(key, 1)}")
+    for var, key in ENV_VARS.items():
+        if env.get(var, "") != "":
+            set_key(cfg, key, env[var], f"environment variable {var}")
+    for i, arg in enumerate(overrides):
+        key, eq, value = arg.partition("=")
+        if not eq:
+            raise ConfigError(f"argument {i + 1} ({arg!r}): expected key=value, e.g. train.steps=5000")
+        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", f"argument {arg!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.data.frames >= 1, "data.frames must be >= 1"),
+        (cfg.data.size >= 8 and cfg.data.size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)"),
+        (cfg.data.sampling in ("even", "random_window"), "data.sampling must be 'even' or 'random_window'"),
+        (0 < cfg.data.window <= 1, "data.window must be in (0, 1]"),
+        (cfg.text.encoder in ("clip", "hash", "tiny"), "text.encoder must be clip, hash or tiny"),
+        (cfg.diffusion.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
+        (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),
+        (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
+        (cfg.train.steps >= 0, "train.steps must be >= 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
+        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
+    ]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    # tuples become lists so the dict is plain YAML/JSON and loads under torch.load(weights_only=True)
+    return json.loads(json.dumps(d))
+
+
+def from_dict(d: Mapping) -> Config:
+    cfg = Config()
+    for key, value in _flatten(d).items():
+        set_key(cfg, key, value, "checkpoint config")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def cache_dir(cfg: Config, kind: str = "data") -> Path:
+    """Where caches live: the configured folder, else beside the manifest (shared by every run on it)."""
+    explicit = cfg.data.cache_dir if kind == "data" else cfg.text.cache_dir
+    return Path(explicit) if explicit else Path(cfg.data.manifest).resolve().parent / ".t2v_cache"
+
+
+def add_config_args(parser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config file (default: $CONFIG)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=5000")
