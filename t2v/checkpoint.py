@@ -1,0 +1,135 @@
+"""Checkpoint files: atomic save, verified load, keep-last-k, newest-valid lookup.
+
+A checkpoint is `OUTDIR/ckpt_NNNNNN.pt`, a plain dict of tensors and primitives so that it loads with
+`torch.load(weights_only=True)`: a file that carries arbitrary pickled objects is refused, never executed.
+Writes go to a temporary file in the same folder, are fsync'ed and then renamed over the final name, so
+a job killed mid-save leaves either the old set of checkpoints or the new one, never a torn file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("t2v.checkpoint")
+
+FORMAT_VERSION = 1
+CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+# What a training checkpoint must hold to resume from it. (Baseline checkpoints had step/model/ema only.)
+REQUIRED_KEYS = ("format", "step", "model", "ema", "optimizer", "config", "rng", "data")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def ckpt_path(outdir: str | os.PathLike, step: int) -> Path:
+    return Path(outdir) / f"ckpt_{step:06d}.pt"
+
+
+def list_checkpoints(outdir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every `ckpt_NNNNNN.pt` in outdir, oldest first."""
+    d = Path(outdir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
+    return sorted(found)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write atomically: temp file in the same folder, flush + fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and verify one checkpoint. Raises CheckpointError with the reason; never unpickles code."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        # weights_only=True raises this both for forbidden globals and for garbage bytes.
+        reason = "refused: it holds pickled objects other than tensors" if "global" in str(e).lower() else "corrupt"
+        raise CheckpointError(f"{path}: {reason} ({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated ({str(e).splitlines()[0][:200]})") from None
+    verify_state(state, path)
+    return state
+
+
+def verify_state(state: Any, path: Path) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint dict")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing)} (not a resumable t2v checkpoint)")
+    m = CKPT_RE.match(path.name)
+    if m and int(m.group(1)) != int(state["step"]):
+        raise CheckpointError(f"{path}: file name says step {int(m.group(1))} but it holds step {state['step']}")
+    for name in ("model", "ema"):
+        bad = [k for k, v in state[name].items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{path}: non-finite values in {name} ({bad[0]})")
+
+
+def load_latest(outdir: str | os.PathLike, map_location="cpu") -> tuple[dict | None, Path | None]:
+    """Newest checkpoint that loads and verifies. A broken one is renamed `*.corrupt` (kept, never deleted)
+    with a warning, and the previous one is tried."""
+    for step, path in reversed(list_checkpoints(outdir)):
+        try:
+            return load_checkpoint(path, map_location), path
+        except CheckpointError as e:
+            bad = path.with_name(path.name + ".corrupt")
+            log.warning("warning: %s; falling back to the previous checkpoint (kept as %s)", e, bad.name)
+            os.replace(path, bad)
+    return None, None
+
+
+def prune(outdir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints; returns what was removed."""
+    ckpts = list_checkpoints(outdir)
+    removed = [p for _, p in ckpts[: max(0, len(ckpts) - keep_last)]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def clean_temp_files(outdir: str | os.PathLike) -> None:
+    """Remove temp files left by a save that was killed (they never replaced a real checkpoint)."""
+    d = Path(outdir)
+    if d.is_dir():
+        for p in d.glob(".ckpt_*.pt.tmp-*"):
+            p.unlink(missing_ok=True)
