@@ -1,0 +1,190 @@
+"""Sampling: `python -m t2v.sample --ckpt PATH_OR_RUN_DIR --prompt "..." [--prompt ...]`.
+
+Full multi-step sampling (DDIM with few steps, or DDPM ancestral) from the EMA weights, with classifier-free
+guidance, written as a frame-grid PNG (one row per prompt) and a GIF or MP4 per prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2v import checkpoint as ckpt
+from t2v import config as C
+from t2v import diffusion as D
+from t2v.model import build_model
+
+
+@torch.no_grad()
+def generate(model, cfg: C.Config, text: torch.Tensor, steps: int = 50, guidance: float = 3.0, seed: int = 0,
+             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False) -> torch.Tensor:
+    """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
+    disturbs the training RNG (previews keep resume bit-exact)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    b = text.shape[0]
+    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    if device.type != "cpu":
+        sched = D.Schedule(**{k: v.to(device) for k, v in vars(sched).items()})
+    text = text.to(device)
+    # Conditional and unconditional halves in one batch: rows b.. use the model's learned null embedding.
+    text2 = torch.cat([text, text])  # (2b) d
+    cond_mask = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)]).to(device)
+
+    def denoise(x_t, t):
+        if guidance == 1.0:
+            return model(x_t, t, text, cond_mask=cond_mask[:b])
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), text2, cond_mask=cond_mask)  # (2b) t c h w
+        cond, uncond = out.chunk(2)
+        return D.cfg_combine(cond, uncond, guidance)
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (b, cfg.data.frames, 3, cfg.data.size, cfg.data.size)
+    x = D.sample_loop(denoise, shape, sched, method=method, steps=steps, prediction=cfg.diffusion.prediction,
+                      generator=g, device=device, eta=eta, progress=progress)
+    model.train(was_training)
+    return x.clamp(-1, 1)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """t c h w in [-1, 1] -> t h w c uint8."""
+    v = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 1).numpy()  # t c h w -> t h w c
+
+
+def save_grid(videos: torch.Tensor, path: str | Path, captions=None, scale: int | None = None) -> Path:
+    """One row per video (b t c h w), frames left to right, the caption above each row."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    b, t, _, h, w = videos.shape
+    scale = scale or max(1, 96 // h)
+    pad, label = 2, 12 if captions else 0
+    H, W = h * scale, w * scale
+    grid = Image.new("RGB", (t * (W + pad) + pad, b * (H + pad + label) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(b):
+        frames = to_uint8(videos[i])
+        y = pad + i * (H + pad + label)
+        if captions:
+            draw.text((pad, y), str(captions[i])[: 8 * t], fill=(0, 0, 0))
+        for j in range(t):
+            img = Image.fromarray(frames[j]).resize((W, H), Image.NEAREST)
+            grid.paste(img, (pad + j * (W + pad), y + label))
+    grid.save(path)
+    return path
+
+
+def save_gif(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 2) -> Path:
+    from PIL import Image
+
+    frames = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+              for f in to_uint8(video)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return Path(path)
+
+
+def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
+    import av
+
+    frames = to_uint8(video)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its newest checkpoint that verifies)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for _, c in reversed(ckpt.list_checkpoints(p)):
+            try:
+                ckpt.load_checkpoint(c)
+                return c
+            except ckpt.CheckpointError as e:
+                print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+        raise ckpt.CheckpointError(f"{p}: no valid checkpoint (ckpt_NNNNNN.pt) in this folder")
+    raise ckpt.CheckpointError(f"{p}: no such checkpoint file or run folder")
+
+
+def load_ema(path: str | Path, device="cpu"):
+    """(config, EMA model in eval mode, step) from a checkpoint file or run folder."""
+    state = ckpt.load_checkpoint(resolve_checkpoint(path))
+    cfg = C.from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["ema"])
+    return cfg, model.to(device).eval(), int(state["step"])
+
+
+def embed_prompts(cfg: C.Config, prompts: list[str]) -> torch.Tensor:
+    """Cached embeddings where present; the frozen encoder only for prompts never seen before."""
+    from t2v.text import EmbeddingCache, build_encoder, encoder_key
+
+    cache = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
+    missing = cache.missing(prompts)
+    if missing:
+        pooled, _, _ = build_encoder(cfg.text).encode(missing)
+        new = dict(zip(missing, pooled))
+    return torch.stack([cache.get(p) if p in cache else new[p] for p in prompts]).float()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m t2v.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run folder (newest valid checkpoint)")
+    p.add_argument("--prompt", action="append", required=True, help="caption to sample (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<ckpt name>)")
+    p.add_argument("--method", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all timesteps)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("gif", "mp4", "both"), default="gif")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        path = resolve_checkpoint(args.ckpt)
+        cfg, model, step = load_ema(path, device)
+    except ckpt.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else path.parent / "samples" / path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    text = embed_prompts(cfg, args.prompt)
+    guidance = cfg.train.guidance if args.guidance is None else args.guidance
+    steps = cfg.diffusion.timesteps if args.method == "ddpm" else args.steps
+    videos = generate(model, cfg, text, steps=steps, guidance=guidance, seed=args.seed, device=device,
+                      method=args.method, eta=args.eta, progress=True)
+    grid = save_grid(videos, out / "grid.png", args.prompt)
+    print(f"step {step} | {args.method} {steps} steps | guidance {guidance:g}")
+    print(f"grid {grid}")
+    for prompt, video in zip(args.prompt, videos):
+        if args.format in ("gif", "both"):
+            print(f"gif  {save_gif(video, out / (slug(prompt) + '.gif'))}")
+        if args.format in ("mp4", "both"):
+            print(f"mp4  {save_mp4(video, out / (slug(prompt) + '.mp4'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Training: `python -m t2v.train [--config FILE] [key=value ...]` (the baseline's env vars still work).
+
+The loop reads top to bottom in `train()`. Three properties shape it:
+- Resume is automatic and bit-exact: every random draw of a step (timesteps, noise, caption dropout, which
+  clips, which caption) is a pure function of (seed, step, rank), and the checkpoint holds model, EMA,
+  optimizer, scaler and RNG states, so a run stopped at any step continues exactly as if never stopped.
+- Signals only set a flag (saving inside a handler is fragile); at the next step boundary all ranks agree,
+  rank 0 saves, and the process exits with REQUEUE_EXIT, which the job script turns into a requeue.
+- The text encoder never runs here: caption embeddings come from the cache (`python -m t2v.text embed`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from t2v import checkpoint as ckpt
+from t2v import config as C
+from t2v import diffusion as D
+from t2v import distributed
+from t2v.data.cache import build_cache, open_cache
+from t2v.data.dataset import ClipDataset, StepSampler
+from t2v.data.manifest import read_manifest
+from t2v.model import build_model, count_params
+from t2v.runlog import RunLog
+from t2v.sample import generate, save_grid
+from t2v.text import EmbeddingCache, encoder_key
+
+REQUEUE_EXIT = 75  # "saved, please requeue" (EX_TEMPFAIL); the job scripts requeue on it
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGUSR2/SIGTERM. The handler does nothing else, so a second signal arriving while the
+    checkpoint is being written only sets the flag again and cannot interrupt or corrupt the save."""
+
+    def __init__(self):
+        self.signame: str | None = None
+
+    def __call__(self, signum, frame):
+        self.signame = self.signame or signal.Signals(signum).name
+
+    def install(self) -> None:
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, self)
+
+
+def _ignore_signals_in_worker(_worker_id: int) -> None:
+    # Slurm signals the whole process group; a DataLoader worker killed by SIGTERM would crash the loop
+    # before the main process could save. The main process alone decides when to stop.
+    for s in HANDLED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def pick_device(cfg: C.Config, local_rank: int = 0) -> torch.device:
+    if cfg.train.device != "auto":
+        return torch.device(cfg.train.device)
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def pick_precision(cfg: C.Config, device: torch.device) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if device.type != "cuda":
+        return "fp32"  # CPU autocast is slower than fp32 for convolutions and breaks bit-exact comparisons
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def lr_at(step: int, cfg: C.TrainConfig) -> float:
+    """Linear warmup, then constant (the baseline trained at a constant 1e-4)."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The only source of randomness for one training step: a function of (seed, step, rank)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    return g
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def load_data(cfg: C.Config, log: RunLog):
+    """Manifest -> clips (+ clip cache) and the caption-embedding cache; fails with what to run if not built."""
+    clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
+    if not clips:
+        raise TrainingError(f"{cfg.data.manifest}: no usable clips")
+    cache = None
+    if cfg.data.cache and cfg.data.sampling == "even":
+        cache = open_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"))
+        if cache is None:
+            log.line(f"building the clip cache in {C.cache_dir(cfg, 'data')} (once; `python -m t2v.data cache`)")
+            cache = build_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), progress=log.enabled)
+        if cache.bad:
+            log.warn(f"{len(cache.bad)} corrupt clips in the cache are skipped (see `python -m t2v.data check`)")
+    emb = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
+    missing = emb.missing(sorted({c for clip in clips for c in clip.captions}))
+    if missing:
+        raise TrainingError(
+            f"{len(missing)} captions of {cfg.data.manifest} have no cached embedding (e.g. {missing[0]!r}).\n"
+            f"Run once: python -m t2v.text embed {'--config ' + os.environ['CONFIG'] if os.environ.get('CONFIG') else ''}"
+            " [same key=value arguments]  (the training process never runs the text encoder)")
+    return clips, cache, emb
+
+
+def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batch, world, last_loss, log) -> Path:
+    state = {
+        "format": ckpt.FORMAT_VERSION,
+        "step": step,
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "config": C.to_dict(cfg),
+        "rng": rng_state(),
+        "data": {"position": step * global_batch, "global_batch": global_batch, "seed": cfg.train.seed,
+                 "world_size": world},
+        "metrics": {"loss": last_loss},
+        "time": time.time(),
+    }
+    path = ckpt.save_checkpoint(state, ckpt.ckpt_path(path_outdir, step))
+    ckpt.prune(path_outdir, cfg.train.keep_last)
+    log.line(f"saved {path}")
+    log.event("checkpoint", step, path=str(path))
+    return path
+
+
+def preview(ema, cfg, emb, step, device, log) -> None:
+    prompts = [p for p in cfg.train.sample_prompts if p in emb]
+    if not prompts:
+        return
+    text = torch.stack([emb.get(p) for p in prompts]).to(device)
+    videos = generate(ema, cfg, text, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
+                      seed=cfg.train.seed, device=device)
+    path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
+    save_grid(videos, path, prompts)
+    log.line(f"sample grid {path}")
+
+
+def train(cfg: C.Config, stop_at: int | None = None) -> int:
+    """Train to cfg.train.steps, resuming from OUTDIR if it holds checkpoints. Returns the exit code:
+    0 when all steps are done, REQUEUE_EXIT when a signal (or `stop_at`, for tests) stopped it after saving."""
+    # --- process, device, precision ---------------------------------------------------------------------
+    device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+    dist = distributed.init(device.type)
+    precision = pick_precision(cfg, device)
+    outdir = Path(cfg.train.outdir)
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    log = RunLog(outdir, enabled=dist.is_main, restart=restart)
+    stop = StopFlag()
+    stop.install()
+    log.line(f"Out: {outdir} | Device: {device}")
+    if dist.is_main:
+        ckpt.clean_temp_files(outdir)
+
+    # --- resume state (before anything that depends on the global batch) -------------------------------
+    # Rank 0 looks first (it may quarantine a corrupt newest checkpoint); the others then see the same set.
+    state, resumed_from = ckpt.load_latest(outdir) if dist.is_main else (None, None)
+    distributed.barrier(dist)
+    if not dist.is_main:
+        state, resumed_from = ckpt.load_latest(outdir)
+    global_batch = cfg.train.batch_size * dist.world_size
+    if state is not None:
+        saved_cfg = C.from_dict(state["config"])
+        if C.to_dict(saved_cfg.model) != C.to_dict(cfg.model) or saved_cfg.text.dim != cfg.text.dim:
+            raise TrainingError(f"{resumed_from}: its model config differs from this run's; use a new OUTDIR")
+        global_batch = state["data"]["global_batch"]
+        if global_batch % dist.world_size:
+            raise TrainingError(f"{resumed_from}: global batch {global_batch} is not divisible by "
+                                f"{dist.world_size} ranks; resume with a world size that divides it")
+    per_rank_batch = global_batch // dist.world_size
+
+    # --- data: manifest -> cached clips + cached caption embeddings -------------------------------------
+    clips, cache, emb = load_data(cfg, log)
+    dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed,
+                          sampling=cfg.data.sampling, window=cfg.data.window, cache=cache)
+
+    # --- model, EMA, optimizer, diffusion schedule ------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
+    sched = D.Schedule(**{k: v.to(device) for k, v in vars(sched).items()}) if device.type != "cpu" else sched
+
+    start_step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        log.line(f"resumed from {resumed_from} at step {start_step} (restart {restart})")
+        log.event("resume", start_step, path=str(resumed_from))
+        del state
+    else:
+        log.event("start", 0)
+    if dist.is_main:
+        C.save_config(cfg, outdir / "config.yaml")
+        if start_step == 0:
+            log.line(f"model {cfg.model.size}: {count_params(model) / 1e6:.2f}M parameters | precision {precision} | "
+                     f"global batch {global_batch} = {dist.world_size} x {per_rank_batch} | lr {cfg.train.lr:g}")
+    steps = cfg.train.steps
+    if start_step >= steps:
+        log.line(f"nothing to do: {outdir} is already at step {start_step} of {steps}")
+        distributed.shutdown(dist)
+        return 0
+
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    if cfg.train.compile:
+        net = torch.compile(net)
+    sampler = StepSampler(len(clips), global_batch, cfg.train.seed, start_step, dist.rank, dist.world_size, steps)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                         worker_init_fn=_ignore_signals_in_worker, pin_memory=device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision in ("bf16", "fp16") else nullcontext())
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    model.train()
+    nan_steps = bad_clips = 0
+    last_loss = float("nan")
+    grad_norm = torch.tensor(float("nan"))
+    window_start, window_steps = time.time(), 0
+    step = start_step
+    for step, batch in zip(range(start_step, steps), loader):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.train)
+        bad_clips += int(batch["bad"].sum())
+        if bad_clips > cfg.data.max_bad_clips:
+            raise TrainingError(f"{bad_clips} corrupt clips skipped (cap data.max_bad_clips="
+                                f"{cfg.data.max_bad_clips}); run `python -m t2v.data check {cfg.data.manifest}`")
+        x0 = batch["video"].to(device, non_blocking=True)  # b t c h w, in [-1, 1]
+        text = batch["text"].to(device, non_blocking=True)  # b d
+        if cfg.train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last_3d)
+        g = step_generator(cfg.train.seed, step, dist.rank, device)
+        t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        keep_text = torch.rand(x0.shape[0], generator=g, device=device) >= cfg.diffusion.cond_dropout
+        x_t = D.q_sample(sched, x0, t, noise)
+        target = D.training_target(sched, x0, noise, t, cfg.diffusion.prediction)
+        with autocast:
+            out = net(x_t, t, text, cond_mask=keep_text)
+        loss = D.training_loss(out.float(), target)
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            # Skip the update but keep the step (and its data) consumed, so resume stays exact.
+            nan_steps += 1
+            log.warn(f"non-finite loss at step {step + 1}; update skipped ({nan_steps}/{cfg.train.max_nan_steps})")
+            if nan_steps > cfg.train.max_nan_steps:
+                raise TrainingError(f"{nan_steps} non-finite losses (cap train.max_nan_steps); lower train.lr "
+                                    "or use train.precision=fp32")
+            opt.zero_grad(set_to_none=True)
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            ema_update(ema, model, cfg.train.ema_decay)
+            last_loss = loss_value
+
+        done = step + 1
+        window_steps += 1
+        if done % cfg.train.log_every == 0 or done == steps:
+            elapsed = time.time() - window_start
+            log.line(f"step {done:06d} | loss {loss_value:.4f}")
+            log.metrics(step=done, loss=loss_value, lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm),
+                        clips_per_s=window_steps * global_batch / max(elapsed, 1e-9),
+                        step_time=elapsed / window_steps, world_size=dist.world_size)
+            window_start, window_steps = time.time(), 0
+        saved = False
+        if done % cfg.train.ckpt_every == 0 or done == steps:
+            if dist.is_main:
+                save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
+            saved = True
+        if dist.is_main and done % cfg.train.sample_every == 0:
+            preview(ema, cfg, emb, done, device, log)
+        if distributed.any_flag(stop.signame is not None or done == stop_at, dist, device) and done < steps:
+            if dist.is_main:
+                log.line(f"signal {stop.signame or 'stop_at'} at step {done}: saving and exiting for requeue")
+                if not saved:
+                    save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
+                log.event("preempt", done, signal=stop.signame or "stop_at")
+            distributed.barrier(dist)
+            distributed.shutdown(dist)
+            log.close()
+            return REQUEUE_EXIT
+    log.event("done", steps)
+    log.line(f"done: {steps} steps in {outdir}")
+    distributed.barrier(dist)
+    distributed.shutdown(dist)
+    log.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m t2v.train", description=__doc__.split("\n")[0])
+    C.add_config_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = C.load_config(args.config, args.overrides)
+        return train(cfg)
+    except (C.ConfigError, TrainingError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # manifest/cache errors from the data layer carry their own file:line message
+        if type(e).__name__ in ("ManifestError", "VideoError"):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
