@@ -1,0 +1,45 @@
+"""Helpers for tests that train: a small demo dataset with its caches, and configs pointing at it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from t2v import config as C
+from t2v.data.cache import build_cache
+from t2v.data.demo import make_demo
+from t2v.data.manifest import read_manifest
+from t2v.text import embed_captions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir: Path, outdir: Path, *overrides: str, config: str = "configs/tiny.yaml") -> C.Config:
+    return C.load_config(REPO / config, [
+        f"data.manifest={data_dir / 'train.jsonl'}", f"data.cache_dir={data_dir / 'cache'}",
+        f"text.cache_dir={data_dir / 'cache'}", f"train.outdir={outdir}", *overrides], env={})
+
+
+def prepare(cfg: C.Config) -> None:
+    """What `python -m t2v.data cache` and `python -m t2v.text embed` do before training."""
+    make_demo(Path(cfg.data.manifest).parent, n_train=48, n_val=4, n_test=4, seed=0)
+    clips = read_manifest(cfg.data.manifest)
+    build_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), progress=False)
+    captions = [c for clip in clips for c in clip.captions] + list(cfg.train.sample_prompts) + [""]
+    embed_captions(cfg.text, captions, C.cache_dir(cfg, "text"), progress=False)
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_states_equal(a: dict, b: dict, keys=("model", "ema")) -> None:
+    for k in keys:
+        assert a[k].keys() == b[k].keys()
+        for name in a[k]:
+            assert torch.equal(a[k][name], b[k][name]), f"{k}.{name} differs"
+    oa, ob = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    for i in oa:
+        for name in oa[i]:
+            assert torch.equal(torch.as_tensor(oa[i][name]), torch.as_tensor(ob[i][name])), f"optimizer {i}.{name}"

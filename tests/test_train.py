@@ -1,0 +1,182 @@
+"""Training core: loss goes down, resume is bit-exact, signals save and ask for a requeue, bad checkpoints."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import REPO, assert_states_equal, load, prepare, tiny_config
+from t2v import checkpoint as ckpt
+from t2v.train import REQUEUE_EXIT, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    prepare(tiny_config(d, d / "unused"))
+    return d
+
+
+def log_lines(outdir: Path, prefix: str) -> list[str]:
+    return [l for l in (outdir / "train.log").read_text().splitlines() if l.startswith(prefix)]
+
+
+def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", "train.steps=60", "train.log_every=5", "train.ckpt_every=20")
+    assert train(cfg) == 0
+    losses = [float(l.split("loss ")[1]) for l in log_lines(tmp_path / "run", "step ")]
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:2]) / 2, losses  # a real drop, not noise
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "run")] == [
+        "ckpt_000020.pt", "ckpt_000040.pt", "ckpt_000060.pt"]
+    state = load(tmp_path / "run" / "ckpt_000060.pt")
+    assert state["step"] == 60 and state["config"]["train"]["steps"] == 60
+    assert {"model", "ema", "optimizer", "scaler", "rng", "data", "config"} <= state.keys()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    # starting again on a finished run does nothing and says so
+    assert train(cfg) == 0
+    assert "nothing to do" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_keep_last_k(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, "train.steps=50", "train.ckpt_every=10", "train.keep_last=2")
+    train(cfg)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [40, 50]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_exact(data_dir, tmp_path, workers):
+    steps = 30
+    stop = random.Random(workers).randint(1, steps - 1)  # any step, including one between checkpoints
+    args = (f"train.steps={steps}", "train.ckpt_every=7", "train.log_every=1", f"data.num_workers={workers}",
+            "diffusion.cond_dropout=0.3")
+    straight = tiny_config(data_dir, tmp_path / "straight", *args)
+    assert train(straight) == 0
+    resumed = tiny_config(data_dir, tmp_path / "resumed", *args)
+    assert train(resumed, stop_at=stop) == REQUEUE_EXIT
+    assert ckpt.list_checkpoints(tmp_path / "resumed")[-1][0] == stop
+    assert train(resumed) == 0
+    assert_states_equal(load(tmp_path / "straight" / f"ckpt_{steps:06d}.pt"),
+                        load(tmp_path / "resumed" / f"ckpt_{steps:06d}.pt"))
+    # the same loss lines, and the resume is in the log
+    assert log_lines(tmp_path / "straight", "step ") == log_lines(tmp_path / "resumed", "step ")
+    assert log_lines(tmp_path / "resumed", "resumed from") == [
+        f"resumed from {tmp_path / 'resumed' / f'ckpt_{stop:06d}.pt'} at step {stop} (restart 0)"]
+
+
+def _start(cfg_args, outdir, data_dir):
+    cmd = [sys.executable, "-m", "t2v.train", "--config", str(REPO / "configs/tiny.yaml"),
+           f"data.manifest={data_dir / 'train.jsonl'}", f"data.cache_dir={data_dir / 'cache'}",
+           f"text.cache_dir={data_dir / 'cache'}", f"train.outdir={outdir}", *cfg_args]
+    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "OUTDIR", "STEPS")}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+
+
+def _wait_for_step(proc, n=1):
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step ") and len([s for s in seen if s.startswith("step ")]) >= n:
+            return seen
+    raise AssertionError("training ended before logging a step:\n" + "".join(seen))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM])
+def test_signal_saves_and_exits_for_requeue(data_dir, tmp_path, sig):
+    proc = _start(["train.steps=100000", "train.log_every=1", "train.ckpt_every=100000"], tmp_path, data_dir)
+    _wait_for_step(proc, 3)
+    proc.send_signal(sig)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == REQUEUE_EXIT, out
+    (step, path), = ckpt.list_checkpoints(tmp_path)
+    assert f"signal {sig.name} at step {step}" in out and f"saved {path}" in out
+    assert ckpt.load_checkpoint(path)["step"] == step
+
+
+def test_second_signal_during_save_does_not_corrupt(data_dir, tmp_path):
+    # A bigger model makes the save last long enough to be hit by the second and third signal.
+    proc = _start(["train.steps=100000", "train.log_every=1", "train.ckpt_every=100000", "model.size=base",
+                   "data.size=16", "data.frames=4"], tmp_path, data_dir)
+    _wait_for_step(proc, 1)
+    proc.send_signal(signal.SIGUSR1)
+    for _ in range(20):
+        time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == REQUEUE_EXIT, out
+    (step, path), = ckpt.list_checkpoints(tmp_path)
+    assert ckpt.load_checkpoint(path)["step"] == step
+    assert not list(tmp_path.glob(".ckpt_*tmp*"))
+
+
+def test_corrupt_newest_checkpoint_falls_back(data_dir, tmp_path, capsys):
+    cfg = tiny_config(data_dir, tmp_path, "train.steps=20", "train.ckpt_every=10")
+    train(cfg)
+    newest = tmp_path / "ckpt_000020.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a node dying mid-copy
+    cfg.train.steps = 30
+    assert train(cfg) == 0
+    log = (tmp_path / "train.log").read_text()
+    assert f"resumed from {tmp_path / 'ckpt_000010.pt'} at step 10" in log
+    assert (tmp_path / "ckpt_000020.pt.corrupt").is_file()  # kept for inspection, never deleted
+    assert ckpt.load_checkpoint(tmp_path / "ckpt_000030.pt")["step"] == 30
+
+
+class Bomb:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/t2v_pwned",))
+
+
+def test_pickle_bomb_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "ckpt_000010.pt"
+    torch.save({"step": 10, "model": {}, "payload": Bomb()}, path)
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.load_checkpoint(path)
+    assert not Path("/tmp/t2v_pwned").exists()
+
+
+def test_nan_losses_are_skipped_then_stop(data_dir, tmp_path, monkeypatch):
+    import t2v.train as T
+
+    real = T.D.training_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(out, target):
+        calls["n"] += 1
+        loss = real(out, target)
+        return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 10 else loss
+
+    monkeypatch.setattr(T.D, "training_loss", sometimes_nan)
+    cfg = tiny_config(data_dir, tmp_path, "train.steps=10", "train.max_nan_steps=3")
+    assert train(cfg) == 0  # two NaN steps are skipped, training finishes
+    assert (tmp_path / "train.log").read_text().count("non-finite loss") == 2
+    state = load(tmp_path / "ckpt_000010.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    cfg2 = tiny_config(data_dir, tmp_path / "b", "train.steps=30", "train.max_nan_steps=3")
+    calls["n"] = 0
+    with pytest.raises(T.TrainingError, match="non-finite"):
+        train(cfg2)
+
+
+def test_missing_caption_embeddings_fail_with_the_command_to_run(data_dir, tmp_path):
+    import t2v.train as T
+
+    cfg = tiny_config(data_dir, tmp_path, f"text.cache_dir={tmp_path / 'empty'}")
+    with pytest.raises(T.TrainingError, match="python -m t2v.text embed"):
+        train(cfg)
+
+
+def test_warmup_then_constant_lr():
+    from t2v.config import TrainConfig
+
+    c = TrainConfig(lr=1e-3, warmup=10)
+    assert lr_at(0, c) == pytest.approx(1e-4) and lr_at(9, c) == pytest.approx(1e-3) and lr_at(500, c) == 1e-3
