@@ -1,0 +1,170 @@
+"""Decoding clips to fixed-size frame stacks with decord.
+
+decord raises two unrelated exception types on bad files (RuntimeError when a file cannot be opened,
+decord._ffi.base.DECORDError, which is not a RuntimeError, when it is corrupt inside) and IndexError on
+out-of-range frames; all three become a VideoError that names the file.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    import decord
+    from decord._ffi.base import DECORDError
+except ImportError:  # decord has no wheels for some platforms (macOS arm64); fail when a video is read
+    decord = None
+
+    class DECORDError(Exception):
+        pass
+
+
+SAMPLINGS = ("even", "random_window")
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be decoded; ``.path`` names it."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class VideoTooShort(VideoError):
+    """A readable video with fewer frames than requested."""
+
+
+def frame_indices(
+    n_total: int,
+    frames: int,
+    sampling: str = "even",
+    window: float = 0.5,
+    rng: np.random.Generator | None = None,
+    first: int = 0,
+    last: int | None = None,
+) -> np.ndarray:
+    """Which ``frames`` frames of [first, last] (inclusive) to read.
+
+    "even" spreads them over the whole range; "random_window" spreads them over a window covering
+    ``window`` of the range at an offset drawn from ``rng`` (never fewer frames than requested).
+    """
+    last = n_total - 1 if last is None else min(last, n_total - 1)
+    first = max(first, 0)
+    span = last - first + 1
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if span < frames:
+        raise ValueError(f"need {frames} frames, only {max(span, 0)} in range [{first}, {last}]")
+    if sampling == "even":
+        lo, hi = first, last
+    elif sampling == "random_window":
+        if rng is None:
+            raise ValueError("sampling='random_window' needs an rng")
+        if not 0 < window <= 1:
+            raise ValueError(f"window must be in (0, 1], got {window}")
+        width = min(span, max(frames, round(window * span)))  # frames covered by the window
+        lo = first + int(rng.integers(0, span - width + 1))
+        hi = lo + width - 1
+    else:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    return np.linspace(lo, hi, frames).round().astype(np.int64)
+
+
+def _frame_range(n_total: int, fps: float, start: float | None, end: float | None) -> tuple[int, int]:
+    """Frames shown in [start, end) seconds; frame k is shown from k / fps."""
+    first, last = 0, n_total - 1
+    if start is not None:
+        first = math.ceil(start * fps - 1e-6)
+    if end is not None:
+        last = min(last, math.ceil(end * fps - 1e-6) - 1)
+    return first, last
+
+
+def _to_numpy(batch) -> np.ndarray:
+    # decord returns its own NDArray, or a torch tensor if someone set decord.bridge to torch
+    return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+
+
+def _resize_u8(u8: np.ndarray, size: int) -> np.ndarray:
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float()  # t h w c -> t c h w
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # t c h w -> t h w c
+
+
+def decode_uint8(
+    path: str | os.PathLike,
+    frames: int,
+    size: int,
+    sampling: str = "even",
+    window: float = 0.5,
+    rng: np.random.Generator | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> np.ndarray:
+    """``frames`` frames of a video squashed to size x size (aspect ratio not kept): (T, H, W, 3) uint8."""
+    if decord is None:
+        raise VideoError(path, "decord is not installed (pip install decord)")
+    path = str(path)
+    if not Path(path).is_file():
+        raise VideoError(path, "file not found")
+    vr = None
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size, height=size, num_threads=1)
+        n_total = len(vr)
+        first, last = 0, n_total - 1
+        if start is not None or end is not None:
+            fps = float(vr.get_avg_fps())
+            if not fps > 0:
+                raise VideoError(path, f"cannot restrict to start/end: the video reports {fps} fps")
+            first, last = _frame_range(n_total, fps, start, end)
+        if last - first + 1 < frames:
+            where = f" between {start}s and {end}s" if start is not None or end is not None else ""
+            raise VideoTooShort(path, f"too short: {max(last - first + 1, 0)} frames{where}, need {frames}")
+        idx = frame_indices(n_total, frames, sampling, window, rng, first, last)
+        try:
+            u8 = _to_numpy(vr.get_batch(idx))
+        except DECORDError as e:
+            # decord 0.6 cannot scale to some widths (8, 16, 24, 48, 72 among them: its row padding trips
+            # "DECORDArrayCopyFromTo: The size must exactly match"); decode full size and resize here.
+            if "DECORDArrayCopyFromTo" not in str(e):
+                raise
+            vr = None
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            u8 = _resize_u8(_to_numpy(vr.get_batch(idx)), size)
+    except VideoError:
+        raise
+    except (RuntimeError, DECORDError, IndexError) as e:
+        raise VideoError(path, f"cannot decode: {str(e).strip().splitlines()[0][:300]}") from e
+    finally:
+        vr = None  # close the file now, not at some later garbage collection
+    if u8.shape != (frames, size, size, 3) or u8.dtype != np.uint8:
+        raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected ({frames}, {size}, {size}, 3) uint8")
+    return u8
+
+
+def to_model(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [-1, 1], the model's input."""
+    if isinstance(u8, np.ndarray):
+        u8 = torch.from_numpy(np.array(u8))  # a copy: cache memmaps are read-only
+    if u8.dtype != torch.uint8 or u8.ndim != 4 or u8.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 (T, H, W, 3) array, got {tuple(u8.shape)} {u8.dtype}")
+    return u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()  # t h w c -> t c h w
+
+
+def decode_clip(
+    path: str | os.PathLike,
+    frames: int,
+    size: int,
+    sampling: str = "even",
+    window: float = 0.5,
+    rng: np.random.Generator | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> torch.Tensor:
+    """``decode_uint8`` then ``to_model``: float (T, 3, H, W) in [-1, 1]."""
+    return to_model(decode_uint8(path, frames, size, sampling, window, rng, start, end))
