@@ -48,13 +48,14 @@ def init(device_type: str) -> Dist:
     return d
 
 
-def any_flag(flag: bool, d: Dist, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (a signal delivered to one rank stops them all)."""
+def reduce_step(loss: torch.Tensor, flag: bool, d: Dist) -> tuple[float, bool]:
+    """(mean loss over ranks, flag set on any rank) in one all-reduce: a signal delivered to one rank stops
+    them all at the same step, and a non-finite loss anywhere is seen everywhere."""
     if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        return loss.item(), flag
+    t = torch.stack([loss.float(), torch.tensor(1.0 if flag else 0.0, device=loss.device)])
+    dist.all_reduce(t)
+    return t[0].item() / d.world_size, bool(t[1].item() > 0)
 
 
 def barrier(d: Dist) -> None:

@@ -2,7 +2,7 @@
 
 The loop reads top to bottom in `train()`. Three properties shape it:
 - Resume is automatic and bit-exact: every random draw of a step (timesteps, noise, caption dropout, which
-  clips, which caption) is a pure function of (seed, step, rank), and the checkpoint holds model, EMA,
+  clips, which caption) is a pure function of (seed, step), and the checkpoint holds model, EMA,
   optimizer, scaler and RNG states, so a run stopped at any step continues exactly as if never stopped.
 - Signals only set a flag (saving inside a handler is fragile); at the next step boundary all ranks agree,
   rank 0 saves, and the process exits with REQUEUE_EXIT, which the job script turns into a requeue.
@@ -88,10 +88,10 @@ def lr_at(step: int, cfg: C.TrainConfig) -> float:
     return cfg.lr
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The only source of randomness for one training step: a function of (seed, step, rank)."""
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The only source of randomness for one training step: a function of (seed, step)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    g.manual_seed(seed * 1_000_003 + step)
     return g
 
 
@@ -284,19 +284,24 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         text = batch["text"].to(device, non_blocking=True)  # b d
         if cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last_3d)
-        g = step_generator(cfg.train.seed, step, dist.rank, device)
-        t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        keep_text = torch.rand(x0.shape[0], generator=g, device=device) >= cfg.diffusion.cond_dropout
+        # Draw for the whole global batch and keep this rank's rows: N ranks x batch b then see exactly the
+        # noise, timesteps and caption dropout of one process with batch N*b (and resume on another world size).
+        g = step_generator(cfg.train.seed, step, device)
+        rows = slice(dist.rank * per_rank_batch, (dist.rank + 1) * per_rank_batch)
+        t = torch.randint(0, sched.num_timesteps, (global_batch,), generator=g, device=device)[rows]
+        noise = torch.randn((global_batch, *x0.shape[1:]), generator=g, device=device)[rows]  # b t c h w
+        keep_text = (torch.rand(global_batch, generator=g, device=device) >= cfg.diffusion.cond_dropout)[rows]
         x_t = D.q_sample(sched, x0, t, noise)
         target = D.training_target(sched, x0, noise, t, cfg.diffusion.prediction)
         with autocast:
             out = net(x_t, t, text, cond_mask=keep_text)
         loss = D.training_loss(out.float(), target)
+        scaler.scale(loss).backward()
+        # One host sync per step: the mean loss over ranks and "did any rank get a signal".
+        loss_value, stop_now = distributed.reduce_step(loss.detach(), stop.signame is not None, dist)
 
-        loss_value = loss.item()
         if not math.isfinite(loss_value):
-            # Skip the update but keep the step (and its data) consumed, so resume stays exact.
+            # Skip the update on every rank but keep the step (and its data) consumed, so resume stays exact.
             nan_steps += 1
             log.warn(f"non-finite loss at step {step + 1}; update skipped ({nan_steps}/{cfg.train.max_nan_steps})")
             if nan_steps > cfg.train.max_nan_steps:
@@ -304,7 +309,6 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                                     "or use train.precision=fp32")
             opt.zero_grad(set_to_none=True)
         else:
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             scaler.step(opt)
@@ -329,7 +333,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             saved = True
         if dist.is_main and done % cfg.train.sample_every == 0:
             preview(ema, cfg, emb, done, device, log)
-        if distributed.any_flag(stop.signame is not None or done == stop_at, dist, device) and done < steps:
+        if (stop_now or done == stop_at) and done < steps:
             if dist.is_main:
                 log.line(f"signal {stop.signame or 'stop_at'} at step {done}: saving and exiting for requeue")
                 if not saved:
