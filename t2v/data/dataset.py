@@ -96,7 +96,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """Items are addressed by (index, draw) from StepSampler; a plain int i means (i, i).
 
     A clip that cannot be decoded (or is marked bad in the cache) is replaced by the next index, so
-    the replacement is the same on every run; ``bad`` in the item says how many were skipped.
+    the replacement is the same on every run. ``bad`` in the item counts decode failures met while
+    fetching it; clips the cache already knows to be bad were reported when it was built and are not
+    counted again every epoch against data.max_bad_clips.
     """
 
     def __init__(
@@ -148,7 +150,7 @@ class ClipDataset(torch.utils.data.Dataset):
         index, draw = (int(item), int(item)) if isinstance(item, (int, np.integer)) else map(int, item)
         n = len(self.clips)
         i = index % n
-        for bad in range(n):
+        for skipped in range(n):
             u8 = self._frames(i, draw)
             if u8 is not None:
                 break
@@ -157,4 +159,5 @@ class ClipDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"none of the {n} clips could be decoded (first: {self.clips[0].video})")
         caption = pick_caption(self.clips[i].captions, self.seed, draw)
         text = self.embeddings.get(caption)
+        bad = 0 if self.cache is not None else skipped
         return {"video": to_model(u8), "text": text, "caption": caption, "index": i, "bad": bad}
