@@ -147,6 +147,7 @@ def test_dataloader_resume_is_exact(clips, tmp_path):
     assert len(full) == 6 and len(resumed) == 2
     for a, b in zip(full[4:], resumed):
         assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
-    # over 6 steps of 4 (almost 5 epochs of 5) the corrupt clip came up and was counted
-    assert sum(b[3] for b in full) >= 4 and all(2 not in b[2] for b in full)
+    # over 6 steps of 4 (almost 5 epochs of 5) the corrupt clip came up every epoch and was always
+    # replaced; it was reported once when the cache was built, so it is not counted again
+    assert sum(b[3] for b in full) == 0 and all(2 not in b[2] for b in full)
     assert not np.array_equal(full[0][0].numpy(), full[1][0].numpy())
