@@ -95,6 +95,12 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return g
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up from 0: with a fixed 0.999 the EMA of a short run is mostly its random
+    initialisation (0.999^1000 = 0.37), and samples from it are noise."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     e = [p for p in ema.parameters()]
@@ -314,7 +320,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            ema_update(ema, model, cfg.train.ema_decay)
+            ema_update(ema, model, ema_decay_at(step, cfg.train.ema_decay))
             last_loss = loss_value
 
         done = step + 1
