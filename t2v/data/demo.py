@@ -127,3 +127,19 @@ def make_demo(
         os.replace(tmp, manifests[split])
     info_path.write_text(json.dumps(info) + "\n")
     return manifests
+
+
+def dominant_color(video: np.ndarray, min_brightness: int = 80) -> str:
+    """Name of the demo colour most of a clip's foreground pixels are nearest to ("none" if it is all dark).
+
+    video: (T, H, W, 3) uint8. The background is black, so pixels whose brightest channel is under
+    `min_brightness` are background; each other pixel votes for the nearest colour of the palette.
+    """
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], dtype=np.float32)  # k c
+    px = video.reshape(-1, 3).astype(np.float32)  # (t h w) c
+    fg = px[px.max(axis=1) >= min_brightness]
+    if len(fg) == 0:
+        return "none"
+    nearest = ((fg[:, None, :] - palette[None]) ** 2).sum(-1).argmin(axis=1)  # n k -> n
+    return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
