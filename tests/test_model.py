@@ -1,0 +1,204 @@
+"""The UNet: shapes, sizes, conditioning, a short overfit, memory format and compile-friendliness."""
+import pytest
+import torch
+
+from t2v import diffusion as D
+from t2v.config import Config
+from t2v.model import SIZES, UNet3DCond, build_model, count_params, num_groups
+
+TEXT_DIM = 32  # tests use a small conditioning dim; the parameter-count test uses the real 512
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    base, mults = SIZES["tiny"]
+    return UNet3DCond(base, mults, text_dim=TEXT_DIM, **kw)
+
+
+def perturb_output(model):
+    """Open up every zero-initialised layer (output conv, residual branches' last convs, attention
+    projections): at init each block is the identity and the model outputs 0, so neither text nor
+    tokens could change the output yet. Norm biases are zero too and get perturbed as well; harmless."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def inputs(b=2, t=8, hw=32, seed=0, tokens=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, t, 3, hw, hw, generator=g) * 2 - 1
+    ts = torch.randint(0, 1000, (b,), generator=g)
+    text = torch.randn(b, TEXT_DIM, generator=g)
+    tok = torch.randn(b, tokens, TEXT_DIM, generator=g)
+    return x, ts, text, tok
+
+
+def test_sizes_registry():
+    assert SIZES["base"] == (64, (1, 2, 4))  # the baseline: 64 -> 128 -> 256 channels
+    assert set(SIZES) == {"tiny", "small", "base", "large"}
+    assert all(c % num_groups(c) == 0 for c in (3, 16, 32, 48, 64, 96, 128, 256, 512))
+
+
+def test_tiny_output_shape_and_zero_init():
+    m = tiny()
+    x, t, text, _ = inputs()
+    out = m(x, t, text)
+    assert out.shape == x.shape == (2, 8, 3, 32, 32)
+    assert torch.all(out == 0)  # zero-initialised output conv
+
+
+@torch.no_grad()
+def test_base_forward_shape():
+    cfg = Config()
+    cfg.model.size = "base"
+    m = build_model(cfg).eval()
+    x = torch.zeros(1, 8, 3, 64, 64)
+    assert m(x, torch.tensor([10]), torch.zeros(1, cfg.text.dim)).shape == x.shape
+
+
+# with the default 512-d caption embedding (CLIP ViT-B/32); built on the meta device, so nothing is allocated
+PARAMS = {"tiny": 197_571, "small": 2_437_891, "base": 9_597_955, "large": 38_086_147}
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_param_counts(size):
+    cfg = Config()
+    cfg.model.size = size
+    with torch.device("meta"):
+        n = count_params(build_model(cfg))
+    assert n == PARAMS[size]
+    if size == "base":
+        # (2+1)D convs have 12·C² weights instead of 27·C², so base is small for its FLOPs
+        assert 5e6 < n < 60e6
+
+
+def test_build_model_overrides():
+    cfg = Config()
+    cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults, cfg.text.dim = "tiny", 8, (1, 2, 2), TEXT_DIM
+    m = build_model(cfg)
+    assert m.stem.out_channels == 8 and len(m.down) == 3
+    assert m(*inputs(b=1, t=2, hw=16)[:3]).shape == (1, 2, 3, 16, 16)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        m(*inputs(b=1, t=2, hw=18)[:3])
+    cfg.model.size = "huge"
+    with pytest.raises(ValueError, match="tiny"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_null_condition_ignores_text(cross):
+    m = perturb_output(tiny(cross_attention=cross, temporal_attention=cross)).eval()
+    x, t, text, tok = inputs(b=2, t=4, hw=16)
+    _, _, text2, tok2 = inputs(b=2, t=4, hw=16, seed=1)
+    mask = torch.tensor([False, True])
+    tm = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    kw = dict(cond_mask=mask, token_mask=tm) if cross else dict(cond_mask=mask)
+    with torch.no_grad():
+        a = m(x, t, text, tokens=tok if cross else None, **kw)
+        b = m(x, t, text2, tokens=tok2 if cross else None, **kw)
+    assert a.abs().max() > 1e-3  # the check below is not vacuous
+    assert torch.allclose(a[0], b[0], atol=1e-6)  # unconditional row: text ignored
+    assert not torch.allclose(a[1], b[1], atol=1e-4)  # conditional row: text used
+    # an all-False mask equals passing the null embedding for everyone, whatever the text
+    with torch.no_grad():
+        c = m(x, t, torch.zeros_like(text), tokens=torch.zeros_like(tok) if cross else None,
+              cond_mask=torch.tensor([False, False]))
+    assert torch.allclose(a[0], c[0], atol=1e-6)
+
+
+def test_text_changes_output():
+    m = perturb_output(tiny()).eval()
+    x, t, text, _ = inputs(b=1, t=4, hw=16)
+    with torch.no_grad():
+        a, b = m(x, t, text), m(x, t, text + 1.0)
+    assert (a - b).abs().mean() > 1e-4
+
+
+def test_cross_attention_uses_tokens_and_mask():
+    m = perturb_output(tiny(cross_attention=True)).eval()
+    x, t, text, tok = inputs(b=1, t=4, hw=16)
+    tok2 = tok.clone()
+    tok2[:, -1] += 5.0  # change only the last token
+    tm = torch.tensor([[True, True, True, True, False]])
+    with torch.no_grad():
+        assert not torch.allclose(m(x, t, text, tokens=tok), m(x, t, text, tokens=tok2), atol=1e-5)
+        # ...but a masked-out token is ignored
+        assert torch.allclose(m(x, t, text, tokens=tok, token_mask=tm), m(x, t, text, tokens=tok2, token_mask=tm), atol=1e-6)
+    with pytest.raises(ValueError, match="tokens"):
+        m(x, t, text)
+
+
+def test_attention_switches_run_and_add_params():
+    x, t, text, tok = inputs(b=1, t=4, hw=16)
+    n0 = count_params(tiny())
+    for kw in (dict(temporal_attention=True), dict(cross_attention=True), dict(temporal_attention=True, cross_attention=True)):
+        m = tiny(**kw)
+        assert count_params(m) > n0
+        out = m(x, t, text, tokens=tok)
+        out.sum().backward()
+        assert out.shape == x.shape
+    assert count_params(tiny(temporal_attention=True, cross_attention=True)) > count_params(tiny(cross_attention=True))
+
+
+def test_few_steps_lower_the_loss():
+    """30 AdamW steps on one fixed batch (fixed t and noise) must clearly lower the diffusion loss."""
+    m = tiny()
+    s = D.make_schedule(1000)
+    g = torch.Generator().manual_seed(0)
+    b, frames, hw = 2, 4, 16
+    # a structured clip (a bright square sliding right) so there is something to learn
+    x0 = -torch.ones(b, frames, 3, hw, hw)
+    for f in range(frames):
+        x0[:, f, :, 4:10, 2 + 2 * f:8 + 2 * f] = 1.0
+    t = torch.tensor([200, 600])
+    noise = torch.randn(x0.shape, generator=g)
+    text = torch.randn(b, TEXT_DIM, generator=g)
+    xt, target = D.q_sample(s, x0, t, noise), D.training_target(s, x0, noise, t, "eps")
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = D.training_loss(m(xt, t, text), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = losses[0], min(losses[-3:])
+    assert first == pytest.approx(1.0, abs=0.15)  # zero output: loss = mean(noise²)
+    assert last < 0.4 * first, losses  # measured: 1.00 -> 0.21
+
+
+def test_channels_last_3d_matches_default():
+    m = perturb_output(tiny(temporal_attention=True, cross_attention=True)).eval()
+    x, t, text, tok = inputs(b=2, t=4, hw=16)
+    with torch.no_grad():
+        ref = m(x, t, text, tokens=tok)
+        m = m.to(memory_format=torch.channels_last_3d)
+        assert m.stem.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        out = m(x, t, text, tokens=tok)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_forward_has_no_graph_breaks():
+    """torch.compile sees one graph: no data-dependent Python control flow in forward."""
+    import torch._dynamo
+
+    m = tiny(temporal_attention=True, cross_attention=True)
+    x, t, text, tok = inputs(b=2, t=4, hw=16)
+    torch._dynamo.reset()
+    try:
+        e = torch._dynamo.explain(m)(x, t, text, tokens=tok, token_mask=torch.ones(2, 5, dtype=torch.bool),
+                                     cond_mask=torch.tensor([True, False]))
+    finally:
+        torch._dynamo.reset()
+    assert e.graph_break_count == 0 and e.graph_count == 1, e.break_reasons
+
+
+
+def test_two_res_blocks_per_level():
+    m = tiny(num_res_blocks=2, temporal_attention=True)
+    assert len(m.down) == len(m.up) == 4 and count_params(m) > count_params(tiny(temporal_attention=True))
+    x, t, text, _ = inputs(b=1, t=4, hw=16)
+    assert m(x, t, text).shape == x.shape
