@@ -368,7 +368,7 @@ def evaluate(
     guidance = float(cfg.train.guidance if guidance is None else guidance)
     clips = read_manifest(manifest, video_root=video_root)
     chosen, captions = sample_eval_set(clips, num, seed)
-    text = embed_prompts(cfg, captions)  # the checkpoint's own text encoder (may be the hash demo encoder)
+    text, tokens, token_mask = embed_prompts(cfg, captions)  # the checkpoint's own text encoder (may be the hash demo encoder)
 
     # 2. Real clips (for FVD), decoded like training data at the model's FRAMES x SIZE; features right away.
     real_feats = None
@@ -391,8 +391,9 @@ def evaluate(
     fake = torch.empty(num, frames, 3, size, size, dtype=torch.uint8)
     with _bar(num, f"generating ({steps} DDIM steps)", progress) as bar:
         for s in range(0, num, batch_size):
-            videos = generate(model, cfg, text[s:s + batch_size], steps=steps, guidance=guidance,
-                              seed=_batch_seed(seed, s), device=device, method="ddim")
+            tok = (tokens[s:s + batch_size], token_mask[s:s + batch_size]) if tokens is not None else (None, None)
+            videos = generate(model, cfg, text[s:s + batch_size], tokens=tok[0], token_mask=tok[1], steps=steps,
+                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim")
             fake[s:s + videos.shape[0]] = _to_uint8(videos)
             bar.update(videos.shape[0])
     del model

@@ -20,7 +20,7 @@ from t2v.model import build_model
 
 
 @torch.no_grad()
-def generate(model, cfg: C.Config, text: torch.Tensor, steps: int = 50, guidance: float = 3.0, seed: int = 0,
+def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
              device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False) -> torch.Tensor:
     """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
     disturbs the training RNG (previews keep resume bit-exact)."""
@@ -28,18 +28,21 @@ def generate(model, cfg: C.Config, text: torch.Tensor, steps: int = 50, guidance
     was_training = model.training
     model.eval()
     b = text.shape[0]
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-    if device.type != "cpu":
-        sched = D.Schedule(**{k: v.to(device) for k, v in vars(sched).items()})
+    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(device)
     text = text.to(device)
+    if tokens is not None:
+        tokens, token_mask = tokens.to(device), token_mask.to(device)
     # Conditional and unconditional halves in one batch: rows b.. use the model's learned null embedding.
     text2 = torch.cat([text, text])  # (2b) d
+    tokens2 = torch.cat([tokens, tokens]) if tokens is not None else None  # (2b) l d
+    mask2 = torch.cat([token_mask, token_mask]) if tokens is not None else None  # (2b) l
     cond_mask = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)]).to(device)
 
     def denoise(x_t, t):
         if guidance == 1.0:
-            return model(x_t, t, text, cond_mask=cond_mask[:b])
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), text2, cond_mask=cond_mask)  # (2b) t c h w
+            return model(x_t, t, text, tokens=tokens, token_mask=token_mask, cond_mask=cond_mask[:b])
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), text2, tokens=tokens2, token_mask=mask2,
+                    cond_mask=cond_mask)  # (2b) t c h w
         cond, uncond = out.chunk(2)
         return D.cfg_combine(cond, uncond, guidance)
 
@@ -131,16 +134,25 @@ def load_ema(path: str | Path, device="cpu"):
     return cfg, model.to(device).eval(), int(state["step"])
 
 
-def embed_prompts(cfg: C.Config, prompts: list[str]) -> torch.Tensor:
-    """Cached embeddings where present; the frozen encoder only for prompts never seen before."""
-    from t2v.text import EmbeddingCache, build_encoder, encoder_key
+def embed_prompts(cfg: C.Config, prompts: list[str]):
+    """(pooled b d, tokens b l d | None, mask b l | None): cached embeddings where present, the frozen
+    encoder only for prompts never seen before. Tokens only for models with cross-attention."""
+    from t2v.text import EmbeddingCache, build_encoder, embed_captions, encoder_key
 
     cache = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
-    missing = cache.missing(prompts)
-    if missing:
-        pooled, _, _ = build_encoder(cfg.text).encode(missing)
-        new = dict(zip(missing, pooled))
-    return torch.stack([cache.get(p) if p in cache else new[p] for p in prompts]).float()
+    if cache.missing(prompts) or (cfg.model.cross_attention and not cache.has_tokens):
+        cache_dir = C.cache_dir(cfg, "text")
+        try:
+            cache = embed_captions(cfg.text, prompts, cache_dir, progress=False)
+        except OSError:  # a read-only cache folder: encode without keeping them
+            cache = EmbeddingCache.load(cache_dir, encoder_key(cfg.text))
+            pooled, tokens, mask = build_encoder(cfg.text).encode(prompts)
+            return pooled.float(), (tokens if cfg.model.cross_attention else None), mask
+    pooled = torch.stack([cache.get(p) for p in prompts]).float()
+    if not cfg.model.cross_attention:
+        return pooled, None, None
+    pairs = [cache.get_tokens(p) for p in prompts]
+    return pooled, torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
 
 
 def slug(text: str) -> str:
@@ -170,11 +182,11 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out) if args.out else path.parent / "samples" / path.stem
     out.mkdir(parents=True, exist_ok=True)
-    text = embed_prompts(cfg, args.prompt)
+    text, tokens, token_mask = embed_prompts(cfg, args.prompt)
     guidance = cfg.train.guidance if args.guidance is None else args.guidance
     steps = cfg.diffusion.timesteps if args.method == "ddpm" else args.steps
-    videos = generate(model, cfg, text, steps=steps, guidance=guidance, seed=args.seed, device=device,
-                      method=args.method, eta=args.eta, progress=True)
+    videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance,
+                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True)
     grid = save_grid(videos, out / "grid.png", args.prompt)
     print(f"step {step} | {args.method} {steps} steps | guidance {guidance:g}")
     print(f"grid {grid}")

@@ -145,6 +145,9 @@ def load_data(cfg: C.Config, log: RunLog):
         if cache.bad:
             log.warn(f"{len(cache.bad)} corrupt clips in the cache are skipped (see `python -m t2v.data check`)")
     emb = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
+    if cfg.model.cross_attention and len(emb) and not emb.has_tokens:
+        raise TrainingError("model.cross_attention needs per-token caption embeddings: set text.tokens=true and "
+                            "rerun `python -m t2v.text embed` with the same arguments")
     missing = emb.missing(sorted({c for clip in clips for c in clip.captions}))
     if missing:
         raise TrainingError(
@@ -152,6 +155,13 @@ def load_data(cfg: C.Config, log: RunLog):
             f"Run once: python -m t2v.text embed {'--config ' + os.environ['CONFIG'] if os.environ.get('CONFIG') else ''}"
             " [same key=value arguments]  (the training process never runs the text encoder)")
     return clips, cache, emb
+
+
+def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached per-token embeddings for cross-attention: (b l d) and mask (b l)."""
+    pairs = [emb.get_tokens(c) for c in captions]
+    return (torch.stack([t for t, _ in pairs]).to(device, non_blocking=True),
+            torch.stack([m for _, m in pairs]).to(device, non_blocking=True))
 
 
 def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batch, world, last_loss, log) -> Path:
@@ -181,8 +191,9 @@ def preview(ema, cfg, emb, step, device, log) -> None:
     if not prompts:
         return
     text = torch.stack([emb.get(p) for p in prompts]).to(device)
-    videos = generate(ema, cfg, text, steps=cfg.train.sample_steps, guidance=cfg.train.guidance,
-                      seed=cfg.train.seed, device=device)
+    tokens, mask = caption_tokens(emb, prompts, device) if cfg.model.cross_attention else (None, None)
+    videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
+                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device)
     path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -235,8 +246,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule)
-    sched = D.Schedule(**{k: v.to(device) for k, v in vars(sched).items()}) if device.type != "cpu" else sched
+    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(device)
 
     start_step = 0
     if state is not None:
@@ -248,6 +258,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         set_rng_state(state["rng"])
         start_step = int(state["step"])
         log.line(f"resumed from {resumed_from} at step {start_step} (restart {restart})")
+        if state["data"].get("world_size", 1) != dist.world_size:
+            log.line(f"world size {state['data'].get('world_size', 1)} -> {dist.world_size}: global batch "
+                     f"{global_batch} kept, {per_rank_batch} per rank")
         log.event("resume", start_step, path=str(resumed_from))
         del state
     else:
@@ -288,6 +301,8 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                                 f"{cfg.data.max_bad_clips}); run `python -m t2v.data check {cfg.data.manifest}`")
         x0 = batch["video"].to(device, non_blocking=True)  # b t c h w, in [-1, 1]
         text = batch["text"].to(device, non_blocking=True)  # b d
+        tokens, token_mask = (caption_tokens(emb, batch["caption"], device) if cfg.model.cross_attention
+                              else (None, None))  # b l d, b l
         if cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last_3d)
         # Draw for the whole global batch and keep this rank's rows: N ranks x batch b then see exactly the
@@ -300,7 +315,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         x_t = D.q_sample(sched, x0, t, noise)
         target = D.training_target(sched, x0, noise, t, cfg.diffusion.prediction)
         with autocast:
-            out = net(x_t, t, text, cond_mask=keep_text)
+            out = net(x_t, t, text, tokens=tokens, token_mask=token_mask, cond_mask=keep_text)
         loss = D.training_loss(out.float(), target)
         scaler.scale(loss).backward()
         # One host sync per step: the mean loss over ranks and "did any rank get a signal".

@@ -20,9 +20,9 @@ def tiny_config(data_dir: Path, outdir: Path, *overrides: str, config: str = "co
         f"text.cache_dir={data_dir / 'cache'}", f"train.outdir={outdir}", *overrides], env={})
 
 
-def prepare(cfg: C.Config) -> None:
-    """What `python -m t2v.data cache` and `python -m t2v.text embed` do before training."""
-    make_demo(Path(cfg.data.manifest).parent, n_train=48, n_val=4, n_test=4, seed=0)
+def prepare(cfg: C.Config, n_train: int = 48) -> None:
+    """What `python -m t2v.data demo`, `... cache` and `python -m t2v.text embed` do before training."""
+    make_demo(Path(cfg.data.manifest).parent, n_train=n_train, n_val=4, n_test=4, seed=0)
     clips = read_manifest(cfg.data.manifest)
     build_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), progress=False)
     captions = [c for clip in clips for c in clip.captions] + list(cfg.train.sample_prompts) + [""]

@@ -180,3 +180,19 @@ def test_warmup_then_constant_lr():
 
     c = TrainConfig(lr=1e-3, warmup=10)
     assert lr_at(0, c) == pytest.approx(1e-4) and lr_at(9, c) == pytest.approx(1e-3) and lr_at(500, c) == 1e-3
+
+
+def test_attention_switches_train_and_sample(tmp_path):
+    """Temporal attention and cross-attention on cached caption tokens run end to end (train, preview)."""
+    data = tmp_path / "data"
+    cfg = tiny_config(data, tmp_path / "run", "train.steps=4", "train.sample_every=4", "text.tokens=true",
+                      "model.temporal_attention=true", "model.cross_attention=true")
+    prepare(cfg)
+    assert train(cfg) == 0
+    assert (tmp_path / "run" / "samples" / "preview_step000004.png").is_file()
+    no_tokens = tiny_config(data, tmp_path / "b", f"text.cache_dir={tmp_path / 'plain'}", "model.cross_attention=true")
+    prepare(tiny_config(data, tmp_path / "b", f"text.cache_dir={tmp_path / 'plain'}"))
+    import t2v.train as T
+
+    with pytest.raises(T.TrainingError, match="text.tokens=true"):
+        train(no_tokens)

@@ -23,9 +23,9 @@ def color_accuracy(ckpt, steps: int = 25, guidance: float | None = None, seed: i
     path = resolve_checkpoint(ckpt)
     cfg, model, step = load_ema(path)
     prompts = [f"a {c} {s} moving {m}" for c, s, m in itertools.product(COLORS, SHAPES, MOTIONS)]
-    text = embed_prompts(cfg, prompts)
+    text, tokens, token_mask = embed_prompts(cfg, prompts)
     guidance = cfg.train.guidance if guidance is None else guidance
-    videos = generate(model, cfg, text, steps=steps, guidance=guidance, seed=seed)
+    videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance, seed=seed)
     wanted = [p.split()[1] for p in prompts]
     got = [dominant_color(to_uint8(v)) for v in videos]
     per_color = {c: sum(w == g == c for w, g in zip(wanted, got)) / wanted.count(c) for c in COLORS}
