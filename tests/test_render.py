@@ -1,0 +1,279 @@
+"""Job scripts (fast, no Slurm): golden files, quoting, multi-node directives, profiles, submit settings.
+
+The golden files in tests/golden/ are the exact scripts for fixed inputs. After an intended change to
+templates/*.sbatch or jobs/render.py, regenerate them and review the diff:
+
+    T2V_REGEN_GOLDEN=1 .venv/bin/pytest tests/test_render.py -q && git diff tests/golden/
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from jobs import render, status
+from jobs.profile import ProfileError, load_profile
+from jobs.submit import SubmitError, main as submit_main, resolve, yaml_value
+from t2v import config as C
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / "golden"
+NOW = dt.datetime(2025, 1, 2, 3, 4, 5)
+HOME_REPO = "/home/user/t2v-slurm"  # the workdir in golden files (the real one depends on the checkout)
+EVIL = "x $(touch {canary}); `touch {canary}` ; rm -rf ~ \"q\" 'z' #h %j"
+
+
+def _sub(env: dict, *overrides: str, cwd: Path = REPO):
+    sub = resolve({"T2V_PROFILES": "", **env}, overrides, cwd=cwd, now=NOW)
+    return sub.profile, dataclasses.replace(sub.settings, workdir=HOME_REPO)
+
+
+CASES = {
+    "zaratan.sbatch": ({"PROFILE": "zaratan", "STEPS": "5000", "BS": "4"}, ()),
+    "zaratan_2nodes_4gpus.sbatch": ({"PROFILE": "zaratan", "GPUS": "4", "NODES": "2", "TIME": "2-00:00:00",
+                                     "ACCOUNT": "msml612-fa25-prj-eng", "JOB_NAME": "ddp"}, ("train.lr=3e-4",)),
+    "local.sbatch": ({"PROFILE": "local", "CONFIG": "configs/tiny.yaml", "OUTDIR": "/tmp/t2v-runs/tiny",
+                      "STEPS": "40"}, ("train.max_restarts=3",)),
+}
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("T2V_REGEN_GOLDEN"):
+        path.write_text(text)
+    assert path.is_file(), f"{path} missing: regenerate with T2V_REGEN_GOLDEN=1"
+    assert text == path.read_text(), f"{name} differs from the golden file (see this module's docstring)"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_train_scripts(name):
+    env, overrides = CASES[name]
+    profile, settings = _sub(env, *overrides)
+    _check_golden(name, render.render_train(profile, settings))
+
+
+def test_golden_eval_script():
+    profile, settings = _sub({"PROFILE": "zaratan"})
+    _check_golden("zaratan_eval.sbatch", render.render_eval(profile, settings))
+
+
+def test_rendering_is_pure():
+    env, overrides = CASES["zaratan.sbatch"]
+    profile, settings = _sub(env, *overrides)
+    assert render.render_train(profile, settings) == render.render_train(profile, settings)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scripts_parse_in_bash(name, tmp_path):
+    env, overrides = CASES[name]
+    profile, settings = _sub(env, *overrides)
+    script = tmp_path / "s.sbatch"
+    script.write_text(render.render_train(profile, settings))
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _sbatch_value(line: str) -> str:
+    """What sbatch's directive parser reads from `#SBATCH --opt=VALUE` (double quotes, backslash escapes)."""
+    arg = line.split("=", 1)[1]
+    out, quoted, esc = [], False, False
+    for ch in arg:
+        if esc:
+            out.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "#" and not quoted:
+            break
+        elif ch.isspace() and not quoted:
+            break
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def test_hostile_job_name_and_path_stay_literal(tmp_path):
+    canary = tmp_path / "pwned"
+    name = EVIL.format(canary=canary)
+    run_dir = str(tmp_path / f"run dir; {EVIL.format(canary=canary)}")
+    profile, settings = _sub({"PROFILE": "local", "JOB_NAME": name, "OUTDIR": run_dir, "STEPS": "7"})
+    text = render.render_train(profile, settings)
+    script = tmp_path / "s.sbatch"
+    script.write_text(text)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+    # sbatch reads the directives back as the literal values
+    directives = {l.split("=", 1)[0]: l for l in text.splitlines() if l.startswith("#SBATCH --")}
+    assert _sbatch_value(directives["#SBATCH --job-name"]) == name
+    assert _sbatch_value(directives["#SBATCH --output"]) == run_dir.replace("%", "%%") + "/slurm-%j.out"
+
+    # every line bash executes holds the value only as a quoted word: run the assignments and compare
+    body = [l for l in text.splitlines() if not l.startswith("#")]
+    assigns = "\n".join(l for l in body if re.match(r"^(RUN_DIR|RESUME_HINT|TRAIN|LAUNCHER)=", l))
+    out = subprocess.run(["bash", "-c", assigns + '\nprintf "%s\\n" "$RUN_DIR" "$RESUME_HINT" "${TRAIN[@]}"'],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.splitlines()
+    assert out[0] == run_dir
+    assert shlex.split(out[1]) == ["sbatch", f"{run_dir}/train.sbatch"]
+    assert f"train.outdir={yaml_value(run_dir)}" in out[2:]
+    assert not canary.exists(), "a substituted value was executed"
+    for line in body:
+        if "rm -rf" in line:
+            assert "'" in line, line  # only ever inside single quotes
+    # and the YAML quoting gives training the path back unchanged
+    cfg = C.load_config(None, [a for a in out[2:] if a.startswith("train.outdir=")], env={})
+    assert cfg.train.outdir == run_dir
+
+
+def test_control_characters_are_refused():
+    profile, settings = _sub({"PROFILE": "local", "OUTDIR": "/tmp/x"})
+    with pytest.raises(render.RenderError):
+        render.render_train(profile, dataclasses.replace(settings, job_name="a\nrm -rf ~"))
+
+
+def test_multi_node_directives_and_rendezvous():
+    profile, settings = _sub({"PROFILE": "zaratan", "GPUS": "4", "NODES": "2"})
+    text = render.render_train(profile, settings)
+    lines = text.splitlines()
+    for d in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=a100:4",
+              "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@300"):
+        assert d in lines
+    assert not any(l.startswith("#SBATCH --gpus=") for l in lines)
+    assert "SRUN=(srun --nodes=2 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1 --unbuffered)" in lines
+    assert any(l.startswith("MASTER_ADDR=$(scontrol show hostnames") for l in lines)
+    assert any(l.startswith("export MASTER_PORT=") for l in lines)
+    # one node, one GPU: what Zaratan users write
+    one = render.render_train(*_sub({"PROFILE": "zaratan"})).splitlines()
+    assert "#SBATCH --gpus=a100:1" in one and "#SBATCH --nodes=1" in one
+    # CPU profile: no GPU request at all
+    assert not any("gpus" in l for l in render.render_train(*_sub({"PROFILE": "local"})).splitlines()
+                   if l.startswith("#SBATCH"))
+
+
+def test_requeue_logic_is_host_side():
+    text = render.render_train(*_sub({"PROFILE": "zaratan"}))
+    body = text.split("\nchild=$!\n", 1)[1]
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in body  # in the batch shell, after training exits
+    assert 'LAUNCHER=("$HOME"/text2video/run.sh)' in text  # ~ expands on the host, quoted rest
+    assert "kill -s USR1" in text and "kill -s TERM" not in text  # TERM to srun would SIGKILL the step
+
+
+def test_submit_settings_from_environment(tmp_path):
+    sub = resolve({"PROFILE": "local", "STEPS": "12", "BS": "3", "FRAMES": "4", "SIZE": "16", "LR": "0.002",
+                   "MANIFEST": "data/m.jsonl", "JOB_NAME": "a b", "T2V_PROFILES": ""},
+                  ["train.log_every=3"], cwd=tmp_path, now=NOW)
+    s = sub.settings
+    assert s.run_dir == str(REPO / "runs/slurm/a_b-20250102-030405")
+    args = list(s.train_args)
+    assert f"train.outdir={s.run_dir}" in args
+    assert {"train.steps=12", "train.batch_size=3", "data.frames=4", "data.size=16", "train.lr=0.002",
+            "train.log_every=3", f"data.manifest={tmp_path / 'data/m.jsonl'}"} <= set(args)
+    assert s.max_restarts == 20 and s.workdir == str(REPO)
+
+
+def test_outdir_and_train_outdir_argument(tmp_path):
+    a = resolve({"PROFILE": "local", "OUTDIR": "rel/run", "T2V_PROFILES": ""}, [], cwd=tmp_path).settings
+    assert a.run_dir == str(tmp_path / "rel/run")
+    b = resolve({"PROFILE": "local", "T2V_PROFILES": ""}, ["train.outdir=/tmp/o"], cwd=tmp_path).settings
+    assert b.run_dir == "/tmp/o" and b.train_args.count("train.outdir=/tmp/o") == 1
+
+
+def test_bad_settings_fail_before_submitting(tmp_path):
+    with pytest.raises(SubmitError, match="unknown config key"):
+        resolve({"PROFILE": "local", "T2V_PROFILES": ""}, ["train.stepz=3"], cwd=tmp_path)
+    with pytest.raises(SubmitError, match="GPUS"):
+        resolve({"PROFILE": "local", "GPUS": "two", "T2V_PROFILES": ""}, [], cwd=tmp_path)
+    with pytest.raises(SubmitError, match="unknown profile"):
+        resolve({"PROFILE": "nope", "T2V_PROFILES": ""}, [], cwd=tmp_path)
+    with pytest.raises(SubmitError, match="CONFIG"):
+        resolve({"PROFILE": "local", "CONFIG": "missing.yaml", "T2V_PROFILES": ""}, [], cwd=tmp_path)
+
+
+def test_max_restarts_comes_from_the_config(tmp_path):
+    s = resolve({"PROFILE": "local", "T2V_PROFILES": ""}, ["train.max_restarts=2"], cwd=tmp_path).settings
+    assert s.max_restarts == 2
+    assert "MAX_RESTARTS=2" in render.render_train(load_profile("local", {}), s).splitlines()
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("T2V_HOME", str(tmp_path / "home"))
+    for k, v in {"PROFILE": "local", "DRY_RUN": "1", "OUTDIR": str(tmp_path / "run"), "STEPS": "9"}.items():
+        monkeypatch.setenv(k, v)
+    assert submit_main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash\n") and "train.steps=9" in out
+    assert not (tmp_path / "run").exists() and not (tmp_path / "home").exists()
+
+
+def test_eval_hook(tmp_path, capsys, monkeypatch):
+    for k, v in {"PROFILE": "zaratan", "DRY_RUN": "1", "EVAL": "1", "OUTDIR": str(tmp_path / "run"),
+                 "EVAL_ARGS": "--num 64 --no-fvd"}.items():
+        monkeypatch.setenv(k, v)
+    assert submit_main([]) == 0
+    cap = capsys.readouterr()
+    assert f"--dependency=afterok:<training job id>" in cap.err
+    train, ev = cap.out.split(f"# ---- {tmp_path / 'run'}/eval.sbatch ----\n")
+    assert (f"EVAL=(python -m t2v.eval --ckpt {tmp_path / 'run'} --manifest "
+            "/scratch/data/manifests/test.manifest.processed.jsonl --num 64 --no-fvd)") in ev.splitlines()
+    assert "#SBATCH --gpus=a100:1" in ev.splitlines() and "#SBATCH --requeue" not in ev
+
+
+def test_user_profiles_are_found_without_code_changes(tmp_path):
+    d = tmp_path / "profiles"
+    d.mkdir()
+    (d / "mylab.yaml").write_text("base: zaratan\npartition: gpu-h100\ngpu_type: h100\naccount: lab-prj\n")
+    prof = load_profile("mylab", {"T2V_PROFILES": str(d)})
+    assert (prof.partition, prof.gpu_type, prof.account, prof.launcher) == (
+        "gpu-h100", "h100", "lab-prj", ("~/text2video/run.sh",))
+    (d / "bad.yaml").write_text("partiton: gpu\n")
+    with pytest.raises(ProfileError, match="unknown key"):
+        load_profile("bad", {"T2V_PROFILES": str(d)})
+    assert load_profile(str(d / "mylab.yaml"), {}).name == "mylab"
+
+
+def test_shipped_profiles():
+    z = load_profile("zaratan", {})
+    assert (z.partition, z.gpus, z.gpu_type, z.launcher) == ("gpu", 1, "a100", ("~/text2video/run.sh",))
+    assert z.runs_root.startswith("/scratch") and z.env["HF_HOME"].startswith("/scratch")
+    local = load_profile("local", {})
+    assert local.partition == "low" and local.gpus == 0 and local.launcher == ("tests/slurm/container.sh",)
+
+
+def test_container_wrapper_hides_slurm_clients():
+    out = subprocess.run(["bash", str(REPO / "tests/slurm/container.sh"), "bash", "-c",
+                          "for c in scontrol sbatch squeue scancel srun; do command -v $c; done; echo end"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "end"
+
+
+def test_status_parsers(tmp_path):
+    jobs = status.parse_scontrol(
+        "JobId=7 JobName=x UserId=root(0) JobState=PENDING Reason=BeginTime Dependency=(null) Requeue=1 "
+        "Restarts=2 BatchFlag=1\nJobId=8 JobName=y JobState=COMPLETED Reason=None Restarts=0\n")
+    assert jobs["7"].state == "PENDING" and jobs["7"].restarts == 2 and jobs["8"].state == "COMPLETED"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("Out: x\nstep 000005 | loss 0.5000\nsaved x/ckpt_000005.pt\n"
+                                   "step 000010 | loss 0.2500\nresumed from x at step 10 (restart 1)\n")
+    assert status.last_step(run) == (10, "0.2500")
+    rec = {"job_id": "7", "run_dir": str(run), "log": str(run / "slurm-7.out")}
+    (run / "slurm-7.out").write_text("t2v-job: [2025-01-01 00:00:00] job 7 restart 1: starting\n")
+    assert status.restarts_from_log(rec["log"]) == 1
+    t = status.table([rec], {"7": jobs["7"]})
+    assert re.search(r"^7\s+PENDING \(BeginTime\)\s+2\s+10\s+0.2500\s+" + re.escape(str(run)), t, re.M)
+
+
+def test_runs_are_recorded_for_status(tmp_path, monkeypatch):
+    from jobs.submit import record
+    monkeypatch.setenv("T2V_HOME", str(tmp_path))
+    record({"job_id": "5", "run_dir": "/r"})
+    assert status.records() == [{"job_id": "5", "run_dir": "/r"}]
+    assert status.find_run("5")["run_dir"] == "/r"
+    assert json.loads((tmp_path / "runs.jsonl").read_text())["job_id"] == "5"
