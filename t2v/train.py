@@ -31,7 +31,8 @@ from t2v import diffusion as D
 from t2v import distributed
 from t2v.data.cache import build_cache, open_cache
 from t2v.data.dataset import ClipDataset, StepSampler
-from t2v.data.manifest import read_manifest
+from t2v.data.manifest import ManifestError, read_manifest
+from t2v.data.video import VideoError
 from t2v.model import build_model, count_params
 from t2v.runlog import RunLog
 from t2v.sample import generate, save_grid
@@ -239,6 +240,8 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
 
     # --- model, EMA, optimizer, diffusion schedule ------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -280,8 +283,11 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     if cfg.train.compile:
         net = torch.compile(net)
     sampler = StepSampler(len(clips), global_batch, cfg.train.seed, start_step, dist.rank, dist.world_size, steps)
+    # Its own generator: the DataLoader draws worker seeds when an iterator starts, which would otherwise move
+    # the global RNG once per resume and make a resumed run's RNG state differ from an uninterrupted one.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                                         worker_init_fn=_ignore_signals_in_worker, pin_memory=device.type == "cuda")
+                                         worker_init_fn=_ignore_signals_in_worker, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(cfg.train.seed))
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision in ("bf16", "fp16") else nullcontext())
 
@@ -379,14 +385,14 @@ def main(argv=None) -> int:
     try:
         cfg = C.load_config(args.config, args.overrides)
         return train(cfg)
-    except (C.ConfigError, TrainingError, ckpt.CheckpointError) as e:
+    except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # manifest/cache errors from the data layer carry their own file:line message
-        if type(e).__name__ in ("ManifestError", "VideoError"):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    finally:
+        # Python puts the default handlers back while it shuts down, so a late USR1 (a time-limit warning)
+        # would kill a process that has already saved or finished. Ignored signals stay ignored.
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def load(path) -> dict:
 
 
 def assert_states_equal(a: dict, b: dict, keys=("model", "ema")) -> None:
+    """Weights, EMA, optimizer state and every RNG state are identical (torch.equal, not close)."""
+    assert a["step"] == b["step"] and a["data"] == b["data"]
+    ra, rb = a["rng"], b["rng"]
+    assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"])
+    assert ra["python"] == rb["python"] and ra["numpy"]["pos"] == rb["numpy"]["pos"]
     for k in keys:
         assert a[k].keys() == b[k].keys()
         for name in a[k]:
