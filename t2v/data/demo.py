@@ -129,17 +129,22 @@ def make_demo(
     return manifests
 
 
-def dominant_color(video: np.ndarray, min_brightness: int = 80) -> str:
-    """Name of the demo colour most of a clip's foreground pixels are nearest to ("none" if it is all dark).
+def dominant_color(video: np.ndarray, min_saturation: float = 0.35, min_value: float = 0.3) -> str:
+    """Name of the demo colour whose hue most of a clip's coloured pixels have ("none" if nothing is coloured).
 
-    video: (T, H, W, 3) uint8. The background is black, so pixels whose brightest channel is under
-    `min_brightness` are background; each other pixel votes for the nearest colour of the palette.
+    video: (T, H, W, 3) uint8. Hue is what tells the demo colours apart; the black background and grey or
+    dark pixels (low saturation or value) have no meaningful hue and do not vote. Each remaining pixel votes
+    for the palette colour nearest in hue (on the circle), so a noisy sample is judged by its colour, not
+    by its speckle.
     """
+    from matplotlib.colors import rgb_to_hsv
+
     names = list(COLORS)
-    palette = np.array([COLORS[n] for n in names], dtype=np.float32)  # k c
-    px = video.reshape(-1, 3).astype(np.float32)  # (t h w) c
-    fg = px[px.max(axis=1) >= min_brightness]
-    if len(fg) == 0:
+    centres = rgb_to_hsv(np.array([COLORS[n] for n in names], dtype=np.float32) / 255.0)[:, 0]  # k
+    hsv = rgb_to_hsv(video.reshape(-1, 3).astype(np.float32) / 255.0)  # (t h w) 3
+    hue = hsv[(hsv[:, 1] >= min_saturation) & (hsv[:, 2] >= min_value), 0]
+    if len(hue) == 0:
         return "none"
-    nearest = ((fg[:, None, :] - palette[None]) ** 2).sum(-1).argmin(axis=1)  # n k -> n
+    d = np.abs(hue[:, None] - centres[None])  # n k
+    nearest = np.minimum(d, 1.0 - d).argmin(axis=1)  # hue is circular
     return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
