@@ -52,7 +52,7 @@ embed: install ## cache caption embeddings for CONFIG's manifest (runs the froze
 cache: install ## pre-decode CONFIG's clips into the memory-mapped clip cache
 	$(PYTHON) -m t2v.data cache $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-demo: demo-data ## the main job on the demo data: caches, trains a small model on CPU, samples (about 10 min)
+demo: demo-data ## the main job on the demo data: caches, trains a small model on CPU, samples, reports (about 6 min)
 	$(PYTHON) -m t2v.data cache --config $(DEMO_CONFIG) $(ARGS)
 	$(PYTHON) -m t2v.text embed --config $(DEMO_CONFIG) $(ARGS)
 	$(PYTHON) -m t2v.train --config $(DEMO_CONFIG) $(ARGS)
@@ -60,6 +60,7 @@ demo: demo-data ## the main job on the demo data: caches, trains a small model o
 	  --prompt "a red circle moving right" --prompt "a green square moving up" \
 	  --prompt "a blue triangle moving left" --prompt "a yellow circle moving down"
 	$(PYTHON) tools/report.py demo/run
+	$(PYTHON) tools/demo_check.py demo/run
 	@echo; echo "demo done: checkpoints in demo/run/, samples in demo/run/samples/final/, report in demo/run/report/summary.md"
 
 train: install ## train in the foreground (CONFIG=..., env vars, ARGS="train.steps=100 ...")
