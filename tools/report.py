@@ -654,8 +654,12 @@ def plot_throughput(run: Run, path: str | os.PathLike) -> Path:
     return path
 
 
+# What an eval file records about how it was made (t2v.eval): settings, not metrics to plot.
+EVAL_SETTINGS = ("step", "num", "file", "seed", "ddim_steps", "guidance", "frames", "size", "time", "batch_size")
+
+
 def eval_metrics(evals: pd.DataFrame) -> list[str]:
-    return [c for c in evals.columns if c not in ("step", "num", "file")
+    return [c for c in evals.columns if c not in EVAL_SETTINGS
             and pd.api.types.is_numeric_dtype(evals[c]) and not pd.api.types.is_bool_dtype(evals[c])
             and evals[c].notna().any()]
 
