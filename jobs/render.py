@@ -43,6 +43,7 @@ class JobSettings:
     time: str | None = None
     gpus: int | None = None  # per node
     nodes: int | None = None
+    tasks: int | None = None  # training processes per node; None = one per GPU, one on a CPU node
     eval_args: tuple = ()  # EVAL=1: arguments after `python -m t2v.eval --ckpt <run_dir>`
 
     @property
@@ -67,6 +68,10 @@ def resources(profile: Profile, s: JobSettings) -> Resources:
     gpus, nodes = int(pick(s.gpus, profile.gpus)), int(pick(s.nodes, profile.nodes))
     if gpus < 0 or nodes < 1:
         raise RenderError(f"GPUS must be >= 0 and NODES >= 1 (got GPUS={gpus} NODES={nodes})")
+    tasks = max(gpus, 1) if s.tasks is None else int(s.tasks)
+    if tasks < 1 or (gpus and tasks != gpus):
+        raise RenderError(f"TASKS (processes per node) must be >= 1 and equal GPUS on a GPU node "
+                          f"(got TASKS={tasks} GPUS={gpus})")
     return Resources(
         partition=str(pick(s.partition, profile.partition)),
         account=str(pick(s.account, profile.account)),
@@ -74,7 +79,7 @@ def resources(profile: Profile, s: JobSettings) -> Resources:
         time=str(pick(s.time, profile.time)),
         gpus=gpus,
         nodes=nodes,
-        tasks_per_node=max(gpus, 1),  # one training process per GPU (DDP); one on a CPU node
+        tasks_per_node=tasks,  # one training process per GPU (DDP); TASKS=N runs N gloo ranks on a CPU node
         cpus_per_task=profile.cpus_per_task,
     )
 

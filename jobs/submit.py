@@ -3,6 +3,7 @@
 Settings come from environment variables, exactly as `make submit STEPS=5000 GPUS=4 ...` passes them:
   training:  STEPS BS FRAMES SIZE LR MANIFEST OUTDIR CONFIG, plus key=value arguments (ARGS="train.lr=3e-4 ...")
   the job:   PROFILE (default $T2V_PROFILE, else zaratan) PARTITION GPUS (per node) NODES TIME ACCOUNT QOS
+             TASKS (processes per node: one per GPU by default; TASKS=2 on a CPU node runs 2 gloo ranks)
              JOB_NAME DRY_RUN=1 (print the script, submit nothing) EVAL=1 (queue an evaluation job after it:
              `python -m t2v.eval --ckpt <run folder> --manifest EVAL_MANIFEST [EVAL_ARGS]`, started by Slurm
              only once training has finished all its steps: --dependency=afterok)
@@ -150,6 +151,7 @@ def resolve(env: Mapping[str, str], overrides: Sequence[str] = (), *, cwd: Path 
         job_name=job_name, run_dir=run_dir, workdir=str(REPO), train_args=tuple(train_args),
         max_restarts=cfg.train.max_restarts, partition=_opt(env, "PARTITION"), account=_opt(env, "ACCOUNT"),
         qos=_opt(env, "QOS"), time=_opt(env, "TIME"), gpus=_int(env, "GPUS"), nodes=_int(env, "NODES"),
+        tasks=_int(env, "TASKS"),
     )
     render.resources(prof, settings)  # GPUS/NODES sanity
     want_eval = env.get("EVAL", "").strip().lower() in TRUE

@@ -348,3 +348,20 @@ def test_submitit_path_survives_preemption(cluster, demo, reference):
     assert losses_consistent(run) == losses_consistent(ref)
     assert_bit_identical(run / f"ckpt_{PREEMPT_STEPS:06d}.pt", ref / f"ckpt_{PREEMPT_STEPS:06d}.pt")
 
+
+
+def test_two_task_ddp_job_is_preempted_and_resumes(cluster, demo):
+    """DDP through Slurm: 2 gloo ranks as srun tasks; a preemption saves once (rank 0), requeues, resumes."""
+    run = cluster / "ddp"
+    jid = make_submit(run, demo, 400, "train.log_every=1", "train.ckpt_every=1000", "train.batch_size=1",
+                      TASKS="2")
+    wait_for(lambda: progressed(run, 0, 5), 300, "both ranks to train")
+    assert "global batch 2 = 2 x 1" in (run / "train.log").read_text()
+    preempt()
+    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
+    info = wait_ended(jid, 900)
+    out = (run / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    assert "; requeueing" in out and "restart 1: training finished" in out
+    losses_consistent(run)  # every step after the resume continues where the saved one stopped
+    assert (run / "ckpt_000400.pt").is_file()
