@@ -35,13 +35,13 @@ slurm-deps: ## install Slurm + munge from Debian (root; used by the Slurm integr
 	  else echo "slurm-deps: not root; Slurm integration tests will be skipped"; fi; }
 
 test: install slurm-deps ## run the whole suite: fast unit tests and slow end-to-end tests (CPU training, real Slurm)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
 
 test-fast: install ## run the fast unit tests only
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m "not slow" $(ARGS)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
 test-slow: install slurm-deps ## run the slow end-to-end tests only
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow $(ARGS)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow $(ARGS)
 
 demo-data: install ## write the synthetic demo dataset to demo/data (offline, deterministic)
 	$(PYTHON) -m t2v.data demo --out demo/data
