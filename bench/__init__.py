@@ -1,0 +1,1 @@
+"""t2v-slurm benchmarks; entry point: bench/run.py."""

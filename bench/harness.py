@@ -1,0 +1,186 @@
+"""One training step, done the way t2v.train does it, for our UNet3DCond and for diffusers' UNet3DConditionModel.
+
+A step is: draw (t, noise, caption dropout) from a per-step generator, q_sample, forward (under bf16 autocast on
+a GPU, fp32 on CPU as t2v.train picks), MSE to the noise in fp32, backward, ``loss.item()`` (t2v.train's one
+host sync), clip the grad norm to 1, AdamW (fused, as t2v.train), zero_grad, EMA update with t2v.train's own
+``ema_update``.
+The data pipeline is benchmarked separately (bench/data_load.py): here the clip is a fixed tensor.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from t2v import config as C
+from t2v import diffusion as D
+from t2v.model import build_model, count_params
+from t2v.train import ema_decay_at, ema_update, step_generator
+
+# diffusers' UNet3DConditionModel configured to our parameter counts (cross_attention_dim = our text dim).
+# attention_head_dim is, in diffusers' UNet3D, the number of heads (its documented naming bug); 8 is what
+# Stable Diffusion 1.x and most configs use. A 4-level UNet is diffusers' own layout (the last level has no
+# attention and no downsampling); channels must divide by norm_num_groups.
+PEERS = {
+    # ours base: 64 -> 128 -> 256, 9.60 M parameters  <->  10.17 M (+6 %)
+    "base": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, attention_head_dim=8, norm_num_groups=32),
+    # ours large: 128 -> 256 -> 512, 38.09 M  <->  38.68 M (+1.5 %); the configuration measured in the issue
+    "large": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=1, attention_head_dim=8, norm_num_groups=32),
+    # --quick only: not matched, just small
+    "tiny": dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=2, norm_num_groups=8),
+}
+PEER_TOKENS = 8  # caption tokens given to diffusers as encoder_hidden_states (B, L, D); ours takes (B, D) pooled
+
+
+def our_config(size: str, text_dim: int = 512) -> C.Config:
+    return C.load_config(None, [f"model.size={size}", f"text.dim={text_dim}"], env={})
+
+
+def build_ours(size: str, text_dim: int = 512, seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(our_config(size, text_dim))
+
+
+def diffusers_available() -> str | None:
+    """None if diffusers imports, else why not."""
+    try:
+        import diffusers  # noqa: F401
+        from diffusers import UNet3DConditionModel  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"diffusers is not importable ({type(e).__name__}: {e}); `pip install -e .[bench]` installs it"
+    return None
+
+
+def peer_kwargs(spec: str | dict, text_dim: int, size: int) -> dict:
+    p = dict(PEERS[spec]) if isinstance(spec, str) else dict(spec)
+    n = len(p["block_out_channels"])
+    return dict(
+        sample_size=size, in_channels=3, out_channels=3,
+        down_block_types=("CrossAttnDownBlock3D",) * (n - 1) + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n - 1),
+        cross_attention_dim=text_dim, **p,
+    )
+
+
+def build_peer(spec: str | dict, text_dim: int = 512, size: int = 64, seed: int = 0) -> nn.Module:
+    from diffusers import UNet3DConditionModel
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet3DConditionModel(**peer_kwargs(spec, text_dim, size))
+
+
+# forward(model, x_t (b t c h w), t (b,), cond, keep (b,) bool) -> (b t c h w)
+Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def forward_ours(model, x_t, t, text, keep):
+    return model(x_t, t, text, cond_mask=keep)
+
+
+def forward_peer(model, x_t, t, tokens, keep):
+    # diffusers has no caption dropout of its own: dropped rows get an all-zero context (same cost)
+    ctx = tokens * keep.to(tokens.dtype)[:, None, None]
+    out = model(x_t.permute(0, 2, 1, 3, 4), t, encoder_hidden_states=ctx).sample  # b c t h w
+    return out.permute(0, 2, 1, 3, 4)
+
+
+@dataclass
+class Inputs:
+    batch: int
+    frames: int
+    size: int
+    text_dim: int
+    tokens: int = PEER_TOKENS
+
+    def clip(self, device, seed: int = 1) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return (torch.rand(self.batch, self.frames, 3, self.size, self.size, generator=g) * 2 - 1).to(device)
+
+    def pooled(self, device, seed: int = 2) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.batch, self.text_dim, generator=g).to(device)
+
+    def token_states(self, device, seed: int = 3) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.batch, self.tokens, self.text_dim, generator=g).to(device)
+
+
+class TrainStep:
+    """Callable: one full training step on a fixed clip; ``step(cond)`` overrides the conditioning."""
+
+    def __init__(self, model: nn.Module, forward: Forward, x0: torch.Tensor, cond: torch.Tensor,
+                 precision: str = "fp32", channels_last: bool = False, fused_adamw: bool = True,
+                 compile: bool = False, lr: float = 1e-4, grad_clip: float = 1.0, ema_decay: float = 0.999,
+                 cond_dropout: float = 0.1, seed: int = 0):
+        self.device = x0.device
+        self.model = model.to(self.device).train()
+        if channels_last:  # exactly what t2v.train does with train.channels_last=true
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+            x0 = x0.contiguous(memory_format=torch.channels_last_3d)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # t2v.train: AdamW(..., fused=True); fused_adamw=False is the previous default AdamW (bench/previous.py)
+        kw = {"fused": True} if fused_adamw else {}
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), **kw)
+        self.net = torch.compile(self.model) if compile else self.model
+        self.forward, self.x0, self.cond = forward, x0, cond
+        self.grad_clip, self.ema_decay, self.cond_dropout, self.seed = grad_clip, ema_decay, cond_dropout, seed
+        self.sched = D.make_schedule(1000, "cosine").to(self.device)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                         else nullcontext())
+        self.step = 0
+        self.last_loss = float("nan")
+
+    @property
+    def params(self) -> int:
+        return count_params(self.model)
+
+    def __call__(self, cond: torch.Tensor | None = None) -> float:
+        x0, b = self.x0, self.x0.shape[0]
+        g = step_generator(self.seed, self.step, self.device)
+        t = torch.randint(0, self.sched.num_timesteps, (b,), generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        keep = torch.rand(b, generator=g, device=self.device) >= self.cond_dropout
+        x_t = D.q_sample(self.sched, x0, t, noise)
+        with self.autocast:
+            out = self.forward(self.net, x_t, t, self.cond if cond is None else cond, keep)
+        loss = D.training_loss(out.float(), noise)
+        loss.backward()
+        self.last_loss = loss.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, ema_decay_at(self.step, self.ema_decay))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        return self.last_loss
+
+
+def count_train_flops(model: nn.Module, forward: Forward, x0: torch.Tensor, cond: torch.Tensor,
+                      precision: str = "fp32") -> dict:
+    """Forward and backward FLOPs of one training step (torch.utils.flop_counter: 2 per multiply-add of
+    matmuls, convolutions and attention; elementwise work is not counted, as is usual for MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b = x0.shape[0]
+    t = torch.full((b,), 500, dtype=torch.long, device=x0.device)
+    keep = torch.ones(b, dtype=torch.bool, device=x0.device)
+    noise = torch.randn_like(x0)
+    autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with FlopCounterMode(display=False) as fwd:
+        with autocast:
+            out = forward(model, x0, t, cond, keep)
+        loss = D.training_loss(out.float(), noise)
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    f, bk = int(fwd.get_total_flops()), int(bwd.get_total_flops())
+    return {"forward": f, "backward": bk, "total": f + bk, "per_clip": (f + bk) / b}
