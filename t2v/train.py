@@ -298,7 +298,6 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     last_loss = float("nan")
     grad_norm = torch.tensor(float("nan"))
     window_start, window_steps = time.time(), 0
-    step = start_step
     for step, batch in zip(range(start_step, steps), loader):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.train)
