@@ -145,7 +145,6 @@ def embed_prompts(cfg: C.Config, prompts: list[str]):
         try:
             cache = embed_captions(cfg.text, prompts, cache_dir, progress=False)
         except OSError:  # a read-only cache folder: encode without keeping them
-            cache = EmbeddingCache.load(cache_dir, encoder_key(cfg.text))
             pooled, tokens, mask = build_encoder(cfg.text).encode(prompts)
             return pooled.float(), (tokens if cfg.model.cross_attention else None), mask
     pooled = torch.stack([cache.get(p) for p in prompts]).float()
