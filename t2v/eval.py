@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from t2v import metrics as M
+from t2v.text import MIN_TOKENIZER_VOCAB, hf_tokenize, load_offline_first
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -47,7 +48,6 @@ I3D_FRAMES = 16  # clips are stretched to at least this many frames before I3D
 # OpenAI CLIP's image normalisation (CLIPImageProcessor's image_mean / image_std for every OpenAI checkpoint).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MIN_TOKENIZER_VOCAB = 1000  # a real CLIP tokenizer has 49,408 tokens; the offline placeholder has a handful
 
 
 class EvalError(RuntimeError):
@@ -69,19 +69,6 @@ def _how_to_get_clip(name: str) -> str:
         "  Or save both with save_pretrained() into one folder, copy it to the cluster and pass --clip /path/to/folder.\n"
         "  (Or skip the metric with --no-clipsim.)"
     )
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hf_tokenize(tokenizer) -> Callable:
-    def tokenize(captions: Sequence[str], max_tokens: int):
-        out = tokenizer(list(captions), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
-        return out["input_ids"], out["attention_mask"]
-
-    return tokenize
 
 
 def _pooled(out) -> torch.Tensor:
@@ -168,22 +155,7 @@ def load_clip(name: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> C
                             "refusing to score with randomly initialised layers.\n" + _how_to_get_clip(name))
         return model, CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
 
-    try:
-        model, tok = load(True)
-    except (OSError, ValueError) as first:
-        if folder is not None or _offline():
-            where = f"the folder {folder}" if folder else (
-                f"the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '<unset: ~/.cache/huggingface>')})")
-            raise EvalError(f"CLIP model {name!r} is not available offline: not found in {where} "
-                            f"({type(first).__name__}: {str(first).splitlines()[0][:200]}).\n"
-                            + _how_to_get_clip(name)) from None
-        print(f"t2v.eval: {name!r} is not in the local Hugging Face cache; downloading it. On a compute node "
-              "without internet this retries for minutes: set HF_HUB_OFFLINE=1 there.", file=sys.stderr)
-        try:
-            model, tok = load(False)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"could not load CLIP model {name!r}: {str(e).splitlines()[0][:300]}\n"
-                            + _how_to_get_clip(name)) from None
+    model, tok = load_offline_first(load, name, folder, "CLIP model", _how_to_get_clip(name), EvalError)
     vocab = int(model.config.text_config.vocab_size)
     # Offline, CLIPTokenizer.from_pretrained of a name that is not cached can return a placeholder tokenizer
     # with a couple of tokens instead of raising: refuse it (a real one fills the model's vocabulary).
@@ -192,7 +164,7 @@ def load_clip(name: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> C
                         f"{vocab}: its files are missing.\n" + _how_to_get_clip(name))
     if len(tok) > vocab:
         raise EvalError(f"{source!r}: tokenizer has {len(tok)} tokens but the model only {vocab} embeddings")
-    return ClipScorer(model, _hf_tokenize(tok), name=source, device=device)
+    return ClipScorer(model, hf_tokenize(tok), name=source, device=device)
 
 
 # ------------------------------------------------------------------------------------------------- I3D

@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -212,7 +212,7 @@ class CLIPEncoder(TextEncoder):
         return mean_pool(hidden, mask).cpu(), hidden.cpu(), mask.cpu()
 
 
-def _hf_tokenize(tokenizer) -> Callable:
+def hf_tokenize(tokenizer) -> Callable:
     def tokenize(captions: Sequence[str], max_tokens: int):
         out = tokenizer(list(captions), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         return out["input_ids"], out["attention_mask"]
@@ -261,7 +261,7 @@ def build_clip_b32_random(seed: int = 0, max_tokens: int = CLIP_MAX_POSITIONS,
     return enc
 
 
-def _offline() -> bool:
+def hf_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
@@ -311,6 +311,27 @@ def encoder_key(text_cfg) -> str:
     raise TextEncoderError(f"unknown text.encoder {kind!r}: expected clip, hash or tiny")
 
 
+def load_offline_first(load: Callable[[bool], Any], name: str, folder: Path | None, what: str, how: str,
+                       error: type[Exception]) -> Any:
+    """``load(local_only)`` against the local Hugging Face cache first (fast, and right on compute nodes without
+    internet); a download only when online and ``name`` is a hub name. Failures raise ``error`` saying where we
+    looked, followed by ``how`` (instructions to get the weights onto the cluster)."""
+    try:
+        return load(True)
+    except (OSError, ValueError) as first:
+        if folder is not None or hf_offline():
+            where = f"the folder {folder}" if folder else (
+                f"the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '<unset: ~/.cache/huggingface>')})")
+            raise error(f"{what} {name!r} is not available offline: not found in {where} "
+                        f"({type(first).__name__}: {str(first).splitlines()[0][:200]}).\n" + how) from None
+    print(f"t2v: {what} {name!r} is not in the local Hugging Face cache; downloading it. On a compute node "
+          "without internet this retries for minutes: set HF_HUB_OFFLINE=1 there.", file=sys.stderr)
+    try:
+        return load(False)
+    except (OSError, ValueError) as e:
+        raise error(f"could not load {what} {name!r}: {str(e).splitlines()[0][:300]}\n" + how) from None
+
+
 def _load_clip(text_cfg, device) -> CLIPEncoder:
     name = str(text_cfg.name)
     folder = _local_folder(name)
@@ -327,23 +348,7 @@ def _load_clip(text_cfg, device) -> CLIPEncoder:
         return model, tok
 
     t0 = time.time()
-    try:
-        # Always try the local cache first: fast, and right on compute nodes that have no internet.
-        model, tok = load(True)
-    except (OSError, ValueError) as first:
-        if folder is not None or _offline():
-            where = f"the folder {folder}" if folder else (
-                f"the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '<unset: ~/.cache/huggingface>')})")
-            raise TextEncoderError(
-                f"text encoder {name!r} is not available offline: not found in {where} "
-                f"({type(first).__name__}: {str(first).splitlines()[0][:200]}).\n" + _how_to_get_clip(name)
-            ) from None
-        print(f"t2v.text: {name!r} is not in the local Hugging Face cache; downloading it. On a compute node "
-              "without internet this retries for minutes: set HF_HUB_OFFLINE=1 there.", file=sys.stderr)
-        try:
-            model, tok = load(False)
-        except (OSError, ValueError) as e:
-            raise TextEncoderError(f"could not load text encoder {name!r}: {e}\n" + _how_to_get_clip(name)) from None
+    model, tok = load_offline_first(load, name, folder, "text encoder", _how_to_get_clip(name), TextEncoderError)
     if len(tok) <= MIN_TOKENIZER_VOCAB:
         raise TextEncoderError(
             f"the CLIP tokenizer loaded from {source!r} has only {len(tok)} tokens (a real one has 49,408). "
@@ -355,7 +360,7 @@ def _load_clip(text_cfg, device) -> CLIPEncoder:
     if int(model.config.hidden_size) != int(text_cfg.dim):
         raise TextEncoderError(f"{source!r} gives {model.config.hidden_size}-d embeddings but text.dim="
                                f"{text_cfg.dim}: set text.dim={model.config.hidden_size}")
-    enc = CLIPEncoder(model, _hf_tokenize(tok), encoder_key(text_cfg), text_cfg.max_tokens, device)
+    enc = CLIPEncoder(model, hf_tokenize(tok), encoder_key(text_cfg), text_cfg.max_tokens, device)
     enc.tokenizer = tok
     enc.load_seconds = time.time() - t0
     return enc
