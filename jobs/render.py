@@ -171,10 +171,11 @@ def train_command(profile: Profile, s: JobSettings) -> list[str]:
     return [profile.python, "-m", "t2v.train", *s.train_args]
 
 
-def render_train(profile: Profile, s: JobSettings, template: str | None = None) -> str:
-    r = resources(profile, s)
-    d = [
-        directive("--job-name", s.job_name),
+def _directives(r: Resources, profile: Profile, s: JobSettings, job_name: str, log_name: str,
+                requeue: bool) -> list[str]:
+    """The #SBATCH lines of a job; a training job also asks to be requeued and for the time-limit warning."""
+    return [
+        directive("--job-name", job_name),
         *_resource_directives(r, profile),
         directive("--time", r.time),
         directive("--nodes", r.nodes),
@@ -182,13 +183,18 @@ def render_train(profile: Profile, s: JobSettings, template: str | None = None) 
         directive("--cpus-per-task", r.cpus_per_task),
         *_gpu_directives(r, profile),
         *([directive("--mem", profile.mem)] if profile.mem else []),
-        directive("--requeue"),
+        *([directive("--requeue")] if requeue else []),
         directive("--open-mode", "append"),
-        directive("--signal", f"B:USR1@{profile.signal_before_s}"),
-        directive("--output", slurm_filename(s.run_dir.rstrip("/")) + "/slurm-%j.out"),
+        *([directive("--signal", f"B:USR1@{profile.signal_before_s}")] if requeue else []),
+        directive("--output", slurm_filename(s.run_dir.rstrip("/")) + "/" + log_name),
         directive("--chdir", s.workdir),
         *(_extra_directive(o) for o in profile.sbatch_extra),
     ]
+
+
+def render_train(profile: Profile, s: JobSettings, template: str | None = None) -> str:
+    r = resources(profile, s)
+    d = _directives(r, profile, s, s.job_name, "slurm-%j.out", requeue=True)
     values = {
         "profile": sh(profile.name),
         "directives": "\n".join(d),
@@ -211,20 +217,7 @@ def render_eval(profile: Profile, s: JobSettings, template: str | None = None) -
     """The EVAL=1 hook: one task on one GPU (if the profile has GPUs) evaluating the run's checkpoints."""
     r = resources(profile, s)
     one = Resources(r.partition, r.account, r.qos, profile.eval_time, min(r.gpus, 1), 1, 1, r.cpus_per_task)
-    d = [
-        directive("--job-name", f"{s.job_name}-eval"),
-        *_resource_directives(one, profile),
-        directive("--time", one.time),
-        directive("--nodes", 1),
-        directive("--ntasks-per-node", 1),
-        directive("--cpus-per-task", one.cpus_per_task),
-        *_gpu_directives(one, profile),
-        *([directive("--mem", profile.mem)] if profile.mem else []),
-        directive("--open-mode", "append"),
-        directive("--output", slurm_filename(s.run_dir.rstrip("/")) + "/eval-%j.out"),
-        directive("--chdir", s.workdir),
-        *(_extra_directive(o) for o in profile.sbatch_extra),
-    ]
+    d = _directives(one, profile, s, f"{s.job_name}-eval", "eval-%j.out", requeue=False)
     values = {
         "profile": sh(profile.name),
         "directives": "\n".join(d),
