@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from t2v.config import read_yaml_mapping
 
 SHIPPED = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "zaratan"
@@ -122,12 +122,7 @@ def load_profile(name: str | None = None, env: Mapping[str, str] | None = None, 
     path = find_profile(name, env)
     if path.resolve() in _seen:
         raise ProfileError(f"{path}: `base:` chain loops back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, Mapping):
-        raise ProfileError(f"{path}: expected a mapping of settings")
+    data = read_yaml_mapping(path, ProfileError, "settings")
     base = data.get("base")
     values: dict[str, Any] = {}
     if base:

@@ -178,6 +178,17 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: Path, error: type[Exception], what: str) -> Mapping:
+    """A YAML file that must hold a mapping; `error` names the file (and YAML's line) when it does not."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise error(f"{path}: expected a mapping of {what}")
+    return data
+
+
 def _yaml_lines(path: Path) -> dict[str, int]:
     """Line number of each flattened key in a YAML file, so errors can point at the line."""
     lines: dict[str, int] = {}
@@ -206,12 +217,7 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{p}: expected a mapping of sections (data:, train:, ...)")
+        data = read_yaml_mapping(p, ConfigError, "sections (data:, train:, ...)")
         lines = _yaml_lines(p)
         for key, value in _flatten(data).items():
             set_key(cfg, key, value, f"{p}:{lines.get(key, 1)}")
