@@ -27,6 +27,17 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 C=${SLURM_BOX:-$REPO/.slurm}
+# munged refuses a socket under any folder that is not world-executable (a checkout in `mktemp -d` is 0700):
+# then the box moves to a folder of its own under /tmp.
+if [ -z "${SLURM_BOX:-}" ]; then
+  d=$REPO
+  while [ "$d" != / ]; do
+    if [ "$(( 0$(stat -c %a "$d") % 10 & 1 ))" = 0 ]; then
+      C=/tmp/t2v-slurm-$(id -u)-$(printf %s "$REPO" | cksum | cut -d' ' -f1); break
+    fi
+    d=$(dirname "$d")
+  done
+fi
 export SLURM_CONF=$C/etc/slurm.conf
 HOST=${SLURM_NODE:-$(hostname -s)}
 CRED_EXPIRE=${CRED_EXPIRE:-5}
