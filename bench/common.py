@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -78,6 +79,10 @@ def machine_info() -> dict:
         diffusers_version = diffusers.__version__
     except ImportError:
         diffusers_version = None
+    try:  # the version only: importing it is bench/harness.py's business (it needs a torchvision stand-in)
+        vdp_version = version("video-diffusion-pytorch")
+    except PackageNotFoundError:
+        vdp_version = None
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
@@ -96,6 +101,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers_version,
+        "video_diffusion_pytorch": vdp_version,
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
         "load_average_start": load_average(),
@@ -114,9 +120,12 @@ class Row:
     # "benchmark": the main table; "adopted": a change t2v has taken, measured before -> after (bench/previous.py
     # vs the shipped code); "candidate": a change t2v could still take, measured shipped vs the change
     group: str = "benchmark"
+    skipped: bool = False  # not measured here (``measured`` says why), e.g. a peer library that is not installed
 
     @property
     def verdict(self) -> str:
+        if self.skipped:
+            return "skipped"
         return "info" if self.passed is None else ("PASS" if self.passed else "FAIL")
 
     @classmethod
@@ -124,8 +133,8 @@ class Row:
         """A row read back from a result JSON (older files say ``proposal: true`` for a candidate)."""
         verdict = d.get("verdict", "info")
         group = d.get("group") or ("candidate" if d.get("proposal") else "benchmark")
-        return cls(d["name"], d["measured"], d["target"], None if verdict == "info" else verdict == "PASS",
-                   d.get("detail", ""), group)
+        return cls(d["name"], d["measured"], d["target"], None if verdict in ("info", "skipped") else verdict == "PASS",
+                   d.get("detail", ""), group, skipped=verdict == "skipped")
 
 
 @dataclass

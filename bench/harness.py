@@ -1,4 +1,5 @@
-"""One training step, done the way t2v.train does it, for our UNet3DCond and for diffusers' UNet3DConditionModel.
+"""One training step, done the way t2v.train does it, for our UNet3DCond (pooled-caption FiLM, or with caption
+cross-attention), diffusers' UNet3DConditionModel and video-diffusion-pytorch's Unet3D (lucidrains).
 
 A step is: draw (t, noise, caption dropout) from a per-step generator, q_sample, forward (under bf16 autocast on
 a GPU, fp32 on CPU as t2v.train picks), MSE to the noise in fp32, backward, ``loss.item()`` (t2v.train's one
@@ -9,9 +10,12 @@ The data pipeline is benchmarked separately (bench/data_load.py): here the clip 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -34,16 +38,35 @@ PEERS = {
     "tiny": dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=2, norm_num_groups=8),
 }
 PEER_TOKENS = 8  # caption tokens given to diffusers as encoder_hidden_states (B, L, D); ours takes (B, D) pooled
+# (and the same L tokens too with cross_attention=True)
+
+# video-diffusion-pytorch's Unet3D configured to our parameter counts, cond_dim = our text dim. Its defaults
+# otherwise (attn_heads=8, attn_dim_head=32, 7x7 first conv, spatial linear attention at every level, full
+# spatial and temporal attention in the middle). Three levels like ours (64 -> 32 -> 16 pixels): at its default
+# four, dim (a multiple of 8: its GroupNorm has 8 groups) 24 gives 7.52 M (-22 % of base) and 32 gives 12.0 M
+# (+25 %), neither within ±15 %.
+VDP_PEERS = {
+    # ours base 9.60 M parameters  <->  Unet3D(dim=56, dim_mults=(1, 2, 4)) 10.05 M (+4.7 %)
+    "base": dict(dim=56, dim_mults=(1, 2, 4)),
+    # ours large 38.09 M  <->  dim=120: 37.54 M (-1.4 %)
+    "large": dict(dim=120, dim_mults=(1, 2, 4)),
+    # --quick only: not matched, just small
+    "tiny": dict(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8),
+}
+# what installs it without replacing torch: its declared requirements (torchvision, transformers[torch]) make
+# pip pull the newest torch, and PyPI's torchvision wheels are CUDA builds that do not load against a CPU torch
+VDP_INSTALL = "pip install --no-deps video-diffusion-pytorch einops-exts rotary-embedding-torch"
 
 
-def our_config(size: str, text_dim: int = 512) -> C.Config:
-    return C.load_config(None, [f"model.size={size}", f"text.dim={text_dim}"], env={})
+def our_config(size: str, text_dim: int = 512, cross_attention: bool = False) -> C.Config:
+    extra = ["model.cross_attention=true", "text.tokens=true"] if cross_attention else []
+    return C.load_config(None, [f"model.size={size}", f"text.dim={text_dim}", *extra], env={})
 
 
-def build_ours(size: str, text_dim: int = 512, seed: int = 0) -> nn.Module:
+def build_ours(size: str, text_dim: int = 512, seed: int = 0, cross_attention: bool = False) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(our_config(size, text_dim))
+        return build_model(our_config(size, text_dim, cross_attention))
 
 
 def diffusers_available() -> str | None:
@@ -77,12 +100,94 @@ def build_peer(spec: str | dict, text_dim: int = 512, size: int = 64, seed: int 
         return UNet3DConditionModel(**peer_kwargs(spec, text_dim, size))
 
 
-# forward(model, x_t (b t c h w), t (b,), cond, keep (b,) bool) -> (b t c h w)
-Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+class _NoTorchvision(types.ModuleType):
+    """Stands in for torchvision while video_diffusion_pytorch is imported. Its module imports torchvision's
+    transforms and utils for its GIF Dataset, Trainer and GIF writer, and builds one transform (``T.ToTensor()``)
+    as a default argument; Unet3D uses none of it. Every attribute is a constructor whose product raises if used."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def make(*args, **kwargs):
+            def unavailable(*args, **kwargs):
+                raise RuntimeError(f"torchvision is not installed ({self.__name__}.{name})")
+            return unavailable
+        return make
+
+
+def import_vdp() -> tuple[types.ModuleType, str]:
+    """video_diffusion_pytorch and how torchvision was satisfied for its import ("torchvision <version>", or the
+    stand-in where torchvision is not installed: PyPI's torchvision wheels are CUDA builds, which do not load
+    against a CPU torch). The stand-in is in sys.modules only during the import: nothing else here sees it."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision
+        import video_diffusion_pytorch
+
+        return video_diffusion_pytorch, f"torchvision {torchvision.__version__}"
+    names = ("torchvision", "torchvision.transforms", "torchvision.utils")
+    stub = _NoTorchvision("torchvision")
+    stub.transforms, stub.utils = _NoTorchvision("torchvision.transforms"), _NoTorchvision("torchvision.utils")
+    sys.modules.update(zip(names, (stub, stub.transforms, stub.utils)))
+    try:
+        import video_diffusion_pytorch
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+    return video_diffusion_pytorch, "torchvision is not installed; a stand-in served its import, Unet3D does not use it"
+
+
+def vdp_available() -> str | None:
+    """None if video-diffusion-pytorch's Unet3D imports, else why not."""
+    try:
+        import_vdp()[0].Unet3D  # noqa: B018
+    except Exception as e:  # ImportError, or a broken install (e.g. a torchvision built for another torch)
+        return (f"video-diffusion-pytorch is not importable ({type(e).__name__}: {e}); `{VDP_INSTALL}` "
+                "installs it without replacing torch")
+    return None
+
+
+def vdp_kwargs(spec: str | dict, text_dim: int) -> dict:
+    return dict(channels=3, cond_dim=text_dim, **(VDP_PEERS[spec] if isinstance(spec, str) else spec))
+
+
+def build_vdp(spec: str | dict, text_dim: int = 512, seed: int = 0) -> nn.Module:
+    vdp = import_vdp()[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return vdp.Unet3D(**vdp_kwargs(spec, text_dim))
+
+
+@dataclass
+class Caption:
+    """A caption as t2v.train gives a cross-attention model (text.tokens=true): pooled (b d) for FiLM, and the
+    per-token embeddings (b l d) with their mask (b l) bool for cross-attention."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+# forward(model, x_t (b t c h w), t (b,), cond, keep (b,) bool) -> (b t c h w); cond is whatever that model's
+# TrainStep holds: pooled (b d), tokens (b l d) or a Caption
+Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
 
 
 def forward_ours(model, x_t, t, text, keep):
     return model(x_t, t, text, cond_mask=keep)
+
+
+def forward_ours_tokens(model, x_t, t, cap: Caption, keep):
+    # what t2v.train calls with model.cross_attention=true: dropped rows lose their tokens and pooled caption
+    return model(x_t, t, cap.pooled, tokens=cap.tokens, token_mask=cap.mask, cond_mask=keep)
+
+
+def forward_vdp(model, x_t, t, text, keep):
+    # caption dropout with the library's own learned null embedding, as its null_cond_prob does, but from our
+    # per-step mask; null_cond_prob=0 then leaves every row as given (its torch.where still runs: same cost)
+    cond = torch.where(keep[:, None], text, model.null_cond_emb.to(text.dtype))  # b d
+    out = model(x_t.permute(0, 2, 1, 3, 4), t, cond=cond, null_cond_prob=0.0)  # b t c h w -> b c t h w
+    return out.permute(0, 2, 1, 3, 4)  # b c t h w -> b t c h w
 
 
 def forward_peer(model, x_t, t, tokens, keep):
@@ -112,11 +217,17 @@ class Inputs:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(self.batch, self.tokens, self.text_dim, generator=g).to(device)
 
+    def caption(self, device) -> Caption:
+        # the same pooled vector and tokens the other models get; every token valid, as diffusers (no mask) sees
+        # them, but the mask is still passed, as t2v.train always does
+        mask = torch.ones(self.batch, self.tokens, dtype=torch.bool, device=device)
+        return Caption(self.pooled(device), self.token_states(device), mask)
+
 
 class TrainStep:
     """Callable: one full training step on a fixed clip; ``step(cond)`` overrides the conditioning."""
 
-    def __init__(self, model: nn.Module, forward: Forward, x0: torch.Tensor, cond: torch.Tensor,
+    def __init__(self, model: nn.Module, forward: Forward, x0: torch.Tensor, cond: Any,
                  precision: str = "fp32", channels_last: bool = False, fused_adamw: bool = True,
                  compile: bool = False, lr: float = 1e-4, grad_clip: float = 1.0, ema_decay: float = 0.999,
                  cond_dropout: float = 0.1, seed: int = 0):
@@ -142,7 +253,7 @@ class TrainStep:
     def params(self) -> int:
         return count_params(self.model)
 
-    def __call__(self, cond: torch.Tensor | None = None) -> float:
+    def __call__(self, cond: Any = None) -> float:
         x0, b = self.x0, self.x0.shape[0]
         g = step_generator(self.seed, self.step, self.device)
         t = torch.randint(0, self.sched.num_timesteps, (b,), generator=g, device=self.device)
@@ -164,7 +275,7 @@ class TrainStep:
         return self.last_loss
 
 
-def count_train_flops(model: nn.Module, forward: Forward, x0: torch.Tensor, cond: torch.Tensor,
+def count_train_flops(model: nn.Module, forward: Forward, x0: torch.Tensor, cond: Any,
                       precision: str = "fp32") -> dict:
     """Forward and backward FLOPs of one training step (torch.utils.flop_counter: 2 per multiply-add of
     matmuls, convolutions and attention; elementwise work is not counted, as is usual for MFU)."""

@@ -2,8 +2,10 @@
 [--out bench/results]` (or `make bench ARGS="..."`).
 
 Sections (all by default):
-  train    training step (forward, backward, AdamW, EMA) of our `base` vs diffusers' UNet3DConditionModel
-           configured to within ±15 % of its parameters; 8x64x64 clips, batch 2; fp32 on CPU, bf16 on a GPU
+  train    training step (forward, backward, AdamW, EMA) of our `base` vs peers configured to within ±15 % of
+           its parameters: diffusers' UNet3DConditionModel (vs ours, and vs ours with cross-attention on the
+           same caption tokens) and video-diffusion-pytorch's Unet3D; 8x64x64 clips, batch 2; fp32 on CPU,
+           bf16 on a GPU. A peer library that is not installed gets a row saying why
   data     DataLoader clips/s from the pre-decoded clip cache vs decord per sample, 1 core
   text     cached caption embeddings vs a CLIP-B/32-sized text encoder run every step
   preempt  checkpoint save time, process start to first step on resume, steps lost to SIGUSR1
@@ -84,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "1 with --quick)")
     p.add_argument("--model-size", default="base", choices=["base", "large"],
                    help="our model for train/text/exp (base: the baseline's; large is matched to diffusers "
-                        "(64,128,256,256), 38.7 M)")
+                        "(64,128,256,256), 38.7 M, and to video-diffusion-pytorch dim=120, 37.5 M)")
     p.add_argument("--gpu-batches", default="2,32", help="batch sizes timed in the gpu section")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU, if unknown")
     p.add_argument("--no-compile", action="store_true", help="gpu section: no torch.compile")
@@ -184,6 +186,7 @@ def markdown(results, info, args, stamp, sources: dict[str, str] | None = None) 
         f"<!-- written by bench/run.py on {stamp}; paste into README.md's Performance section -->",
         f"Measured {time.strftime('%Y-%m-%d', time.localtime())} on {info['cpu_count']} CPU cores "
         f"({info['cpu_model']}), {gpu}; torch {info['torch']}, diffusers {info['diffusers'] or 'not installed'}, "
+        f"video-diffusion-pytorch {info.get('video_diffusion_pytorch') or 'not installed'}, "
         f"{info['torch_threads']} torch threads{', --quick (tiny sizes: not a measurement)' if args.quick else ''}. "
         "Ratios come from alternating rounds in one process (median of "
         f"{args.repeats}); load average {info['load_average_start']} at the start, {info.get('load_average_end')} "
@@ -199,14 +202,24 @@ def markdown(results, info, args, stamp, sources: dict[str, str] | None = None) 
     lines.append("")
     for t in tables(results, markdown=True):
         lines += [t, ""]
-    train = next((r for r in results if r.name == "train" and "config" in r.data and "peer" in r.data["config"]), None)
-    if train:
+    train = next((r for r in results if r.name == "train" and "config" in r.data), None)
+    if train and "peer" in train.data["config"]:
         pc = train.data["config"]["peer"]
+        xattn = train.data.get("params_all", {}).get("ours_xattn")  # absent in result files from before it
         lines.append(f"diffusers peer: `UNet3DConditionModel(block_out_channels={tuple(pc['block_out_channels'])}, "
                      f"layers_per_block={pc['layers_per_block']}, attention_head_dim={pc['attention_head_dim']}, "
                      f"norm_num_groups={pc['norm_num_groups']}, cross_attention_dim={pc['cross_attention_dim']}, "
                      f"in/out_channels=3)` with {train.data['params']['peer']:,} parameters vs our "
-                     f"{train.data['params']['ours']:,}; it gets {pc['text']}, ours the pooled caption.")
+                     f"{train.data['params']['ours']:,}; it gets {pc['text']}, ours the pooled caption"
+                     + (f"; ours with cross-attention ({xattn:,} parameters) gets the same tokens and the pooled "
+                        "caption." if xattn else "."))
+        lines.append("")
+    if train and "vdp" in train.data["config"]:
+        vc, vp = train.data["config"]["vdp"], train.data["comparisons"]["vdp"]["params"]
+        args_s = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in vc.items()
+                           if k not in ("class", "text", "torchvision"))
+        lines.append(f"video-diffusion-pytorch peer: `Unet3D({args_s})` with {vp['peer']:,} parameters vs our "
+                     f"{vp['ours']:,}; it gets {vc['text']}, the same pooled caption as ours ({vc['torchvision']}).")
         lines.append("")
     lines += details(results)
     return "\n".join(lines) + "\n"

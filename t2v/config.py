@@ -35,6 +35,7 @@ class DataConfig:
     skip_bad_lines: bool = False  # train on a manifest with bad lines, skipping them
     max_bad_clips: int = 50  # corrupt clips skipped at train time before training stops
     num_workers: int = 2
+    val_manifest: str = ""  # clips for the validation loss; "" = val.jsonl beside the manifest (skipped if absent)
 
 
 @dataclass
@@ -55,14 +56,18 @@ class ModelConfig:
     temporal_attention: bool = False
     cross_attention: bool = False
     dropout: float = 0.0
+    coords: bool = False  # feed (frame, row, column) coordinate channels to the network
+    frame_cond: bool = False  # one FiLM conditioning per frame: an MLP of (caption + timestep, frame index)
 
 
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "cosine"
+    shift: float = 1.0  # noise-schedule shift: every SNR divided by shift² (1 = the plain schedule)
     prediction: str = "eps"  # "eps" (the baseline) or "v"
     cond_dropout: float = 0.1  # caption dropout for classifier-free guidance
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off (plain MSE)
 
 
 @dataclass
@@ -81,7 +86,10 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 200
     keep_last: int = 3
-    sample_every: int = 200
+    sample_every: int = 200  # 0 = no preview grids
+    val_every: int = 1000  # validation loss at fixed timesteps every this many steps; 0 = off
+    val_clips: int = 32  # the first this many clips of data.val_manifest
+    val_timesteps: tuple = (100, 300, 500, 700, 900)
     sample_steps: int = 50  # DDIM steps for previews
     guidance: float = 3.0
     sample_prompts: tuple = (
@@ -248,6 +256,14 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.train.val_every >= 0, "train.val_every must be >= 0 (0 = off)"),
+        (cfg.train.sample_every >= 0, "train.sample_every must be >= 0 (0 = off)"),
+        (cfg.train.val_clips >= 1, "train.val_clips must be >= 1"),
+        (len(cfg.train.val_timesteps) >= 1 and all(isinstance(t, int) and 0 <= t < cfg.diffusion.timesteps
+                                                   for t in cfg.train.val_timesteps),
+         f"train.val_timesteps must be integers in [0, diffusion.timesteps={cfg.diffusion.timesteps})"),
+        (cfg.diffusion.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
+        (cfg.diffusion.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
         (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
     ]
     errors = [msg for ok, msg in checks if not ok]
@@ -280,6 +296,11 @@ def cache_dir(cfg: Config, kind: str = "data") -> Path:
     """Where caches live: the configured folder, else beside the manifest (shared by every run on it)."""
     explicit = cfg.data.cache_dir if kind == "data" else cfg.text.cache_dir
     return Path(explicit) if explicit else Path(cfg.data.manifest).resolve().parent / ".t2v_cache"
+
+
+def val_manifest(cfg: Config) -> Path:
+    """data.val_manifest, else val.jsonl beside the training manifest (the validation loss skips it if absent)."""
+    return Path(cfg.data.val_manifest) if cfg.data.val_manifest else Path(cfg.data.manifest).parent / "val.jsonl"
 
 
 def add_config_args(parser) -> None:

@@ -52,6 +52,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def space_time_grid(x: torch.Tensor) -> torch.Tensor:
+    """(b, 3, t, h, w) frame, row and column coordinates in [-1, 1] for a b c t h w tensor.
+
+    Convolutions are translation-equivariant and FiLM is one scale and shift per channel for the whole clip,
+    so without these a caption can only say *where* and *when* through the zero padding at the borders:
+    "moving left" means a blob whose column falls with the frame index, which is one linear function
+    of these channels."""
+    b, _, t, h, w = x.shape
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) if n > 1 else
+            torch.zeros(1, device=x.device, dtype=x.dtype) for n in (t, h, w)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # 3 t h w
+    return grid.expand(b, -1, -1, -1, -1)  # b 3 t h w
+
+
 def zero_(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -84,8 +98,12 @@ class ResBlock(nn.Module):
         zero_(self.conv2.temporal)  # the branch's last conv: the block starts as the identity
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, emb):  # x: b c t h w, emb: b e
-        scale, shift = rearrange(self.film(F.silu(emb)), "b (two c) -> two b c 1 1 1", two=2)
+    def forward(self, x, emb):  # x: b c t h w, emb: b e (one for the clip) or b t e (one per frame)
+        film = self.film(F.silu(emb))
+        if film.ndim == 2:
+            scale, shift = rearrange(film, "b (two c) -> two b c 1 1 1", two=2)
+        else:
+            scale, shift = rearrange(film, "b t (two c) -> two b c t 1 1", two=2)
         h = self.norm1(x) * (1 + scale) + shift  # b c t h w
         h = self.conv1(F.silu(h))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
@@ -171,9 +189,13 @@ class UNet3DCond(nn.Module):
         num_res_blocks: int = 1,
         heads: int = 4,
         in_channels: int = 3,
+        coords: bool = False,
+        frame_cond: bool = False,
     ):
         super().__init__()
         self.cross_attention = cross_attention
+        self.coords = coords
+        self.frame_cond = frame_cond
         ch = [base_channels * m for m in channel_mults]
         emb_dim = 4 * base_channels
         self.base_channels = base_channels
@@ -181,6 +203,11 @@ class UNet3DCond(nn.Module):
 
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.text_mlp = nn.Sequential(nn.Linear(text_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # frame_cond: an MLP of (clip embedding, frame position) gives every frame its own FiLM, so "where the
+        # shape is in frame k" can be a function of the caption and k rather than something each conv must infer
+        self.frame_mlp = (nn.Sequential(nn.Linear(2 * emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                          if frame_cond else None)
+        self.emb_dim = emb_dim
         # the "no caption" embedding; small random init so it differs from any real caption from step 0
         self.null_text = nn.Parameter(torch.randn(text_dim) * 0.02)
         # one learned token that every row can attend to: it is the only key for unconditional rows
@@ -193,7 +220,8 @@ class UNet3DCond(nn.Module):
                 c_in, c_out, emb_dim, dropout, temporal_attention and lowest, cross_attention and lowest, text_dim, heads
             )
 
-        self.stem = nn.Conv3d(in_channels, ch[0], (1, 3, 3), padding=(0, 1, 1))
+        # coords: three extra input channels holding each voxel's (frame, row, column) in [-1, 1]
+        self.stem = nn.Conv3d(in_channels + 3 * coords, ch[0], (1, 3, 3), padding=(0, 1, 1))
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         c = ch[0]
@@ -239,6 +267,11 @@ class UNet3DCond(nn.Module):
         # torch.where, not indexing: same graph whatever the mask holds (compile-friendly)
         text = torch.where(keep, text, self.null_text.to(text.dtype))  # b d
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(text.dtype)) + self.text_mlp(text)  # b e
+        if self.frame_cond:
+            frames = x.shape[1]
+            pos = timestep_embedding(torch.arange(frames, device=x.device), self.emb_dim).to(emb.dtype)  # t e
+            pair = torch.cat([emb[:, None].expand(-1, frames, -1), pos[None].expand(b, -1, -1)], dim=-1)  # b t (2e)
+            emb = emb[:, None] + self.frame_mlp(pair)  # b t e
 
         context = context_mask = None
         if self.cross_attention:
@@ -251,7 +284,10 @@ class UNet3DCond(nn.Module):
             # the null token is always visible (so no row has an all-masked softmax); captions only when kept
             context_mask = torch.cat([torch.ones_like(keep), token_mask.bool() & keep], dim=1)  # b (1+l)
 
-        h = self.stem(rearrange(x, "b t c h w -> b c t h w"))
+        h = rearrange(x, "b t c h w -> b c t h w")
+        if self.coords:
+            h = torch.cat([h, space_time_grid(h)], dim=1)  # b (c+3) t h w
+        h = self.stem(h)
         skips = []
         n = self.num_res_blocks
         for i, blk in enumerate(self.down):
@@ -289,6 +325,8 @@ def build_model(cfg) -> UNet3DCond:
         temporal_attention=m.temporal_attention,
         cross_attention=m.cross_attention,
         dropout=m.dropout,
+        coords=m.coords,
+        frame_cond=m.frame_cond,
     )
 
 

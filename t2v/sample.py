@@ -28,7 +28,7 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
     was_training = model.training
     model.eval()
     b = text.shape[0]
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(device)
+    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
     text = text.to(device)
     if tokens is not None:
         tokens, token_mask = tokens.to(device), token_mask.to(device)

@@ -680,14 +680,15 @@ def read_captions(manifest: str | os.PathLike) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from t2v.config import ConfigError, add_config_args, cache_dir, load_config
+    from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
 
     parser = argparse.ArgumentParser(prog="python -m t2v.text", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("embed", help="embed every caption of the manifest(s) once into the text cache")
     add_config_args(p)
     p.add_argument("--manifest", action="append", default=[], metavar="PATH",
-                   help="another manifest whose captions to embed (repeatable; data.manifest is always included)")
+                   help="another manifest whose captions to embed (repeatable; data.manifest and the "
+                        "validation manifest are always included)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--no-progress", action="store_true")
@@ -704,6 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not Path(m).is_file():
                 raise ConfigError(f"manifest not found: {m}")
             captions += read_captions(m)
+        if val_manifest(cfg).is_file():  # the validation loss needs its captions too
+            captions += read_captions(val_manifest(cfg))
         n_manifest = len(set(captions))
         captions += list(cfg.train.sample_prompts) + [""]
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

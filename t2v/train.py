@@ -37,6 +37,7 @@ from t2v.model import build_model, count_params
 from t2v.runlog import RunLog
 from t2v.sample import generate, save_grid
 from t2v.text import EmbeddingCache, encoder_key
+from t2v.validate import load_val_set, val_loss
 
 REQUEUE_EXIT = 75  # "saved, please requeue" (EX_TEMPFAIL); the job scripts requeue on it
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
@@ -200,6 +201,13 @@ def preview(ema, cfg, emb, step, device, log) -> None:
     log.line(f"sample grid {path}")
 
 
+def validate(ema, sched, valset, cfg, step, device, log) -> None:
+    losses = val_loss(ema, sched, valset, cfg.diffusion.prediction, device)
+    mean = sum(losses.values()) / len(losses)
+    log.line(f"val step {step:06d} | " + " ".join(f"t{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}")
+    log.metrics(step=step, event="val", val_loss=mean, **{f"val_loss_t{t}": v for t, v in losses.items()})
+
+
 def train(cfg: C.Config, stop_at: int | None = None) -> int:
     """Train to cfg.train.steps, resuming from OUTDIR if it holds checkpoints. Returns the exit code:
     0 when all steps are done, REQUEUE_EXIT when a signal (or `stop_at`, for tests) stopped it after saving."""
@@ -237,6 +245,11 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     clips, cache, emb = load_data(cfg, log)
     dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed,
                           sampling=cfg.data.sampling, window=cfg.data.window, cache=cache)
+    valset = None
+    if dist.is_main and cfg.train.val_every:
+        valset, why_not = load_val_set(cfg, emb)
+        log.line(why_not or f"validation loss every {cfg.train.val_every} steps: {valset.videos.shape[0]} clips of "
+                            f"{valset.manifest} at t = {', '.join(map(str, valset.timesteps))}")
 
     # --- model, EMA, optimizer, diffusion schedule ------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -250,7 +263,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(device)
+    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
 
     start_step = 0
     if state is not None:
@@ -322,7 +335,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         target = D.training_target(sched, x0, noise, t, cfg.diffusion.prediction)
         with autocast:
             out = net(x_t, t, text, tokens=tokens, token_mask=token_mask, cond_mask=keep_text)
-        loss = D.training_loss(out.float(), target)
+        weight = (D.min_snr_weight(sched, t, cfg.diffusion.snr_gamma, cfg.diffusion.prediction)
+                  if cfg.diffusion.snr_gamma > 0 else None)  # b
+        loss = D.training_loss(out.float(), target, weight)
         scaler.scale(loss).backward()
         # One host sync per step: the mean loss over ranks and "did any rank get a signal".
         loss_value, stop_now = distributed.reduce_step(loss.detach(), stop.signame is not None, dist)
@@ -358,7 +373,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             if dist.is_main:
                 save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
             saved = True
-        if dist.is_main and done % cfg.train.sample_every == 0:
+        if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
+            validate(ema, sched, valset, cfg, done, device, log)
+        if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             preview(ema, cfg, emb, done, device, log)
         if (stop_now or done == stop_at) and done < steps:
             if dist.is_main:

@@ -40,15 +40,82 @@ def test_bench_quick_runs_every_section(tmp_path):
     if gpu["skipped"]:  # no CUDA: the pure parts still ran on CPU
         assert gpu["selftest"]["tiny_step_flops"]["total"] > 0
     train = record["sections"]["train"]
-    if not train["skipped"]:  # diffusers is an optional extra (.[bench])
-        assert train["params"]["ours"] > 0 and train["ratio"] > 0
-        assert len(train["seconds_per_step"]["ours"]) == len(train["seconds_per_step"]["diffusers"]) == 1
+    if not train["skipped"]:  # the peers are optional: diffusers (.[bench]), video-diffusion-pytorch (its row says how)
+        check_train_rows(train)
     assert record["sections"]["text"]["ratio"] > 0
 
     md = (tmp_path / "latest.md").read_text()
     assert "| Benchmark | Measured | Target | Result |" in md
     assert "Benchmark" in proc.stdout and "results:" in proc.stdout
     assert elapsed < 60, f"the smoke test is meant to take seconds, took {elapsed:.0f} s"
+
+
+def check_train_rows(train: dict) -> None:
+    """The train section's three ratio rows: each measured from both sides' rounds, or saying why not."""
+    keys = ["diffusers", "cross_attention", "vdp"]  # pooled vs diffusers, cross-attention vs diffusers, vs vdp
+    assert len(train["rows"]) == len(keys)
+    for key, row in zip(keys, train["rows"]):
+        c = train["comparisons"][key]
+        if "skipped" in c:
+            assert row["verdict"] == "skipped" and c["skipped"] in row["measured"]
+            assert "not importable" in row["measured"]
+            continue
+        assert c["params"]["ours"] > 0 and c["params"]["peer"] > 0 and c["ratio"] > 0, (key, c)
+        assert len(train["seconds_per_step"][c["ours"]]) == len(train["seconds_per_step"][c["peer"]]) == 1
+        assert row["verdict"] == "info" and f"{c['ratio']:.2f}x" in row["measured"]  # --quick: nothing judged
+    if "ratio" in train:  # the original row's keys, as earlier result files have them
+        assert train["ratio"] == train["comparisons"]["diffusers"]["ratio"] and train["params"]["peer"] > 0
+    if "ours_xattn" in train["params_all"]:  # cross_attention=True really built the cross-attention blocks
+        assert train["params_all"]["ours_xattn"] > train["params_all"]["ours"]
+        assert train["comparisons"]["cross_attention"]["peer"] == "diffusers"
+
+
+def test_train_rows_say_why_a_peer_is_missing(monkeypatch):
+    """video-diffusion-pytorch not importable: its row is `skipped` with the reason, never a number; the
+    diffusers rows (where diffusers is installed) are still measured."""
+    import types
+
+    sys.path.insert(0, str(REPO))
+    import bench.train_bench as tb
+    from bench.common import Threads
+    from bench.harness import _NoTorchvision
+
+    monkeypatch.setitem(sys.modules, "video_diffusion_pytorch", None)  # import now raises ImportError
+    why = tb.vdp_available()
+    assert why and "video-diffusion-pytorch is not importable" in why and "--no-deps" in why
+    monkeypatch.setattr(tb, "vdp_available", lambda: why)
+    with Threads(1):  # as bench/run.py --quick does: tiny ops on a shared machine
+        res = tb.bench_train(types.SimpleNamespace(quick=True, model_size="base", repeats=1))
+    data = {"rows": [{"name": r.name, "measured": r.measured, "verdict": r.verdict} for r in res.rows], **res.data}
+    if res.skipped:  # diffusers is not installed either: nothing to time
+        assert why in res.skipped and not res.rows
+        return
+    assert "vdp" not in data["seconds_per_step"] and data["comparisons"]["vdp"] == {"skipped": why}
+    check_train_rows(data)
+    assert not isinstance(sys.modules.get("torchvision"), _NoTorchvision)  # it never outlives an import
+
+
+def test_peers_match_our_params_at_full_sizes():
+    """At the sizes `make bench` measures (base, and large), every peer is within ±15 % of the parameters of the
+    model it is compared with: built only, nothing run."""
+    sys.path.insert(0, str(REPO))
+    from bench.harness import build_ours, build_peer, build_vdp, diffusers_available, vdp_available
+    from bench.train_bench import PARAM_TOLERANCE
+    from t2v.model import count_params
+
+    def close(peer, ours):
+        return abs(peer / ours - 1) <= PARAM_TOLERANCE
+
+    for size in ("base", "large"):
+        ours = count_params(build_ours(size))
+        if not diffusers_available():
+            peer = count_params(build_peer(size))
+            assert close(peer, ours), (size, peer, ours)
+            xattn = count_params(build_ours(size, cross_attention=True))
+            assert xattn > ours and close(peer, xattn), (size, peer, xattn)
+        if not vdp_available():
+            vdp = count_params(build_vdp(size))
+            assert close(vdp, ours), (size, vdp, ours)
 
 
 def test_latest_md_carries_over_sections_not_run(tmp_path):
@@ -68,7 +135,9 @@ def test_latest_md_carries_over_sections_not_run(tmp_path):
                                      "rows": []}}}
 
     old = [{"name": "Training step", "measured": "8.03x", "target": ">= 3x", "verdict": "PASS", "detail": "d"},
-           {"name": "Old proposal", "measured": "1.1x", "target": "> 1x", "verdict": "info", "proposal": True}]
+           {"name": "Old proposal", "measured": "1.1x", "target": "> 1x", "verdict": "info", "proposal": True},
+           {"name": "Training step, vs a peer", "measured": "not measured: x is not importable", "target": "-",
+            "verdict": "skipped"}]
     (tmp_path / "bench-20260101-000000.json").write_text(json.dumps(record("20260101-000000", False, old)))
     (tmp_path / "bench-quick-20270101-000000.json").write_text(json.dumps(record("20270101-000000", True, [])))
     carried, sources = carry_over(tmp_path, ["train", "text", "gpu"])
@@ -76,6 +145,7 @@ def test_latest_md_carries_over_sections_not_run(tmp_path):
     assert sources == {"train": "bench-20260101-000000.json", "gpu": "bench-20260101-000000.json"}
     train = carried[0]
     assert train.rows[0].passed is True and train.rows[1].group == "candidate"
+    assert train.rows[2].skipped and train.rows[2].passed is None and train.rows[2].verdict == "skipped"
     assert carried[1].skipped == "no CUDA GPU"
 
     now = SectionResult("exp", rows=[Row("Adopted change: x: before -> after", "1.2x", "> 1x", None, group="adopted"),
@@ -84,6 +154,7 @@ def test_latest_md_carries_over_sections_not_run(tmp_path):
             "load_average_start": None, "load_average_end": None}
     md = markdown([train, carried[1], now], info, types.SimpleNamespace(quick=False, repeats=3), "stamp", sources)
     assert "| Training step [run 20260101-000000] | 8.03x | >= 3x | PASS |" in md
+    assert "| Training step, vs a peer [run 20260101-000000] | not measured: x is not importable | - | skipped |" in md
     assert "| gpu [run 20260101-000000] | skipped: no CUDA GPU | - | skipped |" in md
     assert "| Adopted change to t2v, measured before -> after | Measured | Target | Result |" in md
     assert "| Adopted change: x: before -> after | 1.2x | > 1x | info |" in md

@@ -1,22 +1,34 @@
-"""The demo learns its captions: what `make demo` trains follows the colour its prompt names."""
+"""The demo learns its captions: what `make demo` trains draws the colour, shape and motion its prompt names."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
-from runs import REPO, prepare, tiny_config
+from runs import prepare, tiny_config
 from t2v.train import train
 
 pytestmark = pytest.mark.slow
 
+# The demo's targets (issue 11) are colour >= 95%, shape >= 75%, motion >= 90%. Thread counts and BLAS builds
+# change the floating-point sums, and with them a few of the 48 samples: the test allows about three prompts
+# of slack on each figure.
+MIN = {"color": 0.90, "shape": 0.70, "motion": 0.85}
+MAX_BACKGROUND = 0.08  # mean brightness away from the shape; black is 0, the untrained model's speckle ~0.3
 
-def test_demo_model_draws_the_colour_its_caption_names(tmp_path):
-    from tools.demo_check import color_accuracy
+
+def test_demo_model_draws_what_its_caption_says(tmp_path):
+    from tools.demo_check import check
 
     cfg = tiny_config(tmp_path / "data", tmp_path / "run", config="configs/demo.yaml")
     prepare(cfg, n_train=96)
     assert train(cfg) == 0
-    result = color_accuracy(tmp_path / "run", out=tmp_path / "run" / "eval")
-    # 48 prompts (4 colours x 3 shapes x 4 motions); chance is 25%
-    assert result["accuracy"] >= 0.8, result
-    assert min(result["per_color"].values()) >= 0.5, result
-    assert (tmp_path / "run" / "samples").is_dir() and list((tmp_path / "run" / "samples").glob("preview_step*.png"))
+    result = check(tmp_path / "run", out=tmp_path / "run" / "eval")
+    assert all(result[k] >= v for k, v in MIN.items()), {k: result[k] for k in (*MIN, "background")}
+    assert result["background"] <= MAX_BACKGROUND, result["background"]
+    assert min(result["per_motion"].values()) >= 0.5, result["per_motion"]  # no direction left to chance
+    assert json.loads((tmp_path / "run" / "eval" / "demo_check.json").read_text())["motion"] == result["motion"]
+    # the run also logged its validation loss, and it fell
+    val = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if r.get("event") == "val"]
+    assert len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"], val

@@ -220,3 +220,36 @@ def test_diffusion_does_not_import_the_model():
     imported = {n.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert imported <= {"torch", "math", "dataclasses", "typing", "__future__", "tqdm"}
+
+
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+def test_shifted_schedule_divides_every_snr_by_shift_squared(s, shift):
+    shifted = D.make_schedule(T, "cosine", shift)
+    # from t = 5: near t = 0, 1 - ᾱ in float32 has few digits; the last step is where the plain SNR is ~0
+    t = torch.arange(5, T - 1, 37)
+    ratio = D.snr(shifted, t).double() / D.snr(s, t).double()
+    assert torch.allclose(ratio, torch.full_like(ratio, 1 / shift**2), rtol=1e-3)
+    assert (shifted.betas > 0).all() and (shifted.betas < 1).all()
+    assert torch.allclose(shifted.sqrt_alphas_cumprod**2 + shifted.sqrt_one_minus_alphas_cumprod**2, torch.ones(T))
+    assert torch.equal(D.make_schedule(T, "cosine", 1.0).betas, s.betas)  # shift 1 is the plain schedule
+    with pytest.raises(ValueError, match="shift"):
+        D.make_schedule(T, "cosine", 0.0)
+
+
+def test_min_snr_weights_follow_hang_et_al(s):
+    t = torch.tensor([0, 200, 500, 800, 999])
+    r = D.snr(s, t)
+    acp = s.alphas_cumprod[t]
+    assert torch.allclose(r, acp / (1 - acp))
+    gamma = 5.0
+    # eps: min(SNR, γ) / SNR -> 1 at high noise, γ/SNR at low noise
+    assert torch.allclose(D.min_snr_weight(s, t, gamma, "eps"), torch.minimum(r, torch.tensor(gamma)) / r)
+    # v: min(SNR, γ) / (SNR + 1)
+    assert torch.allclose(D.min_snr_weight(s, t, gamma, "v"), torch.minimum(r, torch.tensor(gamma)) / (r + 1))
+    assert D.min_snr_weight(s, t, gamma, "eps")[0] < 1e-3  # t = 0: the huge-SNR step is weighed down
+
+
+def test_weighted_training_loss():
+    out, target = torch.zeros(2, 3, 4), torch.stack([torch.ones(3, 4), 2 * torch.ones(3, 4)])  # per-sample MSE 1, 4
+    assert D.training_loss(out, target, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 + 2) / 2)
+    assert D.training_loss(out, target, torch.ones(2)).item() == pytest.approx(D.training_loss(out, target).item())

@@ -202,3 +202,24 @@ def test_two_res_blocks_per_level():
     assert len(m.down) == len(m.up) == 4 and count_params(m) > count_params(tiny(temporal_attention=True))
     x, t, text, _ = inputs(b=1, t=4, hw=16)
     assert m(x, t, text).shape == x.shape
+
+
+def test_coords_give_the_network_where_and_when():
+    from t2v.model import space_time_grid
+
+    grid = space_time_grid(torch.zeros(2, 5, 4, 8, 6))  # b c t h w
+    assert grid.shape == (2, 3, 4, 8, 6)
+    assert torch.allclose(grid[0, 0, :, 0, 0], torch.linspace(-1, 1, 4))  # frame
+    assert torch.allclose(grid[0, 1, 0, :, 0], torch.linspace(-1, 1, 8))  # row
+    assert torch.allclose(grid[0, 2, 0, 0, :], torch.linspace(-1, 1, 6))  # column
+    assert space_time_grid(torch.zeros(1, 1, 1, 2, 2))[0, 0].eq(0).all()  # one frame: its coordinate is 0
+    torch.manual_seed(0)
+    plain, coords = UNet3DCond(8, (1, 2), text_dim=16), UNet3DCond(8, (1, 2), text_dim=16, coords=True)
+    assert coords.stem.in_channels == plain.stem.in_channels + 3
+    # out_conv starts at zero; perturb it so the output reflects the inputs
+    torch.nn.init.normal_(coords.out_conv.weight, std=0.1)
+    x, t, text = torch.zeros(1, 4, 3, 8, 8), torch.tensor([500]), torch.randn(1, 16)
+    out = coords(x, t, text)  # b t c h w
+    assert out.shape == x.shape
+    # the same zero input at every voxel, yet frames and positions differ: the network knows where and when
+    assert not torch.allclose(out[0, 0], out[0, -1]) and not torch.allclose(out[0, :, :, 2, 2], out[0, :, :, 5, 5])

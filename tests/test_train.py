@@ -150,9 +150,9 @@ def test_nan_losses_are_skipped_then_stop(data_dir, tmp_path, monkeypatch):
     real = T.D.training_loss
     calls = {"n": 0}
 
-    def sometimes_nan(out, target):
+    def sometimes_nan(out, target, weight=None):
         calls["n"] += 1
-        loss = real(out, target)
+        loss = real(out, target, weight)
         return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] > 10 else loss
 
     monkeypatch.setattr(T.D, "training_loss", sometimes_nan)

@@ -8,10 +8,11 @@ What it reads (the contract with training; everything else in the folder is igno
                             fields tolerated; junk lines ignored), plus `Out: ... | Device: ...`,
                             `resumed from ... at step N (restart k)`, `saved .../ckpt_N.pt`, `signal SIG.. at step N`
   metrics.jsonl             step records and {"event": ...} records; blank lines and a truncated last line tolerated
-  ckpt_*.pt, ckpt_*.pt.corrupt, samples/preview_step*.png, eval/step_*.json, config.yaml
+                            ({"event": "val", "val_loss_t100": ...}: the validation loss at fixed timesteps)
+  ckpt_*.pt, ckpt_*.pt.corrupt, samples/preview_step*.png, eval/step_*.json, eval/demo_check.json, config.yaml
 
-What it writes: RUN_DIR/report/ only (loss.png, throughput.png, eval.png, checkpoints.csv, checkpoints.md,
-summary.md). With several runs it also writes loss_overlay.png and compare.md into --out (default: the
+What it writes: RUN_DIR/report/ only (loss.png, throughput.png, val.png, eval.png, checkpoints.csv,
+checkpoints.md, summary.md). With several runs it also writes loss_overlay.png and compare.md into --out (default: the
 first run's report folder). It never renames, deletes or rewrites anything else in a run folder: in
 particular it does not call t2v.checkpoint.load_latest (which quarantines broken checkpoints).
 
@@ -233,6 +234,40 @@ def read_metrics(path: str | os.PathLike, notes: list[str] | None = None) -> tup
     return add_repeats(_frame(steps, cols)), _frame(events, EVENT_COLUMNS)
 
 
+def read_val(path: str | os.PathLike) -> pd.DataFrame:
+    """The validation-loss records of metrics.jsonl, one row per step (the later record when a step was
+    measured again after a resume from an older checkpoint), columns step, val_loss, val_loss_t<T>..."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # read_metrics already notes unreadable lines
+        if isinstance(rec, dict) and rec.get("event") == "val" and isinstance(rec.get("step"), int):
+            rows.append({k: (v if k == "step" else _num(v)) for k, v in rec.items()
+                         if k == "step" or k.startswith("val_loss")})
+    if not rows:
+        return read_val_empty()
+    df = pd.DataFrame(rows).drop_duplicates("step", keep="last").sort_values("step", kind="stable")
+    per_t = sorted((c for c in df.columns if c.startswith("val_loss_t")), key=lambda c: int(c[len("val_loss_t"):]))
+    return df[["step", "val_loss", *per_t]].reset_index(drop=True)
+
+
+def read_val_empty() -> pd.DataFrame:
+    return pd.DataFrame(columns=["step", "val_loss"])
+
+
+def read_demo_check(run_dir: Path, notes: list[str]) -> dict | None:
+    p = run_dir / "eval" / "demo_check.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        notes.append(f"eval/demo_check.json: unreadable ({e})")
+        return None
+
+
 # --------------------------------------------------------------------------------------------- the run
 @dataclass
 class Run:
@@ -242,6 +277,8 @@ class Run:
     events: pd.DataFrame  # EVENT_COLUMNS: start/resume/checkpoint/preempt/done
     resumes: pd.DataFrame  # restart, step, path, time, segment, source: one row per resume
     evals: pd.DataFrame  # one row per eval/step_*.json
+    val: pd.DataFrame = field(default_factory=pd.DataFrame)  # step, val_loss, val_loss_t<T>: one row per step
+    demo_check: dict | None = None  # eval/demo_check.json (tools/demo_check.py)
     samples: list[Path] = field(default_factory=list)  # preview grids, oldest step first
     config: dict | None = None
     sources: list[str] = field(default_factory=list)  # what was read, for the summary
@@ -381,6 +418,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
                       if (m := SAMPLE_RE.match(p.name))), key=lambda t: t[0])
     return Run(path=run_dir, name=run_dir.resolve().name, losses=losses, events=events,
                resumes=resumes, evals=read_evals(run_dir, notes), samples=[p for _, p in samples],
+               val=read_val(mpath) if mpath.is_file() else read_val_empty(),
+               demo_check=read_demo_check(run_dir, notes),
                config=_read_config(run_dir / "config.yaml", notes), sources=sources, notes=notes)
 
 
@@ -684,6 +723,27 @@ def plot_eval(run: Run, path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
+def plot_val(run: Run, path: str | os.PathLike) -> Path | None:
+    """Validation loss against step, one curve per fixed timestep (needs >= 1 record)."""
+    per_t = [c for c in run.val.columns if c.startswith("val_loss_t")]
+    if run.val.empty or not per_t:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    for c in per_t:
+        ax.plot(run.val["step"], run.val[c], marker="o", label=f"t = {c[len('val_loss_t'):]}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (EMA, fixed noise)")
+    ax.set_title(f"validation loss at fixed timesteps: {run.name}")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------- markdown
 def _cell(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -776,7 +836,7 @@ def write_summary(run: Run, out_dir: str | os.PathLike, inv: pd.DataFrame | None
         p = rel(run.latest_sample)
         L += ["", f"Latest sample grid: [{run.latest_sample.name}]({p})", "", f"![latest sample]({p})"]
     L += ["", "## Figures", ""]
-    for key in ("loss", "throughput", "eval"):
+    for key in ("loss", "throughput", "val", "eval"):
         if figures.get(key):
             L.append(f"![{key}]({rel(figures[key])})")
     if len(run.resumes):
@@ -793,6 +853,20 @@ def write_summary(run: Run, out_dir: str | os.PathLike, inv: pd.DataFrame | None
               "curves and the last loss use the later one.", "", md_table(dup)]
     L += ["", "## Checkpoints", ""]
     L.append(md_table(inv) if inv is not None else "(not inventoried)")
+    L += ["", "## Validation loss", ""]
+    if run.val.empty:
+        L.append("No validation records (train.val_every = 0, or no validation manifest).")
+    else:
+        L += ["EMA model, fixed clips, timesteps and noise: comparable across steps, restarts and runs.", "",
+              md_table(run.val.tail(10))]
+    if run.demo_check is not None:
+        d = run.demo_check
+        L += ["", "## Demo check", "",
+              f"Step {d.get('step')}: {d.get('num')} prompts sampled (DDIM {d.get('ddim_steps')}, guidance "
+              f"{d.get('guidance')}) and judged by their pixels (tools/demo_check.py).", "",
+              md_table(pd.DataFrame([{"colour": d.get("color"), "shape": d.get("shape"), "motion": d.get("motion"),
+                                      "all three": d.get("all"), "background brightness": d.get("background")}])),
+              "", "Chance: colour 25%, shape 33%, motion 25%; background brightness 0 = black."]
     L += ["", "## Evaluation", ""]
     if run.evals.empty:
         L.append("No eval/step_*.json files.")
@@ -826,6 +900,7 @@ def report_run(run: Run, out_dir: Path, log_scale: bool = False, smooth_span: in
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {"loss": plot_loss([run], out_dir / "loss.png", log_scale, smooth_span),
                "throughput": plot_throughput(run, out_dir / "throughput.png"),
+               "val": plot_val(run, out_dir / "val.png"),
                "eval": plot_eval(run, out_dir / "eval.png")}
     inv = inventory(run.path, run.losses, load=load)
     write_checkpoint_tables(inv, out_dir)

@@ -1,0 +1,91 @@
+"""Validation loss at fixed timesteps: a learning signal that needs no judge of the samples.
+
+Every ``train.val_every`` steps the EMA model's loss (the MSE of its training target, eps or v) is measured on
+a fixed subset of the validation manifest at fixed timesteps with fixed noise. The clips, captions, timesteps
+and noise are the same at every evaluation, across restarts and across runs with the same data and seed, so
+the curves compare like with like: the training loss mixes random timesteps (whose losses differ by orders of
+magnitude) and cannot show that. Its randomness is its own generator: measuring never moves the training RNG,
+so resume stays bit-exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t2v import config as C
+from t2v import diffusion as D
+from t2v.data.manifest import ManifestError, read_manifest
+from t2v.data.video import VideoError, decode_uint8, to_model
+
+NOISE_SEED = 20_231_101  # fixed: the same noise for every run on the same data
+
+
+@dataclass
+class ValSet:
+    videos: torch.Tensor  # n t c h w in [-1, 1]
+    text: torch.Tensor  # n d, the first caption's cached embedding
+    tokens: torch.Tensor | None  # n l d (cross-attention models only)
+    token_mask: torch.Tensor | None  # n l
+    timesteps: tuple[int, ...]
+    noise: torch.Tensor  # k n t c h w: one fixed draw per timestep
+    manifest: Path
+
+
+def load_val_set(cfg: C.Config, emb) -> tuple[ValSet | None, str]:
+    """The fixed validation subset, or None and the reason it is skipped (no manifest, captions not cached)."""
+    path = C.val_manifest(cfg)
+    if not path.is_file():
+        return None, f"no validation manifest {path} (data.val_manifest): validation loss off"
+    try:
+        clips = read_manifest(path, cfg.data.video_root)[: cfg.train.val_clips]
+    except ManifestError as e:
+        return None, f"validation manifest unusable, validation loss off: {e}"
+    captions = [clip.captions[0] for clip in clips]
+    missing = emb.missing(captions)
+    if missing:
+        return None, (f"{len(missing)} captions of {path} have no cached embedding (e.g. {missing[0]!r}): validation "
+                      "loss off; `python -m t2v.text embed` embeds them")
+    videos = []
+    for clip in clips:
+        try:
+            videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.size, start=clip.start,
+                                                end=clip.end)))
+        except VideoError as e:
+            return None, f"{path}:{clip.line}: {e}: validation loss off"
+    if not videos:
+        return None, f"{path}: no clips: validation loss off"
+    x0 = torch.stack(videos)  # n t c h w
+    tokens = mask = None
+    if cfg.model.cross_attention:
+        pairs = [emb.get_tokens(c) for c in captions]
+        tokens, mask = torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    timesteps = tuple(int(t) for t in cfg.train.val_timesteps)
+    noise = torch.randn((len(timesteps), *x0.shape), generator=g)  # k n t c h w
+    return ValSet(x0, torch.stack([emb.get(c) for c in captions]), tokens, mask, timesteps, noise, path), ""
+
+
+@torch.no_grad()
+def val_loss(model, sched: D.Schedule, valset: ValSet, prediction: str, device, batch_size: int = 16) -> dict[int, float]:
+    """{timestep: MSE of the model's target} over the validation subset, conditional on the captions."""
+    was_training = model.training
+    model.eval()
+    out: dict[int, float] = {}
+    n = valset.videos.shape[0]
+    for k, t_int in enumerate(valset.timesteps):
+        total = 0.0
+        for i in range(0, n, batch_size):
+            rows = slice(i, i + batch_size)
+            x0 = valset.videos[rows].to(device)  # b t c h w
+            noise = valset.noise[k, rows].to(device)
+            t = torch.full((x0.shape[0],), t_int, dtype=torch.long, device=device)
+            tokens = valset.tokens[rows].to(device) if valset.tokens is not None else None
+            mask = valset.token_mask[rows].to(device) if valset.token_mask is not None else None
+            pred = model(D.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens, token_mask=mask)
+            target = D.training_target(sched, x0, noise, t, prediction)
+            total += float((pred.float() - target.float()).pow(2).sum())
+        out[t_int] = total / valset.noise[k].numel()
+    model.train(was_training)
+    return out
