@@ -241,8 +241,39 @@ def load_config(
     return cfg
 
 
+def _int_list(values) -> tuple[int, ...] | None:
+    """``values`` as a tuple of ints (``train.val_timesteps=100,500`` arrives as strings), or None if one is not."""
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return out if all(float(v) == o for v, o in zip(values, out)) else None
+
+
 def validate(cfg: Config) -> None:
+    """Every setting's range, checked where the config is resolved: a bad value fails before any data is read."""
+    timesteps = _int_list(cfg.train.val_timesteps)
+    if timesteps is not None:
+        cfg.train.val_timesteps = timesteps
+    t, d = cfg.train, cfg.diffusion
     checks = [
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.max_bad_clips >= 0, "data.max_bad_clips must be >= 0"),
+        (cfg.text.dim >= 1, "text.dim must be >= 1"),
+        (cfg.text.max_tokens >= 1, "text.max_tokens must be >= 1"),
+        (cfg.model.base_channels >= 0, "model.base_channels must be >= 0 (0 = from model.size)"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (d.timesteps >= 2, "diffusion.timesteps must be >= 2"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.warmup >= 0, "train.warmup must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.grad_clip > 0, "train.grad_clip must be > 0"),
+        (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (t.seed >= 0, "train.seed must be >= 0"),
+        (1 <= t.sample_steps <= d.timesteps, f"train.sample_steps must be in [1, diffusion.timesteps={d.timesteps}]"),
+        (t.guidance >= 0, "train.guidance must be >= 0 (1 = no guidance)"),
+        (t.max_nan_steps >= 0, "train.max_nan_steps must be >= 0"),
+        (t.max_restarts >= 0, "train.max_restarts must be >= 0"),
         (cfg.data.frames >= 1, "data.frames must be >= 1"),
         (cfg.data.size >= 8 and cfg.data.size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)"),
         (cfg.data.sampling in ("even", "random_window"), "data.sampling must be 'even' or 'random_window'"),
@@ -259,9 +290,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.val_every >= 0, "train.val_every must be >= 0 (0 = off)"),
         (cfg.train.sample_every >= 0, "train.sample_every must be >= 0 (0 = off)"),
         (cfg.train.val_clips >= 1, "train.val_clips must be >= 1"),
-        (len(cfg.train.val_timesteps) >= 1 and all(isinstance(t, int) and 0 <= t < cfg.diffusion.timesteps
-                                                   for t in cfg.train.val_timesteps),
-         f"train.val_timesteps must be integers in [0, diffusion.timesteps={cfg.diffusion.timesteps})"),
+        (timesteps is not None and len(timesteps) >= 1 and all(0 <= v < d.timesteps for v in timesteps),
+         f"train.val_timesteps must be integers in [0, diffusion.timesteps={d.timesteps}), got {list(t.val_timesteps)}"),
         (cfg.diffusion.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
         (cfg.diffusion.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
         (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),

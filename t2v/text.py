@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from t2v.data.manifest import row_captions
+
 # A real CLIP tokenizer has 49,408 tokens. The offline trap (CLIPTokenizer.from_pretrained of a hub name
 # that is not cached, under HF_HUB_OFFLINE=1) silently returns one with 2, which encodes everything as unk.
 MIN_TOKENIZER_VOCAB = 1000
@@ -659,8 +661,9 @@ def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLi
 
 
 def read_captions(manifest: str | os.PathLike) -> list[str]:
-    """Captions of a JSON-lines manifest (``caption``, ``text`` or a list ``captions``), lines that do not
-    parse skipped: the data layer validates manifests; here we only need every caption there is."""
+    """Captions of a JSON-lines manifest exactly as training reads them (t2v.data.manifest.row_captions: the same
+    keys, whitespace cut, a single string accepted for ``captions``); lines that do not parse are skipped: the
+    data layer reports them (`python -m t2v.data check`)."""
     out: list[str] = []
     with open(manifest, encoding="utf-8") as f:
         for line in f:
@@ -668,14 +671,8 @@ def read_captions(manifest: str | os.PathLike) -> list[str]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(rec, dict):
-                continue
-            for field in ("caption", "text"):
-                if isinstance(rec.get(field), str):
-                    out.append(rec[field])
-            caps = rec.get("captions")
-            if isinstance(caps, list):
-                out.extend(c for c in caps if isinstance(c, str))
+            if isinstance(rec, dict):
+                out.extend(row_captions(rec))
     return out
 
 

@@ -133,6 +133,22 @@ def set_rng_state(state: dict) -> None:
     random.setstate((v, tuple(internal), gauss))
 
 
+# What a checkpoint's weights were trained for: resuming with another value would continue silently from
+# incompatible weights (another text space, noise schedule, target or clip shape).
+RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.prediction", "diffusion.schedule",
+                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size")
+
+
+def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
+    """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs."""
+    a, b = C.to_dict(saved), C.to_dict(cfg)
+    keys = [f"model.{k}" for k in a["model"]] + list(RESUME_MUST_MATCH)
+    if cfg.text.encoder != "clip":
+        keys.remove("text.name")  # only CLIP reads it
+    get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
+    return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
+
+
 def load_data(cfg: C.Config, log: RunLog):
     """Manifest -> clips (+ clip cache) and the caption-embedding cache; fails with what to run if not built."""
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
@@ -232,10 +248,16 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         state, resumed_from = ckpt.load_latest(outdir)
     global_batch = cfg.train.batch_size * dist.world_size
     if state is not None:
-        saved_cfg = C.from_dict(state["config"])
-        if C.to_dict(saved_cfg.model) != C.to_dict(cfg.model) or saved_cfg.text.dim != cfg.text.dim:
-            raise TrainingError(f"{resumed_from}: its model config differs from this run's; use a new OUTDIR")
+        changed = incompatible_changes(C.from_dict(state["config"]), cfg)
+        if changed:
+            raise TrainingError(f"{resumed_from}: this run's settings differ from the checkpoint's in what its weights "
+                                f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), or "
+                                "the checkpoint's values")
         global_batch = state["data"]["global_batch"]
+        if global_batch != cfg.train.batch_size * dist.world_size:
+            log.line(f"global batch {global_batch} kept from the checkpoint (train.batch_size={cfg.train.batch_size} "
+                     f"x {dist.world_size} ranks asks for {cfg.train.batch_size * dist.world_size}): a resumed run "
+                     "keeps its data order")
         if global_batch % dist.world_size:
             raise TrainingError(f"{resumed_from}: global batch {global_batch} is not divisible by "
                                 f"{dist.world_size} ranks; resume with a world size that divides it")

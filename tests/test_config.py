@@ -1,6 +1,8 @@
 """Configuration: defaults < YAML < the baseline's env vars < key=value; unknown keys fail and list valid ones."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -62,3 +64,32 @@ def test_resolved_config_round_trips(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["train"]["steps"] == 7
     assert C.from_dict(saved) == cfg == C.from_dict(C.to_dict(cfg))
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.grad_clip=0", "train.grad_clip must be > 0"),
+    ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("train.warmup=-5", "train.warmup must be >= 0"),
+    ("train.sample_steps=0", "train.sample_steps must be in [1,"),
+    ("train.val_timesteps=[100,1000]", "train.val_timesteps must be integers in [0, diffusion.timesteps=1000)"),
+    ("train.val_timesteps=[a]", "train.val_timesteps must be integers"),
+    ("diffusion.shift=0", "diffusion.shift must be > 0"),
+    ("diffusion.snr_gamma=-1", "diffusion.snr_gamma must be >= 0"),
+])
+def test_bad_values_fail_at_load_with_the_key(arg, message):
+    with pytest.raises(C.ConfigError, match=re.escape(message)):
+        C.load_config(None, [arg], env={})
+
+
+def test_zero_turns_previews_and_validation_off_and_lists_parse():
+    cfg = C.load_config(None, ["train.sample_every=0", "train.val_every=0", "train.val_timesteps=100,500"], env={})
+    assert (cfg.train.sample_every, cfg.train.val_every, cfg.train.val_timesteps) == (0, 0, (100, 500))
+
+
+def test_training_cli_exits_2_with_the_message(capsys):
+    from t2v.train import main
+
+    assert main(["train.log_every=0"]) == 2
+    assert "train.log_every must be >= 1" in capsys.readouterr().err

@@ -555,3 +555,30 @@ def test_report_on_a_real_requeued_training_run(tmp_path, monkeypatch):
     assert inv.loc[inv["resume_pick"], "file"].tolist() == [f"ckpt_{steps:06d}.pt"]
     text = (out / "report" / "summary.md").read_text()
     assert f"steps done: {steps} of {steps} (100%)" in text and "restarts: 2 (resumed at step 20, 35)" in text
+
+
+# ------------------------------------------------------------------------- validation loss, demo check
+def test_validation_loss_and_demo_check_in_the_report(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": s, "loss": 0.5, "time": T0 + s, "restart": 0} for s in (10, 20, 30)]
+    val = lambda s, k: {"step": s, "event": "val", "time": T0 + s, "restart": 0, "val_loss": 0.3 * k,  # noqa: E731
+                        "val_loss_t900": 0.5 * k, "val_loss_t100": 0.1 * k}
+    # step 20 measured twice (a resume from an older checkpoint): the later figure counts
+    lines = [json.dumps(r) for r in recs[:2]] + [json.dumps(val(20, 1.0)), json.dumps(val(10, 1.2)),
+                                                   json.dumps(val(20, 0.9)), json.dumps(recs[2]), '{"step": 3']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "eval").mkdir()
+    (run / "eval" / "demo_check.json").write_text(json.dumps(
+        {"step": 30, "num": 48, "ddim_steps": 25, "guidance": 5.0, "color": 1.0, "shape": 0.8541, "motion": 0.979,
+         "all": 0.83, "background": 0.055}))
+    r = R.load_run(run)
+    assert list(r.val.columns) == ["step", "val_loss", "val_loss_t100", "val_loss_t900"]  # timesteps in order
+    assert r.val["step"].tolist() == [10, 20] and r.val["val_loss_t900"].tolist() == pytest.approx([0.6, 0.45])
+    assert len(r.losses) == 3  # val records are not loss records
+    assert R.main([str(run), "--no-load"]) == 0
+    assert min(image_size(run / "report" / "val.png")) > 300
+    summary = (run / "report" / "summary.md").read_text()
+    assert "## Validation loss" in summary and "![val](val.png)" in summary
+    demo = summary.split("## Demo check")[1].split("##")[0]
+    assert "Step 30: 48 prompts" in demo and "0.8541" in demo and "0.979" in demo and "0.055" in demo

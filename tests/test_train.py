@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from runs import REPO, assert_states_equal, load, prepare, tiny_config
 from t2v import checkpoint as ckpt
+from t2v import train as T
 from t2v.train import REQUEUE_EXIT, lr_at, train
 
 
@@ -196,3 +198,41 @@ def test_attention_switches_train_and_sample(tmp_path):
 
     with pytest.raises(T.TrainingError, match="text.tokens=true"):
         train(no_tokens)
+
+
+def test_padded_and_string_captions_embed_and_train(data_dir, tmp_path):
+    """`text embed` and training read captions with one normaliser: what one embeds the other finds."""
+    import json
+
+    from t2v import text
+
+    rows = [json.loads(l) for l in (data_dir / "train.jsonl").read_text().splitlines()][:4]
+    rows[0]["captions"] = [f"  {c} " for c in rows[0]["captions"]]  # padded
+    rows[1]["captions"] = rows[1]["captions"][0] + "\t"  # one string, not a list
+    rows[2] = {"video": rows[2]["video"], "caption": " " + rows[2]["captions"][0]}  # the single-caption key, padded
+    for r in rows:
+        r["video"] = str(data_dir / r["video"])
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [f"data.manifest={manifest}", f"data.cache_dir={tmp_path / 'cache'}", f"text.cache_dir={tmp_path / 'cache'}"]
+    assert text.main(["embed", "--config", str(REPO / "configs/tiny.yaml"), "--no-progress", *args]) == 0
+    cfg = tiny_config(data_dir, tmp_path / "run", *args, "train.steps=3", "train.val_every=0")
+    assert train(cfg) == 0
+
+
+@pytest.mark.parametrize("change", ["diffusion.prediction=v", "diffusion.shift=4", "data.size=24", "data.frames=2",
+                                    "text.dim=32", "model.coords=true", "diffusion.timesteps=2000"])
+def test_resume_refuses_a_changed_run(data_dir, tmp_path, change):
+    first = tiny_config(data_dir, tmp_path, "train.steps=4", "train.val_every=0")
+    assert train(first) == 0
+    again = tiny_config(data_dir, tmp_path, "train.steps=8", "train.val_every=0", change)
+    with pytest.raises(T.TrainingError, match=re.escape(change.split("=")[0]) + ".*use a new OUTDIR"):
+        train(again)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]  # nothing saved is touched
+
+
+def test_resume_says_when_it_keeps_the_checkpoints_batch(data_dir, tmp_path):
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=4", "train.val_every=0")) == 0
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=6", "train.val_every=0", "train.batch_size=4")) == 0
+    assert "global batch 2 kept from the checkpoint (train.batch_size=4 x 1 ranks asks for 4)" in \
+        (tmp_path / "train.log").read_text()

@@ -59,6 +59,18 @@ def _root(path: Path, video_root: str | os.PathLike) -> Path:
     return Path(video_root).expanduser().resolve() if str(video_root) else path.resolve().parent
 
 
+def normalize_caption(caption: str) -> str:
+    """The one form of a caption that training, `text embed` and the caches key on: surrounding whitespace cut."""
+    return caption.strip()
+
+
+def row_captions(row: dict) -> list[str]:
+    """A manifest row's captions as training sees them ([] if the row has none or they are malformed): the one
+    reader `python -m t2v.text embed` shares with read_manifest, so both agree on every caption."""
+    caps, problem = _captions(row)
+    return [] if problem else caps
+
+
 def _captions(row: dict) -> tuple[list[str] | None, Problem | None]:
     """The line's captions, or the problem with them (line number filled in by the caller)."""
     if "captions" in row:
@@ -76,7 +88,7 @@ def _captions(row: dict) -> tuple[list[str] | None, Problem | None]:
         if not isinstance(row[key], str):
             return None, Problem(0, "missing_caption", f'"{key}" must be a string, got {json.dumps(row[key])[:80]}')
         caps = [row[key]]
-    caps = [c.strip() for c in caps]
+    caps = [normalize_caption(c) for c in caps]
     if not caps or not all(caps):
         return None, Problem(0, "empty_caption", "empty caption" if len(caps) <= 1 else f"empty caption in {caps}")
     return caps, None
