@@ -7,10 +7,12 @@ a job killed mid-save leaves either the old set of checkpoints or the new one, n
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
 import re
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,14 @@ REQUIRED_KEYS = ("format", "step", "model", "ema", "optimizer", "config", "rng",
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointReadError(CheckpointError):
+    """The file could not be read (an I/O error, e.g. a passing network file system fault): says nothing about
+    its content, so it is never quarantined as corrupt."""
+
+
+READ_RETRIES = (0.5, 2.0, 5.0)  # seconds between attempts at a read that failed with an I/O error
 
 
 def ckpt_path(outdir: str | os.PathLike, step: int) -> Path:
@@ -74,18 +84,37 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def _read(path: Path) -> bytes:
+    """The file's bytes, retrying I/O errors (READ_RETRIES); CheckpointReadError if they persist."""
+    for wait in (*READ_RETRIES, None):
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if wait is None:
+                raise CheckpointReadError(f"{path}: cannot be read ({e}); not renamed, since the file itself may be "
+                                          f"fine; retry when the file system is back") from None
+            log.warning("warning: %s: read failed (%s); retrying in %g s", path, e, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and verify one checkpoint. Raises CheckpointError with the reason; never unpickles code."""
+    """Load and verify one checkpoint. Raises CheckpointError with the reason (CheckpointReadError when the file
+    could not be read at all); never unpickles code."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        data = _read(path)  # read first, parse from memory: an I/O error is told apart from bad bytes
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only=True raises this both for forbidden globals and for garbage bytes.
         reason = "refused: it holds pickled objects other than tensors" if "global" in str(e).lower() else "corrupt"
         raise CheckpointError(f"{path}: {reason} ({str(e).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated ({str(e).splitlines()[0][:200]})") from None
     verify_state(state, path)
     return state
@@ -115,10 +144,13 @@ def _finite(t: torch.Tensor) -> bool:
 
 def load_latest(outdir: str | os.PathLike, map_location="cpu") -> tuple[dict | None, Path | None]:
     """Newest checkpoint that loads and verifies. A broken one is renamed `*.corrupt` (kept, never deleted)
-    with a warning, and the previous one is tried."""
+    with a warning, and the previous one is tried. One that cannot be read at all (CheckpointReadError) stops
+    the search: falling back would silently throw away the newest work."""
     for step, path in reversed(list_checkpoints(outdir)):
         try:
             return load_checkpoint(path, map_location), path
+        except CheckpointReadError:
+            raise
         except CheckpointError as e:
             bad = path.with_name(path.name + ".corrupt")
             log.warning("warning: %s; falling back to the previous checkpoint (kept as %s)", e, bad.name)

@@ -58,6 +58,15 @@ def reduce_step(loss: torch.Tensor, flag: bool, d: Dist) -> tuple[float, bool]:
     return t[0].item() / d.world_size, bool(t[1].item() > 0)
 
 
+def broadcast_object(obj, d: Dist):
+    """Rank 0's ``obj`` on every rank (a small picklable value, e.g. which checkpoint to resume from)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

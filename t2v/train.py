@@ -112,21 +112,27 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         eb.copy_(mb)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every global RNG this process draws from. CUDA: only this rank's own device (a list of one state), so a
+    run can resume on a node with fewer or more visible GPUs."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") or []
+    if cuda and device.type == "cuda":
+        # Checkpoints hold one state (this format) or one per GPU that was visible (older ones): restore this
+        # device's own where there is one, else the first, and never index past the list.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_rng_state(cuda[index] if len(cuda) > 1 and index < len(cuda) else cuda[0], device)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     v, internal, gauss = state["python"]
@@ -191,7 +197,7 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
         "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
         "config": C.to_dict(cfg),
-        "rng": rng_state(),
+        "rng": rng_state(next(model.parameters()).device),
         "data": {"position": step * global_batch, "global_batch": global_batch, "seed": cfg.train.seed,
                  "world_size": world},
         "metrics": {"loss": last_loss},
@@ -241,11 +247,12 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         ckpt.clean_temp_files(outdir)
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
-    # Rank 0 looks first (it may quarantine a corrupt newest checkpoint); the others then see the same set.
+    # Rank 0 alone picks the checkpoint (quarantining a corrupt newest one); the others load the file it picked,
+    # so no rank can resume from another step because of its own passing read error.
     state, resumed_from = ckpt.load_latest(outdir) if dist.is_main else (None, None)
-    distributed.barrier(dist)
-    if not dist.is_main:
-        state, resumed_from = ckpt.load_latest(outdir)
+    resumed_from = distributed.broadcast_object(resumed_from, dist)
+    if not dist.is_main and resumed_from is not None:
+        state = ckpt.load_checkpoint(resumed_from)
     global_batch = cfg.train.batch_size * dist.world_size
     if state is not None:
         changed = incompatible_changes(C.from_dict(state["config"]), cfg)
@@ -294,7 +301,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         opt.load_state_dict(state["optimizer"])
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         start_step = int(state["step"])
         log.line(f"resumed from {resumed_from} at step {start_step} (restart {restart})")
         if state["data"].get("world_size", 1) != dist.world_size:

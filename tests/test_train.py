@@ -236,3 +236,51 @@ def test_resume_says_when_it_keeps_the_checkpoints_batch(data_dir, tmp_path):
     assert train(tiny_config(data_dir, tmp_path, "train.steps=6", "train.val_every=0", "train.batch_size=4")) == 0
     assert "global batch 2 kept from the checkpoint (train.batch_size=4 x 1 ranks asks for 4)" in \
         (tmp_path / "train.log").read_text()
+
+
+def test_cuda_rng_state_is_this_devices_own(monkeypatch):
+    """Each rank saves and restores only its own GPU's RNG state: a resume on fewer (or more) visible GPUs works.
+    CUDA is faked with a device list, so this runs on CPU."""
+    visible = {i: torch.tensor([i], dtype=torch.uint8) for i in range(4)}  # 4 GPUs at save time
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: visible[device.index])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(visible.values()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state), device.index)))
+    state = T.rng_state(torch.device("cuda", 3))
+    assert [int(s) for s in state["cuda"]] == [3]  # its own, not every visible GPU's
+    T.set_rng_state(state, torch.device("cuda", 0))  # resumed as rank 0 of a 1-GPU job
+    old = dict(state, cuda=list(visible.values()))  # a checkpoint written before: every visible GPU's state
+    T.set_rng_state(old, torch.device("cuda", 2))
+    T.set_rng_state(dict(old, cuda=old["cuda"][:2]), torch.device("cuda", 5))  # more GPUs now than then
+    T.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on CPU: nothing to restore
+    assert restored == [(3, 0), (2, 2), (0, 5)]
+    assert T.rng_state(torch.device("cpu"))["cuda"] == []
+
+
+def test_a_read_error_never_quarantines_a_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    import errno
+
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=6", "train.ckpt_every=3", "train.val_every=0")) == 0
+    newest = tmp_path / "ckpt_000006.pt"
+    real = Path.read_bytes
+    failures = {"left": 2}
+
+    def flaky(self):
+        if self == newest and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    monkeypatch.setattr(ckpt, "READ_RETRIES", (0.0, 0.0, 0.0))
+    state, path = ckpt.load_latest(tmp_path)  # two passing errors, then the read succeeds
+    assert path == newest and state["step"] == 6
+    failures["left"] = 10  # an error that persists: stop, rename nothing, do not fall back to step 3
+    with pytest.raises(ckpt.CheckpointReadError, match="not renamed"):
+        ckpt.load_latest(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_000003.pt", "ckpt_000006.pt"]
+    # a file with bad bytes is still quarantined, and the previous one used
+    monkeypatch.setattr(Path, "read_bytes", real)
+    newest.write_bytes(b"not a checkpoint")
+    state, path = ckpt.load_latest(tmp_path)
+    assert state["step"] == 3 and (tmp_path / "ckpt_000006.pt.corrupt").is_file()
