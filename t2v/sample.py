@@ -16,6 +16,7 @@ import torch
 from t2v import checkpoint as ckpt
 from t2v import config as C
 from t2v import diffusion as D
+from t2v.data.video import write_mp4
 from t2v.model import build_model
 
 
@@ -94,19 +95,7 @@ def save_gif(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 2
 
 
 def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
-    import av
-
-    frames = to_uint8(video)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return Path(path)
+    return write_mp4(path, to_uint8(video), fps)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

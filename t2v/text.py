@@ -380,7 +380,8 @@ def build_encoder(text_cfg, device: str | torch.device = "cpu") -> TextEncoder:
         enc = _load_clip(text_cfg, device)
     else:
         raise TextEncoderError(f"unknown text.encoder {kind!r}: expected clip, hash or tiny")
-    assert enc.key == encoder_key(text_cfg), (enc.key, encoder_key(text_cfg))
+    if enc.key != encoder_key(text_cfg):  # the cache is keyed by encoder_key: the two must agree (not an assert: -O)
+        raise TextEncoderError(f"encoder key {enc.key!r} differs from the cache key {encoder_key(text_cfg)!r}")
     return enc
 
 

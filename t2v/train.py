@@ -405,7 +405,10 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
             validate(ema, sched, valset, cfg, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
-            preview(ema, cfg, emb, done, device, log)
+            try:
+                preview(ema, cfg, emb, done, device, log)
+            except Exception as e:  # a preview is a picture: it must never end a long run
+                log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
         if (stop_now or done == stop_at) and done < steps:
             if dist.is_main:
                 log.line(f"signal {stop.signame or 'stop_at'} at step {done}: saving and exiting for requeue")

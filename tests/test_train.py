@@ -284,3 +284,14 @@ def test_a_read_error_never_quarantines_a_good_checkpoint(data_dir, tmp_path, mo
     newest.write_bytes(b"not a checkpoint")
     state, path = ckpt.load_latest(tmp_path)
     assert state["step"] == 3 and (tmp_path / "ckpt_000006.pt.corrupt").is_file()
+
+
+def test_a_failing_preview_is_logged_and_skipped(data_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk quota exceeded")
+
+    monkeypatch.setattr(T, "preview", broken)
+    cfg = tiny_config(data_dir, tmp_path, "train.steps=4", "train.sample_every=2", "train.val_every=0")
+    assert train(cfg) == 0
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("preview at step") == 2 and "OSError: disk quota exceeded" in log

@@ -10,8 +10,9 @@ import json
 import os
 from pathlib import Path
 
-import av
 import numpy as np
+
+from t2v.data.video import write_mp4
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -56,29 +57,6 @@ def render(color: str, shape: str, motion: str, rng: np.random.Generator) -> np.
         f = t / (FRAMES - 1)
         video[t][_mask(shape, x0 + dx * travel * f, y0 + dy * travel * f, r)] = COLORS[color]
     return video
-
-
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS) -> None:
-    """H.264 yuv420p (mpeg4 if this FFmpeg lacks libx264), written to a temporary name then renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(tmp), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1  # x264's output depends on its thread count
-        if codec == "libx264":
-            # Measured: with its assembly on, this x264 gives different bytes for the same frames in about one
-            # run in ten at 64x64 (an asm routine reads uninitialised memory). Plain C is bit-exact, CPU-independent
-            # and fast enough here (~15 ms a clip).
-            stream.options = {"x264-params": "asm=0"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    os.replace(tmp, path)
 
 
 def _combos(n: int, rng: np.random.Generator, cover: bool) -> list[tuple[str, str, str]]:
@@ -127,24 +105,3 @@ def make_demo(
         os.replace(tmp, manifests[split])
     info_path.write_text(json.dumps(info) + "\n")
     return manifests
-
-
-def dominant_color(video: np.ndarray, min_saturation: float = 0.35, min_value: float = 0.3) -> str:
-    """Name of the demo colour whose hue most of a clip's coloured pixels have ("none" if nothing is coloured).
-
-    video: (T, H, W, 3) uint8. Hue is what tells the demo colours apart; the black background and grey or
-    dark pixels (low saturation or value) have no meaningful hue and do not vote. Each remaining pixel votes
-    for the palette colour nearest in hue (on the circle), so a noisy sample is judged by its colour, not
-    by its speckle.
-    """
-    from matplotlib.colors import rgb_to_hsv
-
-    names = list(COLORS)
-    centres = rgb_to_hsv(np.array([COLORS[n] for n in names], dtype=np.float32) / 255.0)[:, 0]  # k
-    hsv = rgb_to_hsv(video.reshape(-1, 3).astype(np.float32) / 255.0)  # (t h w) 3
-    hue = hsv[(hsv[:, 1] >= min_saturation) & (hsv[:, 2] >= min_value), 0]
-    if len(hue) == 0:
-        return "none"
-    d = np.abs(hue[:, None] - centres[None])  # n k
-    nearest = np.minimum(d, 1.0 - d).argmin(axis=1)  # hue is circular
-    return names[int(np.bincount(nearest, minlength=len(names)).argmax())]
