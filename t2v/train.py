@@ -223,7 +223,7 @@ def preview(ema, cfg, emb, step, device, log) -> None:
     log.line(f"sample grid {path}")
 
 
-def validate(ema, sched, valset, cfg, step, device, log) -> None:
+def log_val_loss(ema, sched, valset, cfg, step, device, log) -> None:
     losses = val_loss(ema, sched, valset, cfg.diffusion.prediction, device)
     mean = sum(losses.values()) / len(losses)
     log.line(f"val step {step:06d} | " + " ".join(f"t{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}")
@@ -403,7 +403,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                 save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
             saved = True
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
-            validate(ema, sched, valset, cfg, done, device, log)
+            log_val_loss(ema, sched, valset, cfg, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
                 preview(ema, cfg, emb, done, device, log)

@@ -234,6 +234,10 @@ def read_metrics(path: str | os.PathLike, notes: list[str] | None = None) -> tup
     return add_repeats(_frame(steps, cols)), _frame(events, EVENT_COLUMNS)
 
 
+def read_val_empty() -> pd.DataFrame:
+    return pd.DataFrame(columns=["step", "val_loss"])
+
+
 def read_val(path: str | os.PathLike) -> pd.DataFrame:
     """The validation-loss records of metrics.jsonl, one row per step (the later record when a step was
     measured again after a resume from an older checkpoint), columns step, val_loss, val_loss_t<T>..."""
@@ -251,10 +255,6 @@ def read_val(path: str | os.PathLike) -> pd.DataFrame:
     df = pd.DataFrame(rows).drop_duplicates("step", keep="last").sort_values("step", kind="stable")
     per_t = sorted((c for c in df.columns if c.startswith("val_loss_t")), key=lambda c: int(c[len("val_loss_t"):]))
     return df[["step", "val_loss", *per_t]].reset_index(drop=True)
-
-
-def read_val_empty() -> pd.DataFrame:
-    return pd.DataFrame(columns=["step", "val_loss"])
 
 
 def read_demo_check(run_dir: Path, notes: list[str]) -> dict | None:
