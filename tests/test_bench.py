@@ -160,3 +160,16 @@ def test_latest_md_carries_over_sections_not_run(tmp_path):
     assert "| Adopted change: x: before -> after | 1.2x | > 1x | info |" in md
     assert md.index("Adopted change to t2v") < md.index("| Candidate change to t2v")
     assert "train, gpu from bench-20260101-000000.json" in md
+
+
+def test_demo_recipes_time_to_target_and_table():
+    from bench.demo_recipes import RECIPES, table, with_target
+
+    evals = [{"step": s, "train_s": 10.0 * s, "color": c, "shape": sh, "motion": m, "all": 0.0, "background": 0.05}
+             for s, c, sh, m in [(100, 0.5, 0.3, 0.1), (200, 1.0, 0.4, 0.95), (300, 0.96, 0.8, 0.9), (400, 1.0, 0.9, 1.0)]]
+    r = with_target({"recipe": "x", "overrides": ["diffusion.shift=8"], "steps": 400, "step_s": 10.0, "evals": evals})
+    assert (r["steps_to_motion"], r["time_to_motion_s"]) == (200, 2000.0)  # motion first
+    assert (r["steps_to_target"], r["time_to_target_s"]) == (300, 3000.0)  # all three, shape >= 75%
+    md = table([r])
+    assert "| x | diffusion.shift=8 | 10.00 | 400 |" in md and "33.3 min (step 200)" in md and "50.0 min (step 300)" in md
+    assert RECIPES["demo"] == [] and all(o.count("=") == 1 for v in RECIPES.values() for o in v)
