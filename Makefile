@@ -84,8 +84,10 @@ cancel: install ## cancel a run: make cancel RUN=<run dir or job id>
 report: install ## loss curves, throughput, checkpoint inventory: make report RUN=<run dir> [RUN2 ...]
 	$(PYTHON) tools/report.py $(RUN) $(ARGS)
 
-bench: install ## benchmarks: throughput vs diffusers, data loading, cached text, preemption cost
+bench: install ## benchmarks: throughput vs diffusers and video-diffusion-pytorch, data loading, cached text, preemption cost
 	$(PYTHON) -m pip install -q -e ".[bench]"
+	@# a peer UNet; --no-deps: its declared requirements would replace torch (pyproject.toml says why)
+	-$(PYTHON) -m pip install -q --no-deps video-diffusion-pytorch einops-exts rotary-embedding-torch
 	$(PYTHON) bench/run.py $(ARGS)
 
 slurm-up: slurm-deps ## start the single-node test Slurm (tests/slurm/testbed.sh)
