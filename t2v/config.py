@@ -287,13 +287,13 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
-        (cfg.train.val_every >= 0, "train.val_every must be >= 0 (0 = off)"),
-        (cfg.train.sample_every >= 0, "train.sample_every must be >= 0 (0 = off)"),
-        (cfg.train.val_clips >= 1, "train.val_clips must be >= 1"),
+        (t.val_every >= 0, "train.val_every must be >= 0 (0 = off)"),
+        (t.sample_every >= 0, "train.sample_every must be >= 0 (0 = off)"),
+        (t.val_clips >= 1, "train.val_clips must be >= 1"),
         (timesteps is not None and len(timesteps) >= 1 and all(0 <= v < d.timesteps for v in timesteps),
          f"train.val_timesteps must be integers in [0, diffusion.timesteps={d.timesteps}), got {list(t.val_timesteps)}"),
-        (cfg.diffusion.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
-        (cfg.diffusion.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
+        (d.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
+        (d.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
         (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
     ]
     errors = [msg for ok, msg in checks if not ok]
