@@ -267,7 +267,8 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="video", disable=not progress, file=sys.stderr)
 
 
-def _write_json(path: Path, record: dict) -> Path:
+def write_json(path: Path, record: dict) -> Path:
+    """JSON written to a temporary name in the same folder, then renamed: never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -396,7 +397,7 @@ def evaluate(
     }
     out = eval_path(ckpt_file, step)
     if write:
-        _write_json(out, record)
+        write_json(out, record)
     return {**record, "path": str(out)}
 
 

@@ -62,7 +62,7 @@ def load_val_set(cfg: C.Config, emb) -> tuple[ValSet | None, str]:
         pairs = [emb.get_tokens(c) for c in captions]
         tokens, mask = torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
     g = torch.Generator().manual_seed(NOISE_SEED)
-    timesteps = tuple(int(t) for t in cfg.train.val_timesteps)
+    timesteps = tuple(cfg.train.val_timesteps)  # ints: t2v.config.validate coerced them
     noise = torch.randn((len(timesteps), *x0.shape), generator=g)  # k n t c h w
     return ValSet(x0, torch.stack([emb.get(c) for c in captions]), tokens, mask, timesteps, noise, path), ""
 

@@ -9,9 +9,8 @@ a figure misses the targets given by --min-color/--min-shape/--min-motion/--max-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from t2v.data.demo import COLORS, MOTIONS, SHAPES  # noqa: E402
-from t2v.data.demo_judge import judge, score, verdict_dict  # noqa: E402
+from t2v.data.demo_judge import judge, score  # noqa: E402
+from t2v.eval import write_json  # noqa: E402
 from t2v.sample import embed_prompts, generate, load_ema, resolve_checkpoint, save_grid, to_uint8  # noqa: E402
 
 PROMPTS = [(c, s, m) for c, s, m in itertools.product(COLORS, SHAPES, MOTIONS)]
@@ -46,12 +46,9 @@ def check(ckpt, steps: int | None = None, guidance: float | None = None, seed: i
               "seed": seed, "sample_seconds": round(time.time() - start, 1),
               "per_color": _per(verdicts, "color", 0), "per_shape": _per(verdicts, "shape", 1),
               "per_motion": _per(verdicts, "motion", 2),
-              "clips": [{"prompt": p, **verdict_dict(v)} for p, v in zip(prompts, verdicts)]}
+              "clips": [{"prompt": p, **dataclasses.asdict(v)} for p, v in zip(prompts, verdicts)]}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (RESULT + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / RESULT)
+        write_json(out / RESULT, result)
         rows = grid_rows()
         save_grid(videos[rows], out / "demo_check.png", [prompts[i] for i in rows])
     return result

@@ -17,7 +17,8 @@ the judge.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,12 +37,16 @@ def _hsv(video: np.ndarray) -> np.ndarray:
     return rgb_to_hsv(video.astype(np.float32) / 255.0)  # t h w 3
 
 
-def _nearest_palette(hue: np.ndarray) -> np.ndarray:
-    """Index into COLORS of the palette hue nearest to each hue (on the circle)."""
+@functools.lru_cache(maxsize=1)
+def _palette_hues() -> np.ndarray:
     from matplotlib.colors import rgb_to_hsv
 
-    centres = rgb_to_hsv(np.array(list(COLORS.values()), dtype=np.float32) / 255.0)[:, 0]  # k
-    d = np.abs(hue[..., None] - centres)  # ... k
+    return rgb_to_hsv(np.array(list(COLORS.values()), dtype=np.float32) / 255.0)[:, 0]  # k
+
+
+def _nearest_palette(hue: np.ndarray) -> np.ndarray:
+    """Index into COLORS of the palette hue nearest to each hue (on the circle)."""
+    d = np.abs(hue[..., None] - _palette_hues())  # ... k
     return np.minimum(d, 1.0 - d).argmin(axis=-1)
 
 
@@ -51,7 +56,11 @@ def dominant_color(video: np.ndarray, min_saturation: float = MIN_SATURATION, mi
     video: (T, H, W, 3) uint8. Each saturated, bright pixel votes for the palette colour nearest in hue, so a
     noisy sample is judged by its colour, not by its speckle.
     """
-    hsv = _hsv(video).reshape(-1, 3)  # (t h w) 3
+    return _dominant(_hsv(video), min_saturation, min_value)
+
+
+def _dominant(hsv: np.ndarray, min_saturation: float = MIN_SATURATION, min_value: float = MIN_VALUE) -> str:
+    hsv = hsv.reshape(-1, 3)  # (t h w) 3
     hue = hsv[(hsv[:, 1] >= min_saturation) & (hsv[:, 2] >= min_value), 0]
     if len(hue) == 0:
         return "none"
@@ -61,11 +70,13 @@ def dominant_color(video: np.ndarray, min_saturation: float = MIN_SATURATION, mi
 def foreground(video: np.ndarray, color: str) -> np.ndarray:
     """(T, H, W) soft map in [0, 1] of the pixels of ``color``: 1 inside the shape, fractional at its
     antialiased edge, 0 on the background and on pixels of other hues."""
-    hsv = _hsv(video)
-    value = hsv[..., 2]
+    return _foreground(_hsv(video), color)
+
+
+def _foreground(hsv: np.ndarray, color: str) -> np.ndarray:
     ours = (_nearest_palette(hsv[..., 0]) == list(COLORS).index(color)) & (hsv[..., 1] >= MIN_SATURATION)
     full = max(COLORS[color]) / 255.0  # the value of a pixel fully inside the shape
-    return np.where(ours, np.clip(value / full, 0.0, 1.0), 0.0)
+    return np.where(ours, np.clip(hsv[..., 2] / full, 0.0, 1.0), 0.0)
 
 
 def shape_mask(shape: str, cx: float, cy: float, area: float, size: int) -> np.ndarray:
@@ -104,11 +115,12 @@ class Verdict:
 def judge(video: np.ndarray) -> Verdict:
     """Colour, shape, motion and background brightness of one (T, H, W, 3) uint8 clip."""
     t_len, h, w, _ = video.shape
-    value = video.max(axis=-1).astype(np.float32) / 255.0  # t h w
-    color = dominant_color(video)
+    hsv = _hsv(video)  # t h w 3, once for the colour vote and the foreground
+    value = hsv[..., 2]  # t h w: max(R, G, B) in [0, 1]
+    color = _dominant(hsv)
     if color == "none":
         return Verdict("none", "none", "none", float(value.mean()))
-    fg = foreground(video, color)  # t h w
+    fg = _foreground(hsv, color)  # t h w
     ys, xs = np.mgrid[0:h, 0:w] + 0.5
     area = fg.sum(axis=(1, 2))  # t
     seen = area >= 1.0  # frames where the shape covers at least one pixel's worth
@@ -119,10 +131,10 @@ def judge(video: np.ndarray) -> Verdict:
         cx, cy = (fg[i] * xs).sum() / area[i], (fg[i] * ys).sum() / area[i]
         centres.append((i, cx, cy))
         fits = {s: shape_mask(s, cx, cy, area[i], h) for s in SHAPES}
-        for s, m in fits.items():
-            scores[s] += _soft_iou(fg[i], m)
-        best = max(fits, key=lambda s: _soft_iou(fg[i], fits[s]))
-        near[i] = _dilate(fits[best] > 0)
+        ious = {s: _soft_iou(fg[i], m) for s, m in fits.items()}
+        for s, iou in ious.items():
+            scores[s] += iou
+        near[i] = _dilate(fits[max(ious, key=ious.get)] > 0)
     shape = max(scores, key=scores.get) if centres else "none"
     motion, travel = _direction(centres, w) if len(centres) >= 2 else ("none", 0.0)
     # frames without a shape count whole: their brightness is all background
@@ -165,10 +177,6 @@ def score(verdicts: list[Verdict], wanted: list[tuple[str, str, str]]) -> dict:
         "background": float(np.mean([v.background for v in verdicts])),
         "num": n,
     }
-
-
-def verdict_dict(v: Verdict) -> dict:
-    return asdict(v)
 
 
 __all__ = ["COLORS", "MOTIONS", "SHAPES", "Verdict", "dominant_color", "foreground", "judge", "score", "shape_mask"]
