@@ -91,14 +91,11 @@ def prepare(cfg) -> None:
 
 def train_seconds(outdir: Path) -> dict[int, float]:
     """Cumulative seconds of training steps (previews and checkpoint writes excluded) at each logged step."""
-    total, last, out = 0.0, 0, {}
-    for line in (outdir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r and "step_time" in r and "event" not in r:
-            total += r["step_time"] * (r["step"] - last)
-            last = r["step"]
-            out[r["step"]] = total
-    return out
+    from tools.report import read_metrics  # the one reader of metrics.jsonl
+
+    steps = read_metrics(outdir / "metrics.jsonl")[0]
+    spans = steps["step"].diff().fillna(steps["step"].iloc[0])  # steps since the previous record
+    return dict(zip(steps["step"].astype(int), (steps["step_time"] * spans).cumsum()))
 
 
 def run_recipe(name: str, overrides: list[str], steps: int, eval_every: int, work: Path) -> dict:
