@@ -102,6 +102,7 @@ class TrainConfig:
     max_restarts: int = 20  # the job script stops requeueing after this many restarts
     compile: bool = False
     channels_last: bool = False
+    allow_changes: tuple = ()  # keys a resume may change although the checkpoint's weights were trained for them
 
 
 @dataclass
@@ -295,6 +296,7 @@ def validate(cfg: Config) -> None:
         (d.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
         (d.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
         (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
+        *[(k in valid_keys(cfg), f"train.allow_changes: {k!r} is not a config key") for k in t.allow_changes],
     ]
     errors = [msg for ok, msg in checks if not ok]
     if errors:

@@ -146,9 +146,11 @@ RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.predict
 
 
 def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
-    """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs."""
+    """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
+    ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE)."""
     a, b = C.to_dict(saved), C.to_dict(cfg)
     keys = [f"model.{k}" for k in a["model"]] + list(RESUME_MUST_MATCH)
+    keys = [k for k in keys if k not in cfg.train.allow_changes]
     if cfg.text.encoder != "clip":
         keys.remove("text.name")  # only CLIP reads it
     get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
@@ -258,8 +260,8 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         changed = incompatible_changes(C.from_dict(state["config"]), cfg)
         if changed:
             raise TrainingError(f"{resumed_from}: this run's settings differ from the checkpoint's in what its weights "
-                                f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), or "
-                                "the checkpoint's values")
+                                f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
+                                "checkpoint's values, or name the keys you mean to change in train.allow_changes=KEY,KEY")
         global_batch = state["data"]["global_batch"]
         if global_batch != cfg.train.batch_size * dist.world_size:
             log.line(f"global batch {global_batch} kept from the checkpoint (train.batch_size={cfg.train.batch_size} "
@@ -296,8 +298,12 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
 
     start_step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+        except RuntimeError as e:  # only reachable through train.allow_changes=model.<key>
+            raise TrainingError(f"{resumed_from}: its weights do not fit this model "
+                                f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
         opt.load_state_dict(state["optimizer"])
         if scaler.is_enabled() and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -409,6 +415,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                 preview(ema, cfg, emb, done, device, log)
             except Exception as e:  # a preview is a picture: it must never end a long run
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
+                log.event("preview_failed", done, error=f"{type(e).__name__}: {e}")
         if (stop_now or done == stop_at) and done < steps:
             if dist.is_main:
                 log.line(f"signal {stop.signame or 'stop_at'} at step {done}: saving and exiting for requeue")

@@ -1,6 +1,7 @@
 """Training core: loss goes down, resume is bit-exact, signals save and ask for a requeue, bad checkpoints."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -16,6 +17,7 @@ import torch
 
 from runs import REPO, assert_states_equal, load, prepare, tiny_config
 from t2v import checkpoint as ckpt
+from t2v import config as C
 from t2v import train as T
 from t2v.train import REQUEUE_EXIT, lr_at, train
 
@@ -231,6 +233,23 @@ def test_resume_refuses_a_changed_run(data_dir, tmp_path, change):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]  # nothing saved is touched
 
 
+def test_allow_changes_lets_a_named_change_resume(data_dir, tmp_path):
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=4", "train.val_every=0")) == 0
+    changed = ("train.steps=6", "train.val_every=0", "data.size=24", "diffusion.shift=2")
+    with pytest.raises(T.TrainingError, match=r"\(diffusion.shift: 1.0 -> 2.0; data.size: 16 -> 24\)"):
+        train(tiny_config(data_dir, tmp_path, *changed))
+    with pytest.raises(T.TrainingError, match=r"\(diffusion.shift: 1.0 -> 2.0\)"):  # only the keys not named
+        train(tiny_config(data_dir, tmp_path, *changed, "train.allow_changes=data.size"))
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=6", "train.val_every=0", "data.size=24",
+                             "train.allow_changes=data.size,diffusion.shift", "diffusion.shift=2")) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 6]
+    with pytest.raises(T.TrainingError, match="do not fit this model"):  # allowed, but the weights cannot load
+        train(tiny_config(data_dir, tmp_path, "train.steps=8", "train.val_every=0", "data.size=24",
+                          "diffusion.shift=2", "model.base_channels=24", "train.allow_changes=model.base_channels"))
+    with pytest.raises(C.ConfigError, match="train.allow_changes: 'data.sise' is not a config key"):
+        tiny_config(data_dir, tmp_path, "train.allow_changes=data.sise")
+
+
 def test_resume_says_when_it_keeps_the_checkpoints_batch(data_dir, tmp_path):
     assert train(tiny_config(data_dir, tmp_path, "train.steps=4", "train.val_every=0")) == 0
     assert train(tiny_config(data_dir, tmp_path, "train.steps=6", "train.val_every=0", "train.batch_size=4")) == 0
@@ -295,3 +314,6 @@ def test_a_failing_preview_is_logged_and_skipped(data_dir, tmp_path, monkeypatch
     assert train(cfg) == 0
     log = (tmp_path / "train.log").read_text()
     assert log.count("preview at step") == 2 and "OSError: disk quota exceeded" in log
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    failed = [e for e in events if e.get("event") == "preview_failed"]
+    assert [e["step"] for e in failed] == [2, 4] and failed[0]["error"] == "OSError: disk quota exceeded"
