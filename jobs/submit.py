@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -97,8 +98,10 @@ def _opt(env: Mapping[str, str], var: str) -> str | None:
 
 
 def resolve(env: Mapping[str, str], overrides: Sequence[str] = (), *, cwd: Path | None = None,
-            now: _dt.datetime | None = None, profile: str | None = None) -> Submission:
-    """Environment + key=value arguments -> a validated Submission. Reads files (profile, config), no Slurm."""
+            now: _dt.datetime | None = None, profile: str | None = None, token: str | None = None) -> Submission:
+    """Environment + key=value arguments -> a validated Submission. Reads files (profile, config), no Slurm.
+    Without OUTDIR the run folder is ``<job>-<date>-<time>-<token>``: the random token keeps two submissions in the
+    same second apart (``token`` fixes it for golden files)."""
     cwd = Path(cwd or os.getcwd())
     now = now or _dt.datetime.now()
     try:
@@ -129,7 +132,8 @@ def resolve(env: Mapping[str, str], overrides: Sequence[str] = (), *, cwd: Path 
     else:
         root = Path(prof.runs_root).expanduser()
         root = root if root.is_absolute() else REPO / root
-        run_dir = str(root / f"{_safe_name(job_name)}-{now:%Y%m%d-%H%M%S}")
+        token = secrets.token_hex(3) if token is None else token
+        run_dir = str(root / f"{_safe_name(job_name)}-{now:%Y%m%d-%H%M%S}-{token}")
 
     train_over = [f"train.outdir={yaml_value(run_dir)}"]
     for var, key in TRAIN_VARS.items():

@@ -26,12 +26,13 @@ from t2v import config as C
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 NOW = dt.datetime(2025, 1, 2, 3, 4, 5)
+TOKEN = "5f3a9c"  # the run folder's random part, fixed for golden files
 HOME_REPO = "/home/user/t2v-slurm"  # the workdir in golden files (the real one depends on the checkout)
 EVIL = "x $(touch {canary}); `touch {canary}` ; rm -rf ~ \"q\" 'z' #h %j"
 
 
 def _sub(env: dict, *overrides: str, cwd: Path = REPO):
-    sub = resolve({"T2V_PROFILES": "", **env}, overrides, cwd=cwd, now=NOW)
+    sub = resolve({"T2V_PROFILES": "", **env}, overrides, cwd=cwd, now=NOW, token=TOKEN)
     return sub.profile, dataclasses.replace(sub.settings, workdir=HOME_REPO)
 
 
@@ -168,14 +169,20 @@ def test_requeue_logic_is_host_side():
 def test_submit_settings_from_environment(tmp_path):
     sub = resolve({"PROFILE": "local", "STEPS": "12", "BS": "3", "FRAMES": "4", "SIZE": "16", "LR": "0.002",
                    "MANIFEST": "data/m.jsonl", "JOB_NAME": "a b", "T2V_PROFILES": ""},
-                  ["train.log_every=3"], cwd=tmp_path, now=NOW)
+                  ["train.log_every=3"], cwd=tmp_path, now=NOW, token=TOKEN)
     s = sub.settings
-    assert s.run_dir == str(REPO / "runs/slurm/a_b-20250102-030405")
+    assert s.run_dir == str(REPO / "runs/slurm/a_b-20250102-030405-5f3a9c")
     args = list(s.train_args)
     assert f"train.outdir={s.run_dir}" in args
     assert {"train.steps=12", "train.batch_size=3", "data.frames=4", "data.size=16", "train.lr=0.002",
             "train.log_every=3", f"data.manifest={tmp_path / 'data/m.jsonl'}"} <= set(args)
     assert s.max_restarts == 20 and s.workdir == str(REPO)
+
+
+def test_submissions_in_the_same_second_get_their_own_run_folders(tmp_path):
+    env = {"PROFILE": "local", "T2V_PROFILES": ""}
+    dirs = {resolve(env, [], cwd=tmp_path, now=NOW).settings.run_dir for _ in range(20)}
+    assert len(dirs) == 20 and all(Path(d).name.startswith("t2v-20250102-030405-") for d in dirs)
 
 
 def test_outdir_and_train_outdir_argument(tmp_path):
