@@ -293,9 +293,9 @@ def sample_loop(
         raise ValueError(f"unknown sampling method {method!r}: expected 'ddim' or 'ddpm'")
     it = ts
     if progress:
-        from tqdm import tqdm  # only when asked: this module otherwise imports torch alone
+        from t2v.progress import progress as progress_counter  # only when asked: this module imports torch alone
 
-        it = tqdm(ts, desc=f"sampling ({method})")
+        it = progress_counter(ts, desc=f"sampling ({method})", unit="step")
     prev = ts[1:] + [-1]
     for i, t_int in enumerate(it):
         t = torch.full((b,), t_int, device=device, dtype=torch.long)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from t2v import metrics as M
+from t2v.progress import progress as progress_counter
 from t2v.text import MIN_TOKENIZER_VOCAB, hf_tokenize, load_offline_first
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -262,9 +263,7 @@ def _batch_seed(seed: int, start: int) -> int:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="video", disable=not progress, file=sys.stderr)
+    return progress_counter(total=total, desc=desc, unit="video", enabled=progress)
 
 
 def write_json(path: Path, record: dict) -> Path:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from t2v.data.manifest import row_captions
+from t2v.progress import progress as progress_counter
 
 # A real CLIP tokenizer has 49,408 tokens. The offline trap (CLIPTokenizer.from_pretrained of a hub name
 # that is not cached, under HF_HUB_OFFLINE=1) silently returns one with 2, which encodes everything as unk.
@@ -630,12 +631,7 @@ def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLi
     if encoder.dim != int(text_cfg.dim):
         raise TextEncoderError(f"encoder {encoder.key!r} gives {encoder.dim}-d embeddings but text.dim={text_cfg.dim}")
     order = sorted(todo, key=lambda c: (len(c), c))
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(order), desc="embedding captions", unit="caption", disable=not progress, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        bar = None
+    bar = progress_counter(total=len(order), desc="embedding captions", unit="caption", enabled=progress)
     last_save = time.time()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -647,13 +643,11 @@ def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLi
             cache.add(batch, pooled, tokens, mask)
         else:
             cache.add(batch, pooled)
-        if bar is not None:
-            bar.update(len(batch))
+        bar.update(len(batch))
         if time.time() - last_save > save_every_s:
             cache.save()
             last_save = time.time()
-    if bar is not None:
-        bar.close()
+    bar.close()
     cache.save()
     return cache
 

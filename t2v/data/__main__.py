@@ -28,7 +28,7 @@ def print_table(problems: list[Problem], out=sys.stdout) -> None:
 def cmd_check(args) -> int:
     from t2v.data.manifest import check_manifest
 
-    problems = check_manifest(args.manifest, args.video_root, args.frames, progress=sys.stderr.isatty())
+    problems = check_manifest(args.manifest, args.video_root, args.frames, progress=True)
     with open(args.manifest, "rb") as f:
         n_lines = sum(1 for raw in f if raw.strip())
     if not problems:

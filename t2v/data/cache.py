@@ -22,6 +22,7 @@ import numpy as np
 
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8
+from t2v.progress import progress as progress_counter
 
 log = logging.getLogger("t2v.data")
 
@@ -108,8 +109,6 @@ def build_cache(
     the dataset skips it. Several processes may build at once: each writes its own temporary file and
     the atomic rename keeps whichever finishes last, with identical content.
     """
-    from tqdm import tqdm
-
     cached = open_cache(clips, frames, size, cache_dir)
     if cached is not None:
         return cached
@@ -121,7 +120,8 @@ def build_cache(
     bad = []
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
-        for i, clip in enumerate(tqdm(clips, desc=f"caching clips to {cache_dir}", unit="clip", disable=not progress)):
+        for i, clip in enumerate(progress_counter(clips, desc=f"caching clips to {cache_dir}", unit="clip",
+                                                    enabled=progress)):
             try:
                 out[i] = decode_uint8(clip.video, frames, size, "even", start=clip.start, end=clip.end)
             except VideoError as e:

@@ -205,13 +205,12 @@ def check_manifest(
     Each video is really decoded (``frames`` frames at a small size), because a file cut mid-stream
     opens fine and only fails when its frames are read.
     """
-    from tqdm import tqdm
-
     from t2v.data.video import VideoError, VideoTooShort, decode_uint8
+    from t2v.progress import progress as progress_counter
 
     path = Path(path)
     clips, problems = _parse(path, video_root, check_files=True)
-    for clip in tqdm(clips, desc="checking videos", unit="clip", disable=not progress):
+    for clip in progress_counter(clips, desc="checking videos", unit="clip", enabled=progress):
         try:
             decode_uint8(clip.video, frames, 32, start=clip.start, end=clip.end)
         except VideoTooShort as e:
