@@ -38,6 +38,9 @@ class CheckpointReadError(CheckpointError):
 
 
 READ_RETRIES = (0.5, 2.0, 5.0)  # seconds between attempts at a read that failed with an I/O error
+# Tests only (tests/test_chaos.py): pause this many seconds halfway through writing a checkpoint, so that a SIGKILL
+# sent while the pause lasts lands inside a save with a half-written temporary file.
+SAVE_PAUSE_ENV = "T2V_TEST_SAVE_PAUSE_S"
 
 
 def ckpt_path(outdir: str | os.PathLike, step: int) -> Path:
@@ -73,7 +76,17 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            pause = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
+            if pause:
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                time.sleep(pause)
+                f.write(data[len(data) // 2:])
+            else:
+                torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
