@@ -15,7 +15,7 @@ DEMO_CONFIG ?= configs/demo.yaml
 export CONFIG
 
 .PHONY: help install test test-fast test-slow demo-data demo embed cache train sample submit status logs cancel \
-        report bench slurm-deps slurm-up slurm-down clean
+        report bench gpu-check slurm-deps slurm-up slurm-down clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ bench: install ## benchmarks: throughput vs diffusers and video-diffusion-pytorc
 	@# a peer UNet; --no-deps: its declared requirements would replace torch (pyproject.toml says why)
 	-$(PYTHON) -m pip install -q --no-deps video-diffusion-pytorch einops-exts rotary-embedding-torch
 	$(PYTHON) bench/run.py $(ARGS)
+
+gpu-check: install ## on a GPU node: bf16/fp16 training, SIGUSR1 + resume, compile, sampling, GPU bench (< 8 min)
+	$(PYTHON) tools/gpu_check.py $(ARGS)
 
 slurm-up: slurm-deps ## start the single-node test Slurm (tests/slurm/testbed.sh)
 	bash tests/slurm/testbed.sh up

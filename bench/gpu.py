@@ -124,7 +124,7 @@ def bench_gpu(args) -> SectionResult:
                 st = None
                 _free_cuda()
 
-        fit, oom_at = largest_batch(try_batch, cap=8 if args.quick else 4096)
+        fit, oom_at = largest_batch(try_batch, cap=8 if args.quick else args.max_batch)
         entry["largest_batch_eager"] = fit
         entry["first_oom_batch"] = oom_at
         log(f"gpu: {s}: largest batch {fit} (eager bf16 channels-last), OOM at {oom_at}")

@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our model for train/text/exp (base: the baseline's; large is matched to diffusers "
                         "(64,128,256,256), 38.7 M, and to video-diffusion-pytorch dim=120, 37.5 M)")
     p.add_argument("--gpu-batches", default="2,32", help="batch sizes timed in the gpu section")
+    p.add_argument("--max-batch", type=int, default=4096,
+                   help="gpu section: the largest batch the doubling search tries (caps its time)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU, if unknown")
     p.add_argument("--no-compile", action="store_true", help="gpu section: no torch.compile")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
