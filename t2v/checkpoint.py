@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2v.files import atomic_write
+
 log = logging.getLogger("t2v.checkpoint")
 
 FORMAT_VERSION = 1
@@ -56,45 +58,21 @@ def list_checkpoints(outdir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write atomically: temp file in the same folder, flush + fsync, rename, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            pause = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
-            if pause:
-                buf = io.BytesIO()
-                torch.save(state, buf)
-                data = buf.getvalue()
-                f.write(data[: len(data) // 2])
-                f.flush()
-                time.sleep(pause)
-                f.write(data[len(data) // 2:])
-            else:
-                torch.save(state, f)
+    """Write atomically (t2v.files.atomic_write: temp file in the same folder, fsync, rename, fsync the folder)."""
+    with atomic_write(path) as f:
+        pause = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
+        if pause:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            data = buf.getvalue()
+            f.write(data[: len(data) // 2])
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return path
+            time.sleep(pause)
+            f.write(data[len(data) // 2:])
+        else:
+            torch.save(state, f)
+    return Path(path)
 
 
 def _read(path: Path) -> bytes:

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from t2v.files import write_text
+
 
 @dataclass
 class DataConfig:
@@ -317,11 +319,7 @@ def from_dict(d: Mapping) -> Config:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def cache_dir(cfg: Config, kind: str = "data") -> Path:

@@ -27,7 +27,6 @@ is not comparable with FVDs computed on thousands of clips).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,7 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2v import files
 from t2v import metrics as M
+from t2v.device import DeviceError, pick_device
 from t2v.progress import progress as progress_counter
 from t2v.text import MIN_TOKENIZER_VOCAB, hf_tokenize, load_offline_first
 
@@ -223,11 +224,10 @@ def i3d_features(detector, videos: torch.Tensor, device: str | torch.device = "c
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda but no CUDA device is available")
+    try:
+        d = pick_device(device)
+    except DeviceError as e:
+        raise EvalError(f"--device: {e}") from None
     return d
 
 
@@ -267,12 +267,8 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def write_json(path: Path, record: dict) -> Path:
-    """JSON written to a temporary name in the same folder, then renamed: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """JSON written atomically (t2v.files): never a torn file."""
+    return files.write_json(path, record)
 
 
 def evaluate(

@@ -6,7 +6,6 @@ guidance, written as a frame-grid PNG (one row per prompt) and a GIF or MP4 per 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from t2v import checkpoint as ckpt
 from t2v import config as C
 from t2v import diffusion as D
 from t2v.data.video import write_mp4
+from t2v.device import DeviceError, pick_device
+from t2v.files import slug
 from t2v.model import build_model
 
 
@@ -143,10 +144,6 @@ def embed_prompts(cfg: C.Config, prompts: list[str]):
     return pooled, torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2v.sample", description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint file or run folder (newest valid checkpoint)")
@@ -160,12 +157,11 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=("gif", "mp4", "both"), default="gif")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     try:
+        device = pick_device(args.device)
         path = resolve_checkpoint(args.ckpt)
         cfg, model, step = load_ema(path, device)
-    except ckpt.CheckpointError as e:
+    except (ckpt.CheckpointError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else path.parent / "samples" / path.stem
@@ -180,9 +176,9 @@ def main(argv=None) -> int:
     print(f"grid {grid}")
     for prompt, video in zip(args.prompt, videos):
         if args.format in ("gif", "both"):
-            print(f"gif  {save_gif(video, out / (slug(prompt) + '.gif'))}")
+            print(f"gif  {save_gif(video, out / (slug(prompt.lower(), 60, 'prompt') + '.gif'))}")
         if args.format in ("mp4", "both"):
-            print(f"mp4  {save_mp4(video, out / (slug(prompt) + '.mp4'))}")
+            print(f"mp4  {save_mp4(video, out / (slug(prompt.lower(), 60, 'prompt') + '.mp4'))}")
     return 0
 
 

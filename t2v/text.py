@@ -31,7 +31,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from t2v import files
 from t2v.data.manifest import row_captions
+from t2v.device import DeviceError, pick_device
 from t2v.progress import progress as progress_counter
 
 # A real CLIP tokenizer has 49,408 tokens. The offline trap (CLIPTokenizer.from_pretrained of a hub name
@@ -69,8 +71,7 @@ def _stable_int(text: str) -> int:
 
 def slug(key: str) -> str:
     """A filesystem-safe, collision-free name for an encoder key: readable part + short digest."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_.")[:80] or "key"
-    return f"{readable}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:8]}"
+    return files.slug(key, 80, "key", digest=True)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -461,16 +462,8 @@ class EmbeddingCache:
         d = {"key": self.key, "dim": self.dim, "captions": list(self.captions), "pooled": self.pooled.contiguous()}
         if self.has_tokens:
             d["tokens"], d["mask"] = self.tokens.contiguous(), self.mask.contiguous()
-        tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(d, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with files.atomic_write(self.path) as f:
+            torch.save(d, f)
         return self.path
 
     # ---- contents
@@ -701,12 +694,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             captions += read_captions(val_manifest(cfg))
         n_manifest = len(set(captions))
         captions += list(cfg.train.sample_prompts) + [""]
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        device = pick_device(args.device)
         out_dir = cache_dir(cfg, "text")
         t0 = time.time()
         cache = embed_captions(cfg.text, captions, out_dir, batch_size=args.batch_size,
                                progress=not args.no_progress, device=device)
-    except (ConfigError, TextEncoderError, EmbeddingCacheError, OSError) as e:
+    except (ConfigError, TextEncoderError, EmbeddingCacheError, DeviceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     unique = len(set(captions))

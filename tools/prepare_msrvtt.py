@@ -19,6 +19,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+if __package__ in (None, ""):  # run as a script: make `t2v` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from t2v.files import write_text  # noqa: E402
+
 SPLITS = {"train": "train", "validate": "val", "test": "test"}  # MSR-VTT split -> manifest name
 
 
@@ -124,9 +129,7 @@ def build_manifests(
                "source_start": info["source_start"], "source_end": info["source_end"], "category": info["category"]}
         lines[SPLITS[info["split"]]].append(json.dumps(row) + "\n")
     for name, rows in lines.items():
-        tmp = out / f"{name}.jsonl.tmp"
-        tmp.write_text("".join(rows))
-        os.replace(tmp, out / f"{name}.jsonl")
+        write_text(out / f"{name}.jsonl", "".join(rows))
     (out / "missing_videos.txt").write_text("".join(f"{v}\n" for v in missing))
     return {"counts": {k: len(v) for k, v in lines.items()}, "missing": missing, "uncaptioned": uncaptioned}
 

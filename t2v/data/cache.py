@@ -22,6 +22,7 @@ import numpy as np
 
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8
+from t2v.files import atomic_path, write_text
 from t2v.progress import progress as progress_counter
 
 log = logging.getLogger("t2v.data")
@@ -113,12 +114,10 @@ def build_cache(
     if cached is not None:
         return cached
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(clips, frames, size)
     npy, meta_path = _files(cache_dir, key)
-    tmp = npy.with_name(f"{npy.name}.tmp{os.getpid()}")
     bad = []
-    try:
+    with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
         for i, clip in enumerate(progress_counter(clips, desc=f"caching clips to {cache_dir}", unit="clip",
                                                     enabled=progress)):
@@ -129,14 +128,9 @@ def build_cache(
                 bad.append({"index": i, "path": str(clip.video), "error": str(e)})
         out.flush()
         del out
-        os.replace(tmp, npy)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {"key": key, "version": VERSION, "frames": frames, "size": size,
             "paths": [str(c.video) for c in clips], "bad": bad}
-    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_path)
+    write_text(meta_path, json.dumps(meta, indent=1))
     log.info("clip cache: %d clips (%d bad) in %s", len(clips), len(bad), npy)
     cache = open_cache(clips, frames, size, cache_dir)
     if cache is None:  # a source file changed while we decoded: the key moved on

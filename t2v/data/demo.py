@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from t2v.data.video import write_mp4
+from t2v.files import write_text
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -100,8 +101,6 @@ def make_demo(
             row = {"video": f"videos/{vid}.mp4", "captions": captions_for(color, shape, motion), "id": vid,
                    "color": color, "shape": shape, "motion": motion}
             lines.append(json.dumps(row) + "\n")
-        tmp = manifests[split].with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(lines))
-        os.replace(tmp, manifests[split])
+        write_text(manifests[split], "".join(lines))
     info_path.write_text(json.dumps(info) + "\n")
     return manifests

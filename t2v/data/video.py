@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from t2v.files import atomic_path
+
 try:
     import decord
     from decord._ffi.base import DECORDError
@@ -158,29 +160,13 @@ def to_model(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.div_(127.5).sub_(1.0)
 
 
-def decode_clip(
-    path: str | os.PathLike,
-    frames: int,
-    size: int,
-    sampling: str = "even",
-    window: float = 0.5,
-    rng: np.random.Generator | None = None,
-    start: float | None = None,
-    end: float | None = None,
-) -> torch.Tensor:
-    """``decode_uint8`` then ``to_model``: float (T, 3, H, W) in [-1, 1]."""
-    return to_model(decode_uint8(path, frames, size, sampling, window, rng, start, end))
-
-
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
-    """(T, H, W, 3) uint8 frames as H.264 yuv420p (mpeg4 if this FFmpeg lacks libx264), written to a temporary
-    name then renamed: the demo's clips and sampled videos alike."""
+    """(T, H, W, 3) uint8 frames as H.264 yuv420p (mpeg4 if this FFmpeg lacks libx264), written atomically
+    (t2v.files): the demo's clips and sampled videos alike."""
     import av  # PyAV: only the writers need it
 
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(tmp), "w") as out:
+    with atomic_path(path, fsync=False) as tmp, av.open(str(tmp), "w", format="mp4") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -195,5 +181,4 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
