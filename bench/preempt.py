@@ -283,7 +283,7 @@ def bench_preempt(args) -> SectionResult:
                         f"runs: {', '.join(fmt_s(t['resume_overhead_s']) for t in trials)}; 'resumed from' line after "
                         f"{fmt_s(median(t['popen_to_resumed_line_s'] or float('nan') for t in trials))}"))
     res.rows.append(Row("Steps lost per preemption (SIGUSR1 mid-step)",
-                        f"{lost} (signal to exit {fmt_s(exit_s)}, exit code {'75' if rc_ok else 'WRONG'})",
+                        f"{lost} (signal to exit {fmt_s(exit_s)}, exit code {REQUEUE_EXIT if rc_ok else 'WRONG'})",
                         f"<= {TARGET_LOST}", None if quick else (lost <= TARGET_LOST and rc_ok),
                         "; ".join(f"signal in step {t['running_step_at_signal']}, checkpoint at "
                                   f"{t['checkpoint_step']}" for t in trials)))

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from jobs import policy
 from jobs.profile import Profile
+from t2v import runlog
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -208,6 +210,11 @@ def render_train(profile: Profile, s: JobSettings, template: str | None = None) 
         "setup": _setup_lines(profile),
         "master_port_base": str(int(profile.master_port_base)),
         "ready_timeout_s": str(int(profile.ready_timeout_s)),
+        # the run contract (t2v/runlog.py) and the requeue policy (jobs/policy.py), never copies of them
+        **{name: sh(pattern) for name, pattern in runlog.MARKERS.items()},
+        "requeue_exit": str(runlog.REQUEUE_EXIT),
+        "cap_exit": str(runlog.CAP_EXIT),
+        "decide": policy.bash_decide(),
     }
     text = template if template is not None else (TEMPLATES / "train.sbatch").read_text()
     return fill(text, values)

@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 from jobs import render
 from jobs.profile import Profile, ProfileError, load_profile
 from t2v import config as C
+from t2v.files import slug
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,10 +78,6 @@ def yaml_value(text: str) -> str:
 def _abs(path: str, cwd: Path) -> str:
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (cwd / p).resolve())
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "t2v"
 
 
 def _int(env: Mapping[str, str], var: str) -> int | None:
@@ -133,7 +130,7 @@ def resolve(env: Mapping[str, str], overrides: Sequence[str] = (), *, cwd: Path 
         root = Path(prof.runs_root).expanduser()
         root = root if root.is_absolute() else REPO / root
         token = secrets.token_hex(3) if token is None else token
-        run_dir = str(root / f"{_safe_name(job_name)}-{now:%Y%m%d-%H%M%S}-{token}")
+        run_dir = str(root / f"{slug(job_name, default='t2v')}-{now:%Y%m%d-%H%M%S}-{token}")
 
     train_over = [f"train.outdir={yaml_value(run_dir)}"]
     for var, key in TRAIN_VARS.items():

@@ -13,10 +13,10 @@ How it survives preemption and time limits: submitit's worker (host Python, the 
 through the profile's launcher as a child process. Submitit asks Slurm for `--signal=USR2@N` on the step, so at
 preemption (where the cluster sets preempt_send_user_signal) and before the time limit USR2 reaches the worker
 *and* training. Submitit's handler calls TrainTask.checkpoint(), which makes sure training got the signal (one
-USR1 once training has logged its first line), waits until it has saved and exited 75, and returns a
+USR1 once training has logged its first line), waits until it has saved and exited with REQUEUE_EXIT (t2v/runlog.py), and returns a
 DelayedSubmission of the same call; submitit then runs `scontrol requeue` and the next run resumes from OUTDIR.
 Submitit ignores SIGTERM ("Bypassing signal SIGTERM") but training does not: where a cluster only sends SIGTERM
-to the step at preemption, training still saves and exits 75, and TrainTask requeues the job itself with the
+to the step at preemption, training still saves and exits with REQUEUE_EXIT, and TrainTask requeues the job itself with the
 same host-side `scontrol requeue` as the job script. The restart cap is train.max_restarts (SLURM_RESTART_COUNT).
 
 Why `make submit` uses the sbatch template (jobs/submit.py, templates/train.sbatch) and not this path:
@@ -26,7 +26,7 @@ Why `make submit` uses the sbatch template (jobs/submit.py, templates/train.sbat
     requeues from the batch shell on the host, whatever runs inside the container;
   * the job script is plain text the user can read, keep in the run folder and resubmit with `sbatch`; submitit
     needs its pickles, the same Python and submitit on the compute node, and a Python process that waits;
-  * one requeue policy (exit 75 + SLURM_RESTART_COUNT cap) for every kind of stop, signalled or not.
+  * one requeue policy (jobs/policy.py: REQUEUE_EXIT + the SLURM_RESTART_COUNT cap) for every kind of stop, signalled or not.
 This path keeps the worker on the host too (only training goes through the launcher), so it works with
 containers as long as the host Python has this package and submitit.
 """
@@ -44,11 +44,11 @@ from typing import Any, Mapping, Sequence
 
 import submitit
 
-from jobs import render
+from jobs import policy, render
 from jobs.profile import Profile, load_profile
 from jobs.submit import REPO, resolve
+from t2v import runlog  # the run contract: exit codes and markers (no torch)
 
-REQUEUE_EXIT = 75  # t2v.train.REQUEUE_EXIT (not imported: that would load torch in every worker)
 
 
 def _log(msg: str) -> None:
@@ -56,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """Run `python -m t2v.train <args>` through the profile's launcher; requeue on exit 75.
+    """Run `python -m t2v.train <args>` through the profile's launcher; requeue on REQUEUE_EXIT.
 
     State lives in the run's OUTDIR (checkpoints), not in this object, so checkpoint() resubmits the same call.
     `outdir` (the run's train.outdir) lets it wait for training's first log line before signalling it."""
@@ -93,27 +93,24 @@ class TrainTask(submitit.helpers.Checkpointable):
         # USR1/USR2/TERM stay ignored in the child until Python installs its handlers (SIG_IGN survives exec).
         self._child = subprocess.Popen(["bash", "-c", 'trap "" USR1 USR2 TERM; exec "$@"', "t2v-task", *cmd],
                                        cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
-        rc = self._child.wait()
-        if rc < 0:  # killed by a signal; one during Python's exit can hit a run that had finished or saved
-            rc = {"done": 0, "requeue": REQUEUE_EXIT}.get(self._outcome(), rc)
-        if rc == 0:
-            _log("training finished")
+        # killed by a signal: one during Python's exit can hit a run that had finished or saved
+        rc = policy.normalise_rc(self._child.wait(), runlog.outcome(self._since_start()))
+        # jobs/policy.py's table, as the job script applies it. Submitit ignores SIGTERM, so this worker never
+        # sees the job "stopping": a time limit or scancel reaches training as a signal, and it saves (REQUEUE_EXIT).
+        d = policy.decide(policy.Stop(rc, preempting=rc not in (0, runlog.REQUEUE_EXIT) and _preempted(),
+                                      restart=restart, max_restarts=self.max_restarts))
+        if d.action == "finish":
+            _log(d.why)
             return 0
-        if rc == REQUEUE_EXIT:
-            why = "checkpoint saved"
-        elif _preempted():
-            why = f"training exited with code {rc} while the job is being preempted"
-        else:
-            raise RuntimeError(f"training failed with exit code {rc}")
+        if d.action == "stop":
+            raise RuntimeError(f"{d.why}. Resume by resubmitting the same call (training continues from its OUTDIR)"
+                               if d.exit_code == runlog.CAP_EXIT else d.why)
         # Training stopped for a requeue, but submitit's own signal never came (e.g. only SIGTERM was sent to
         # the step at preemption): rank 0 requeues from here, as the job script does.
         if int(os.environ.get("SLURM_PROCID", 0)) != 0:
             time.sleep(300)  # rank 0 requeues; Slurm then stops every task
             raise RuntimeError("training stopped for a requeue that did not come")
-        if restart >= self.max_restarts:
-            raise RuntimeError(f"{why}; restart cap {self.max_restarts} reached; not requeueing. "
-                               f"Resume by resubmitting the same call (training continues from its OUTDIR)")
-        _log(f"{why}; requeueing")
+        _log(f"{d.why}; requeueing")
         _requeue()
         time.sleep(300)  # Slurm sends TERM (ignored by submitit) and then KILL within KillWait
         raise RuntimeError("requeued, but Slurm did not stop this run")
@@ -155,18 +152,11 @@ class TrainTask(submitit.helpers.Checkpointable):
         except OSError:
             return []
 
-    def _outcome(self) -> str:
-        """What training's log says about this run: "done", "requeue" (it was saving to stop) or ""."""
-        lines = self._since_start()
-        if any(l.startswith("done: ") for l in lines):
-            return "done"
-        return "requeue" if any("saving and exiting for requeue" in l for l in lines) else ""
-
     def _ready(self) -> bool:
         """Training has installed its signal handlers: it logged its first line in this run."""
         if self._train_log() is None or time.time() - self._started > self.ready_timeout_s:
             return True
-        return any(line.startswith(("Out: ", "step ", "resumed from ")) for line in self._since_start())
+        return any(runlog.is_ready_line(line) for line in self._since_start())
 
 
 def _exit_code(child: subprocess.Popen) -> int | None:

@@ -1,8 +1,15 @@
-"""What a run writes for people and for tools/report.py: the text log and the JSON-lines metrics.
+"""The run contract: what training writes, and what the job scripts, jobs/status.py and tools/report.py may rely on.
 
-The text lines keep the baseline's format (`step 000020 | loss 0.1234`, `saved OUTDIR/ckpt_000200.pt`) because
-users' scripts grep for them. They go to stdout (the Slurm log) and are appended to OUTDIR/train.log, which
-survives requeues. Only rank 0 writes; other ranks get a RunLog that stays silent.
+Two streams, both appended across requeues in OUTDIR:
+  * train.log (and stdout, the Slurm log): lines for people. They keep the baseline's format
+    (`step 000020 | loss 0.1234`, `saved OUTDIR/ckpt_000200.pt`) because users' scripts grep them;
+  * metrics.jsonl: one JSON object per line for tools. A loss record per `log_every` steps, and an event record
+    (`{"event": <one of EVENTS>, "step": N, ...}`) for each thing that happened. Readers use these, not the prose.
+
+The only prose a program reads is what the bash job script must (it cannot parse JSON on every host): the MARKERS
+below, rendered into templates/train.sbatch by jobs/render.py and matched by the submitit worker from here.
+Exit codes are here too. This module imports no torch: the submitit worker and jobs/status.py load it.
+Only rank 0 writes; other ranks get a RunLog that stays silent.
 """
 from __future__ import annotations
 
@@ -10,6 +17,71 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
+
+# --- exit codes ------------------------------------------------------------------------------------------------
+REQUEUE_EXIT = 75  # training saved a checkpoint and stopped: please requeue (EX_TEMPFAIL)
+USAGE_EXIT = 2  # a configuration or data error: fix it, resubmit; requeueing cannot help
+CAP_EXIT = 3  # the job script: restart cap reached, not training / not requeueing
+
+# --- metrics.jsonl events --------------------------------------------------------------------------------------
+START, RESUME, CHECKPOINT, VAL, PREVIEW_FAILED, PREEMPT, DONE = (
+    "start", "resume", "checkpoint", "val", "preview_failed", "preempt", "done")
+EVENTS = (START, RESUME, CHECKPOINT, VAL, PREVIEW_FAILED, PREEMPT, DONE)
+
+# --- marker lines the job scripts recognise in train.log --------------------------------------------------------
+OUT_PREFIX = "Out: "  # the first line: signal handlers are installed from here on
+RESUMED_PREFIX = "resumed from "
+STEP_PREFIX = "step "
+READY_PREFIXES = (OUT_PREFIX, STEP_PREFIX, RESUMED_PREFIX)  # any of them: training listens for signals
+REQUEUE_MARK = "saving and exiting for requeue"  # in the line logged when a signal stops training
+DONE_PREFIX = "done: "  # the last line of a finished run
+
+
+def _ere(text: str) -> str:
+    """``text`` as a literal in a POSIX extended regular expression (grep -E)."""
+    return "".join("\\" + c if c in ".[]()*+?{}|^$\\" else c for c in text)
+
+
+MARKERS = {  # for `grep -E` in templates/train.sbatch
+    "ready_re": "^(" + "|".join(_ere(p) for p in READY_PREFIXES) + ")",
+    "done_re": "^" + _ere(DONE_PREFIX),
+    "requeue_re": _ere(REQUEUE_MARK),
+}
+
+
+def is_ready_line(line: str) -> bool:
+    return line.startswith(READY_PREFIXES)
+
+
+def outcome(lines: Iterable[str]) -> str:
+    """What a run's log lines say about how it stopped: "done", "requeue" (it saved to stop) or ""."""
+    lines = list(lines)
+    if any(line.startswith(DONE_PREFIX) for line in lines):
+        return "done"
+    return "requeue" if any(REQUEUE_MARK in line for line in lines) else ""
+
+
+def read_records(outdir: str | Path) -> list[dict]:
+    """Every record of OUTDIR/metrics.jsonl; a line that is not a JSON object (a write cut by a kill) is skipped."""
+    path = Path(outdir) / "metrics.jsonl"
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def events(records: Iterable[dict], name: str | None = None) -> list[dict]:
+    return [r for r in records if "event" in r and (name is None or r["event"] == name)]
 
 
 class RunLog:

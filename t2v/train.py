@@ -33,13 +33,14 @@ from t2v.data.cache import build_cache, open_cache
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
+from t2v.device import DeviceError, pick_device
 from t2v.model import build_model, count_params
-from t2v.runlog import RunLog
+from t2v import runlog as R
+from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
 from t2v.text import EmbeddingCache, encoder_key
 from t2v.validate import load_val_set, val_loss
 
-REQUEUE_EXIT = 75  # "saved, please requeue" (EX_TEMPFAIL); the job scripts requeue on it
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
@@ -67,12 +68,6 @@ def _ignore_signals_in_worker(_worker_id: int) -> None:
     # before the main process could save. The main process alone decides when to stop.
     for s in HANDLED_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-
-
-def pick_device(cfg: C.Config, local_rank: int = 0) -> torch.device:
-    if cfg.train.device != "auto":
-        return torch.device(cfg.train.device)
-    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def pick_precision(cfg: C.Config, device: torch.device) -> str:
@@ -208,7 +203,7 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
     path = ckpt.save_checkpoint(state, ckpt.ckpt_path(path_outdir, step))
     ckpt.prune(path_outdir, cfg.train.keep_last)
     log.line(f"saved {path}")
-    log.event("checkpoint", step, path=str(path))
+    log.event(R.CHECKPOINT, step, path=str(path))
     return path
 
 
@@ -229,14 +224,14 @@ def log_val_loss(ema, sched, valset, cfg, step, device, log) -> None:
     losses = val_loss(ema, sched, valset, cfg.diffusion.prediction, device)
     mean = sum(losses.values()) / len(losses)
     log.line(f"val step {step:06d} | " + " ".join(f"t{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}")
-    log.metrics(step=step, event="val", val_loss=mean, **{f"val_loss_t{t}": v for t, v in losses.items()})
+    log.event(R.VAL, step, val_loss=mean, **{f"val_loss_t{t}": v for t, v in losses.items()})
 
 
 def train(cfg: C.Config, stop_at: int | None = None) -> int:
     """Train to cfg.train.steps, resuming from OUTDIR if it holds checkpoints. Returns the exit code:
     0 when all steps are done, REQUEUE_EXIT when a signal (or `stop_at`, for tests) stopped it after saving."""
     # --- process, device, precision ---------------------------------------------------------------------
-    device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+    device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     dist = distributed.init(device.type)
     precision = pick_precision(cfg, device)
     outdir = Path(cfg.train.outdir)
@@ -244,7 +239,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     log = RunLog(outdir, enabled=dist.is_main, restart=restart)
     stop = StopFlag()
     stop.install()
-    log.line(f"Out: {outdir} | Device: {device}")
+    log.line(f"{R.OUT_PREFIX}{outdir} | Device: {device}")
     if dist.is_main:
         ckpt.clean_temp_files(outdir)
 
@@ -309,14 +304,14 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], device)
         start_step = int(state["step"])
-        log.line(f"resumed from {resumed_from} at step {start_step} (restart {restart})")
+        log.line(f"{R.RESUMED_PREFIX}{resumed_from} at step {start_step} (restart {restart})")
         if state["data"].get("world_size", 1) != dist.world_size:
             log.line(f"world size {state['data'].get('world_size', 1)} -> {dist.world_size}: global batch "
                      f"{global_batch} kept, {per_rank_batch} per rank")
-        log.event("resume", start_step, path=str(resumed_from))
+        log.event(R.RESUME, start_step, path=str(resumed_from))
         del state
     else:
-        log.event("start", 0)
+        log.event(R.START, 0)
     if dist.is_main:
         C.save_config(cfg, outdir / "config.yaml")
         if start_step == 0:
@@ -415,19 +410,19 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                 preview(ema, cfg, emb, done, device, log)
             except Exception as e:  # a preview is a picture: it must never end a long run
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
-                log.event("preview_failed", done, error=f"{type(e).__name__}: {e}")
+                log.event(R.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
         if (stop_now or done == stop_at) and done < steps:
             if dist.is_main:
-                log.line(f"signal {stop.signame or 'stop_at'} at step {done}: saving and exiting for requeue")
+                log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {R.REQUEUE_MARK}")
                 if not saved:
                     save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
-                log.event("preempt", done, signal=stop.signame or "stop_at")
+                log.event(R.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
             distributed.shutdown(dist)
             log.close()
             return REQUEUE_EXIT
-    log.event("done", steps)
-    log.line(f"done: {steps} steps in {outdir}")
+    log.event(R.DONE, steps)
+    log.line(f"{R.DONE_PREFIX}{steps} steps in {outdir}")
     distributed.barrier(dist)
     distributed.shutdown(dist)
     log.close()
@@ -441,9 +436,10 @@ def main(argv=None) -> int:
     try:
         cfg = C.load_config(args.config, args.overrides)
         return train(cfg)
-    except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError) as e:
+    except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError,
+            DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return R.USAGE_EXIT
     finally:
         # Python puts the default handlers back while it shuts down, so a late USR1 (a time-limit warning)
         # would kill a process that has already saved or finished. Ignored signals stay ignored.

@@ -4,7 +4,7 @@ H100/H200) that prints a summary table and writes it to bench/results/gpu_check.
 Checks, each a real command line (the ones users run), in this order:
   setup    demo data, clip cache and caption embeddings (hash encoder: nothing to download)
   bf16     `base` trains 60 steps in bf16, a checkpoint at 30
-  preempt  the same run, SIGUSR1 after step 40: saves and exits 75; the resume ends where the straight run
+  preempt  the same run, SIGUSR1 after step 40: saves and exits REQUEUE_EXIT; the resume ends where the straight run
            ends (bit-exact, or the measured largest difference: cuDNN's backward kernels are not deterministic)
   fp16     20 steps in fp16 with the grad scaler (its state saved in the checkpoint)
   compile  20 steps with train.compile=true
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from t2v.train import REQUEUE_EXIT  # noqa: E402
+from t2v.runlog import REQUEUE_EXIT  # noqa: E402
 
 # (name, seconds it may take at most on one H100/H200): 445 s together, so the script ends inside 8 minutes
 # with room for Python start-up and the summary.
