@@ -1,10 +1,10 @@
-"""One training step, done the way t2v.train does it, for our UNet3DCond (pooled-caption FiLM, or with caption
-cross-attention), diffusers' UNet3DConditionModel and video-diffusion-pytorch's Unet3D (lucidrains).
+"""One training step, t2v.train's own (``t2v.step.train_step``), for our UNet3DCond (pooled-caption FiLM, or with
+caption cross-attention), diffusers' UNet3DConditionModel and video-diffusion-pytorch's Unet3D (lucidrains).
 
-A step is: draw (t, noise, caption dropout) from a per-step generator, q_sample, forward (under bf16 autocast on
-a GPU, fp32 on CPU as t2v.train picks), MSE to the noise in fp32, backward, ``loss.item()`` (t2v.train's one
-host sync), clip the grad norm to 1, AdamW (fused, as t2v.train), zero_grad, EMA update with t2v.train's own
-``ema_update``.
+The step is the one training runs: the learning rate schedule, (t, noise, caption dropout) from the per-step
+generator, q_sample, the forward under autocast (bf16 on a GPU, fp32 on CPU as t2v.train picks), the target of
+``diffusion.prediction``, the loss in fp32, backward through the grad scaler, the one host sync, clipping, fused
+AdamW and the EMA update. Only the forward differs per model (``forward_*`` below: each peer's own call).
 The data pipeline is benchmarked separately (bench/data_load.py): here the clip is a fixed tensor.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn as nn
 from t2v import config as C
 from t2v import diffusion as D
 from t2v.model import build_model, count_params
-from t2v.train import ema_decay_at, ema_update, step_generator
+from t2v.step import StepState, train_step
 
 # diffusers' UNet3DConditionModel configured to our parameter counts (cross_attention_dim = our text dim).
 # attention_head_dim is, in diffusers' UNet3D, the number of heads (its documented naming bug); 8 is what
@@ -225,7 +225,8 @@ class Inputs:
 
 
 class TrainStep:
-    """Callable: one full training step on a fixed clip; ``step(cond)`` overrides the conditioning."""
+    """Callable: one full training step (t2v.step.train_step) on a fixed clip; ``step(cond)`` overrides the
+    conditioning."""
 
     def __init__(self, model: nn.Module, forward: Forward, x0: torch.Tensor, cond: Any,
                  precision: str = "fp32", channels_last: bool = False, fused_adamw: bool = True,
@@ -241,11 +242,14 @@ class TrainStep:
         kw = {"fused": True} if fused_adamw else {}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), **kw)
         self.net = torch.compile(self.model) if compile else self.model
-        self.forward, self.x0, self.cond = forward, x0, cond
-        self.grad_clip, self.ema_decay, self.cond_dropout, self.seed = grad_clip, ema_decay, cond_dropout, seed
-        self.sched = D.make_schedule(1000, "cosine").to(self.device)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                         else nullcontext())
+        self.x0, self.cond = x0, cond
+        cfg = C.Config()  # the baseline's diffusion and training settings, with this benchmark's few changes
+        cfg.train.lr, cfg.train.grad_clip, cfg.train.ema_decay, cfg.train.seed = lr, grad_clip, ema_decay, seed
+        cfg.diffusion.cond_dropout = cond_dropout
+        sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.state = StepState(self.net, self.model, self.ema, self.opt, scaler, sched, cfg.diffusion, cfg.train,
+                               precision, self.device, forward=forward)
         self.step = 0
         self.last_loss = float("nan")
 
@@ -254,21 +258,7 @@ class TrainStep:
         return count_params(self.model)
 
     def __call__(self, cond: Any = None) -> float:
-        x0, b = self.x0, self.x0.shape[0]
-        g = step_generator(self.seed, self.step, self.device)
-        t = torch.randint(0, self.sched.num_timesteps, (b,), generator=g, device=self.device)
-        noise = torch.randn(x0.shape, generator=g, device=self.device)
-        keep = torch.rand(b, generator=g, device=self.device) >= self.cond_dropout
-        x_t = D.q_sample(self.sched, x0, t, noise)
-        with self.autocast:
-            out = self.forward(self.net, x_t, t, self.cond if cond is None else cond, keep)
-        loss = D.training_loss(out.float(), noise)
-        loss.backward()
-        self.last_loss = loss.item()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, ema_decay_at(self.step, self.ema_decay))
+        self.last_loss = train_step(self.state, self.step, self.x0, self.cond if cond is None else cond).loss
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1

@@ -28,6 +28,7 @@ its numbers mean nothing and its targets are not judged. Exit status: 1 if a sec
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -45,30 +46,22 @@ import torch  # noqa: E402
 
 from bench.common import REPO, Row, SectionResult, load_average, log, machine_info  # noqa: E402
 
-SECTIONS = ("train", "data", "text", "preempt", "gpu", "exp")
+# section -> "module:function", imported only when the section runs, so one broken section (a missing peer
+# library, say) cannot stop the others
+SECTION_FNS = {
+    "train": "bench.train_bench:bench_train",
+    "data": "bench.data_load:bench_data",
+    "text": "bench.text_cache:bench_text",
+    "preempt": "bench.preempt:bench_preempt",
+    "gpu": "bench.gpu:bench_gpu",
+    "exp": "bench.train_bench:bench_exp",
+}
+SECTIONS = tuple(SECTION_FNS)
 
 
 def section_fn(name: str):
-    # imported lazily so that one broken section cannot stop the others from running
-    if name == "train":
-        from bench.train_bench import bench_train
-        return bench_train
-    if name == "exp":
-        from bench.train_bench import bench_exp
-        return bench_exp
-    if name == "data":
-        from bench.data_load import bench_data
-        return bench_data
-    if name == "text":
-        from bench.text_cache import bench_text
-        return bench_text
-    if name == "preempt":
-        from bench.preempt import bench_preempt
-        return bench_preempt
-    if name == "gpu":
-        from bench.gpu import bench_gpu
-        return bench_gpu
-    raise ValueError(name)
+    module, _, fn = SECTION_FNS[name].partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

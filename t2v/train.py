@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,8 @@ from t2v.model import build_model, count_params
 from t2v import runlog as R
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
-from t2v.text import EmbeddingCache, encoder_key
+from t2v.step import Cond, StepState, train_step
+from t2v.text import EmbeddingCache, EmbeddingCacheError, TextEncoderError, encoder_key
 from t2v.validate import load_val_set, val_loss
 
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
@@ -76,35 +75,6 @@ def pick_precision(cfg: C.Config, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"  # CPU autocast is slower than fp32 for convolutions and breaks bit-exact comparisons
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def lr_at(step: int, cfg: C.TrainConfig) -> float:
-    """Linear warmup, then constant (the baseline trained at a constant 1e-4)."""
-    if cfg.warmup > 0 and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr
-
-
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The only source of randomness for one training step: a function of (seed, step)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed * 1_000_003 + step)
-    return g
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay warmed up from 0: with a fixed 0.999 the EMA of a short run is mostly its random
-    initialisation (0.999^1000 = 0.37), and samples from it are noise."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    e = [p for p in ema.parameters()]
-    m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
-    for eb, mb in zip(ema.buffers(), model.buffers()):
-        eb.copy_(mb)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -173,8 +143,8 @@ def load_data(cfg: C.Config, log: RunLog):
     if missing:
         raise TrainingError(
             f"{len(missing)} captions of {cfg.data.manifest} have no cached embedding (e.g. {missing[0]!r}).\n"
-            f"Run once: python -m t2v.text embed {'--config ' + os.environ['CONFIG'] if os.environ.get('CONFIG') else ''}"
-            " [same key=value arguments]  (the training process never runs the text encoder)")
+            "Run once: python -m t2v.text embed with this run's --config and key=value arguments (the training "
+            "process never runs the text encoder)")
     return clips, cache, emb
 
 
@@ -332,8 +302,8 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          worker_init_fn=_ignore_signals_in_worker, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision in ("bf16", "fp16") else nullcontext())
+    step_state = StepState(net, model, ema, opt, scaler, sched, cfg.diffusion, cfg.train, precision, device, dist,
+                           global_batch)
 
     # --- the loop ---------------------------------------------------------------------------------------
     model.train()
@@ -342,8 +312,6 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     grad_norm = torch.tensor(float("nan"))
     window_start, window_steps = time.time(), 0
     for step, batch in zip(range(start_step, steps), loader):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.train)
         bad_clips += int(batch["bad"].sum())
         if bad_clips > cfg.data.max_bad_clips:
             raise TrainingError(f"{bad_clips} corrupt clips skipped (cap data.max_bad_clips="
@@ -354,40 +322,17 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                               else (None, None))  # b l d, b l
         if cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last_3d)
-        # Draw for the whole global batch and keep this rank's rows: N ranks x batch b then see exactly the
-        # noise, timesteps and caption dropout of one process with batch N*b (and resume on another world size).
-        g = step_generator(cfg.train.seed, step, device)
-        rows = slice(dist.rank * per_rank_batch, (dist.rank + 1) * per_rank_batch)
-        t = torch.randint(0, sched.num_timesteps, (global_batch,), generator=g, device=device)[rows]
-        noise = torch.randn((global_batch, *x0.shape[1:]), generator=g, device=device)[rows]  # b t c h w
-        keep_text = (torch.rand(global_batch, generator=g, device=device) >= cfg.diffusion.cond_dropout)[rows]
-        x_t = D.q_sample(sched, x0, t, noise)
-        target = D.training_target(sched, x0, noise, t, cfg.diffusion.prediction)
-        with autocast:
-            out = net(x_t, t, text, tokens=tokens, token_mask=token_mask, cond_mask=keep_text)
-        weight = (D.min_snr_weight(sched, t, cfg.diffusion.snr_gamma, cfg.diffusion.prediction)
-                  if cfg.diffusion.snr_gamma > 0 else None)  # b
-        loss = D.training_loss(out.float(), target, weight)
-        scaler.scale(loss).backward()
-        # One host sync per step: the mean loss over ranks and "did any rank get a signal".
-        loss_value, stop_now = distributed.reduce_step(loss.detach(), stop.signame is not None, dist)
-
-        if not math.isfinite(loss_value):
-            # Skip the update on every rank but keep the step (and its data) consumed, so resume stays exact.
+        result = train_step(step_state, step, x0, Cond(text, tokens, token_mask), stop.signame is not None)
+        loss_value, stop_now = result.loss, result.stop
+        if result.grad_norm is None:  # non-finite: the update was skipped on every rank, the step consumed
             nan_steps += 1
             log.warn(f"non-finite loss at step {step + 1}; update skipped ({nan_steps}/{cfg.train.max_nan_steps})")
             if nan_steps > cfg.train.max_nan_steps:
-                raise TrainingError(f"{nan_steps} non-finite losses (cap train.max_nan_steps); lower train.lr "
+                raise TrainingError(f"{nan_steps} non-finite losses (cap train.max_nan_steps="
+                                    f"{cfg.train.max_nan_steps}); lower train.lr "
                                     "or use train.precision=fp32")
-            opt.zero_grad(set_to_none=True)
         else:
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            ema_update(ema, model, ema_decay_at(step, cfg.train.ema_decay))
-            last_loss = loss_value
+            grad_norm, last_loss = result.grad_norm, loss_value
 
         done = step + 1
         window_steps += 1
@@ -433,12 +378,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2v.train", description=__doc__.split("\n")[0])
     C.add_config_args(p)
     args = p.parse_args(argv)
+    cfg = None
     try:
         cfg = C.load_config(args.config, args.overrides)
         return train(cfg)
-    except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError,
-            DeviceError) as e:
+    except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError, DeviceError,
+            EmbeddingCacheError, TextEncoderError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if cfg is not None and distributed.detect().is_main:
+            R.log_error(cfg.train.outdir, str(e))
         return R.USAGE_EXIT
     finally:
         # Python puts the default handlers back while it shuts down, so a late USR1 (a time-limit warning)

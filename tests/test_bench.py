@@ -173,3 +173,26 @@ def test_demo_recipes_time_to_target_and_table():
     md = table([r])
     assert "| x | diffusion.shift=8 | 10.00 | 400 |" in md and "33.3 min (step 200)" in md and "50.0 min (step 300)" in md
     assert RECIPES["demo"] == [] and all(o.count("=") == 1 for v in RECIPES.values() for o in v)
+
+
+def test_the_benchmark_times_the_training_step_t2v_train_runs():
+    """bench/harness.TrainStep calls t2v.train's train_step: one step of it equals one step of the step function
+    driven by hand with the same state, to the bit (so `make bench` cannot drift from training)."""
+    import copy
+
+    import torch
+
+    from bench import harness
+    from t2v import train as T
+
+    assert harness.train_step is T.train_step
+    inp = harness.Inputs(batch=2, frames=2, size=16, text_dim=32)
+    bench_step = harness.TrainStep(harness.build_ours("tiny", 32), harness.forward_ours, inp.clip("cpu"),
+                                   inp.pooled("cpu"))
+    by_hand = copy.deepcopy(bench_step.state)
+    by_hand.net = by_hand.model  # the deepcopy's own model (net and model are one object without compile)
+    losses = [bench_step() for _ in range(2)]
+    for step in range(2):
+        assert T.train_step(by_hand, step, inp.clip("cpu"), inp.pooled("cpu")).loss == losses[step]
+    for a, b in zip(bench_step.model.parameters(), by_hand.model.parameters()):
+        assert torch.equal(a, b)

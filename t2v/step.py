@@ -1,0 +1,139 @@
+"""One training step: what t2v.train runs for every batch, and what `make bench` times.
+
+    state = StepState(net, model, ema, opt, scaler, sched, cfg.diffusion, cfg.train, precision, device, dist)
+    result = train_step(state, step, x0, Cond(text))      # x0: b t c h w in [-1, 1]
+
+A step is: the learning rate for this step; timesteps, noise and caption dropout drawn from a generator that is
+a function of (seed, step) alone, for the whole global batch, keeping this rank's rows; q_sample; the forward
+under autocast; the loss in fp32; backward (through the grad scaler); one all-reduce of (loss, "stop"); then,
+unless the loss is non-finite anywhere, unscale, clip, the optimizer step and the EMA update. Everything that
+makes a run resumable bit for bit lives in those draws: nothing here reads the global RNG.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from t2v import config as C
+from t2v import diffusion as D
+from t2v import distributed
+
+
+def lr_at(step: int, cfg: C.TrainConfig) -> float:
+    """Linear warmup, then constant (the baseline trained at a constant 1e-4)."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The only source of randomness for one training step: a function of (seed, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + step)
+    return g
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up from 0: with a fixed 0.999 the EMA of a short run is mostly its random
+    initialisation (0.999^1000 = 0.37), and samples from it are noise."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+@dataclass
+class Cond:
+    """A batch's captions as the UNet takes them: pooled (b d) for FiLM; per-token (b l d) and mask (b l) for
+    cross-attention (None without it)."""
+
+    text: torch.Tensor
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+
+def forward_t2v(net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor):
+    """Our UNet3DCond: x_t (b t c h w), t (b,), captions, keep (b,) bool (False = caption dropped)."""
+    return net(x_t, t, cond.text, tokens=cond.tokens, token_mask=cond.token_mask, cond_mask=keep)
+
+
+# (net, x_t, t, cond, keep) -> prediction (b t c h w); bench/harness.py passes the peer models' own
+Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepState:
+    """What a step needs, built once by t2v.train (or a benchmark)."""
+
+    net: torch.nn.Module  # what the forward runs: the model, or its DDP / torch.compile wrapper
+    model: torch.nn.Module  # the parameters clipped, stepped and averaged into the EMA
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sched: D.Schedule
+    diffusion: C.DiffusionConfig
+    train: C.TrainConfig  # seed, lr and warmup, grad_clip, ema_decay
+    precision: str  # fp32 | bf16 | fp16
+    device: torch.device
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    global_batch: int = 0  # 0: this batch x the world size
+    forward: Forward = forward_t2v
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over ranks
+    stop: bool  # a signal arrived on some rank
+    grad_norm: torch.Tensor | None  # before clipping; None: the loss was non-finite and the update skipped
+
+
+def train_step(s: StepState, step: int, x0: torch.Tensor, cond: Any, stop_requested: bool = False) -> StepResult:
+    """One optimizer step on this rank's batch x0 (b t c h w). A non-finite loss (on any rank) skips the update
+    on every rank but consumes the step, so a resumed run stays exact; the caller counts and caps those."""
+    for group in s.opt.param_groups:
+        group["lr"] = lr_at(step, s.train)
+    b = x0.shape[0]
+    global_batch = s.global_batch or b * s.dist.world_size
+    # Draw for the whole global batch and keep this rank's rows: N ranks x batch b then see exactly the noise,
+    # timesteps and caption dropout of one process with batch N*b (and resume on another world size).
+    g = step_generator(s.train.seed, step, s.device)
+    rows = slice(s.dist.rank * b, (s.dist.rank + 1) * b)
+    t = torch.randint(0, s.sched.num_timesteps, (global_batch,), generator=g, device=s.device)[rows]
+    noise = torch.randn((global_batch, *x0.shape[1:]), generator=g, device=s.device)[rows]  # b t c h w
+    keep = (torch.rand(global_batch, generator=g, device=s.device) >= s.diffusion.cond_dropout)[rows]
+    x_t = D.q_sample(s.sched, x0, t, noise)
+    target = D.training_target(s.sched, x0, noise, t, s.diffusion.prediction)
+    with autocast(s.device, s.precision):
+        out = s.forward(s.net, x_t, t, cond, keep)
+    weight = (D.min_snr_weight(s.sched, t, s.diffusion.snr_gamma, s.diffusion.prediction)
+              if s.diffusion.snr_gamma > 0 else None)  # b
+    loss = D.training_loss(out.float(), target, weight)
+    s.scaler.scale(loss).backward()
+    # One host sync per step: the mean loss over ranks and "did any rank get a signal".
+    loss_value, stop = distributed.reduce_step(loss.detach(), stop_requested, s.dist)
+    if not math.isfinite(loss_value):
+        s.opt.zero_grad(set_to_none=True)
+        return StepResult(loss_value, stop, None)
+    s.scaler.unscale_(s.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.train.grad_clip)
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    s.opt.zero_grad(set_to_none=True)
+    ema_update(s.ema, s.model, ema_decay_at(step, s.train.ema_decay))
+    return StepResult(loss_value, stop, grad_norm)
