@@ -132,6 +132,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             deadline = time.time() + self.save_timeout_s
             while _exit_code(child) is None and time.time() < deadline:
                 time.sleep(0.2)
+        if child is not None:  # also when training, signalled by Slurm too, had already saved and exited
             _log(f"training exited with code {_exit_code(child)} after the checkpoint signal")
         if restart >= self.max_restarts:
             _log(f"restart cap {self.max_restarts} reached; not requeueing")

@@ -104,11 +104,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except pickle.UnpicklingError as e:
         # weights_only=True raises this both for forbidden globals and for garbage bytes.
         reason = "refused: it holds pickled objects other than tensors" if "global" in str(e).lower() else "corrupt"
-        raise CheckpointError(f"{path}: {reason} ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: {reason} ({_cause(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated ({_cause(e)})") from None
     verify_state(state, path)
     return state
+
+
+def _cause(e: Exception) -> str:
+    """The line of torch.load's message that says what is wrong. Its first lines advise re-running with
+    weights_only=False, which is exactly what must not be done with a file one cannot trust."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()[:200]
+    useful = [line for line in lines if "weights_only" not in line and "torch.load" not in line]
+    return (useful or lines or [type(e).__name__])[0][:200]
 
 
 def verify_state(state: Any, path: Path) -> None:

@@ -14,6 +14,7 @@ Only rank 0 writes; other ranks get a RunLog that stays silent.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,33 @@ def events(records: Iterable[dict], name: str | None = None) -> list[dict]:
     return [r for r in records if "event" in r and (name is None or r["event"] == name)]
 
 
+def log_error(outdir: str | Path, msg: str) -> None:
+    """Append the error that stopped a run to its train.log (if the run folder exists), so the log says why the
+    run ended, not only stderr."""
+    path = Path(outdir) / "train.log"
+    if path.parent.is_dir():
+        try:
+            with open(path, "a") as f:
+                f.write(f"error: {msg}\n")
+        except OSError:
+            pass
+
+
+class _Warnings(logging.Handler):
+    """Warnings of the t2v modules (a quarantined checkpoint, skipped manifest lines or clips) into the run's
+    log as well as stderr: train.log is what a user reads after the job, the Slurm log may be long gone."""
+
+    def __init__(self, runlog: "RunLog"):
+        super().__init__(logging.WARNING)
+        self.runlog = runlog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.runlog._text.closed:
+            return
+        msg = record.getMessage()
+        self.runlog.warn(msg[len("warning: "):] if msg.startswith("warning: ") else msg)
+
+
 class RunLog:
     def __init__(self, outdir: str | Path, enabled: bool = True, restart: int = 0):
         self.outdir = Path(outdir)
@@ -93,6 +121,11 @@ class RunLog:
             self.outdir.mkdir(parents=True, exist_ok=True)
             self._text = open(self.outdir / "train.log", "a", buffering=1)
             self._metrics = open(self.outdir / "metrics.jsonl", "a", buffering=1)
+            self._warnings = _Warnings(self)
+            logger = logging.getLogger("t2v")
+            for stale in [h for h in logger.handlers if isinstance(h, _Warnings)]:  # a run that ended in an error
+                logger.removeHandler(stale)
+            logger.addHandler(self._warnings)
 
     def line(self, msg: str) -> None:
         if self.enabled:
@@ -114,6 +147,7 @@ class RunLog:
             self._text.write(f"warning: {msg}\n")
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self._text.closed:
+            logging.getLogger("t2v").removeHandler(self._warnings)
             self._text.close()
             self._metrics.close()

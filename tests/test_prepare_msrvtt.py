@@ -110,6 +110,12 @@ def test_no_video_found_fails(msrvtt, capsys):
     empty = msrvtt / "empty"
     empty.mkdir()
     annotations = str(msrvtt / "test_videodatainfo.json")
-    args = ["--annotations", annotations, "--videos", str(empty), "--out", str(msrvtt / "o")]
+    out = msrvtt / "o"
+    out.mkdir()
+    (out / "train.jsonl").write_text('{"video": "v.mp4", "caption": "kept"}\n')  # an earlier, good manifest
+    args = ["--annotations", annotations, "--videos", str(empty), "--out", str(out)]
     assert main(args) == 1
-    assert "2 of 2 videos missing" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "2 of 2 videos missing" in captured.out and "nothing written" in captured.err
+    assert (out / "train.jsonl").read_text() == '{"video": "v.mp4", "caption": "kept"}\n'
+    assert not (out / "val.jsonl").exists()

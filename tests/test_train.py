@@ -19,7 +19,8 @@ from runs import REPO, assert_states_equal, load, prepare, tiny_config
 from t2v import checkpoint as ckpt
 from t2v import config as C
 from t2v import train as T
-from t2v.train import REQUEUE_EXIT, lr_at, train
+from t2v.step import lr_at
+from t2v.train import REQUEUE_EXIT, train
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +144,15 @@ class Bomb:
 def test_pickle_bomb_checkpoint_is_refused(tmp_path):
     path = tmp_path / "ckpt_000010.pt"
     torch.save({"step": 10, "model": {}, "payload": Bomb()}, path)
-    with pytest.raises(ckpt.CheckpointError, match="refused"):
+    with pytest.raises(ckpt.CheckpointError, match="refused") as e:
         ckpt.load_checkpoint(path)
     assert not Path("/tmp/t2v_pwned").exists()
+    # the message says what was refused, and never advises loading the file with weights_only=False
+    assert "GLOBAL posix.system" in str(e.value) and "weights_only" not in str(e.value)
+    path.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt") as e:
+        ckpt.load_checkpoint(path)
+    assert "weights_only" not in str(e.value)
 
 
 def test_nan_losses_are_skipped_then_stop(data_dir, tmp_path, monkeypatch):
@@ -317,3 +324,25 @@ def test_a_failing_preview_is_logged_and_skipped(data_dir, tmp_path, monkeypatch
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     failed = [e for e in events if e.get("event") == "preview_failed"]
     assert [e["step"] for e in failed] == [2, 4] and failed[0]["error"] == "OSError: disk quota exceeded"
+
+
+def test_warnings_and_the_stopping_error_reach_train_log(data_dir, tmp_path):
+    """What a user reads after the job: a quarantined checkpoint (a t2v.checkpoint warning) and the error that
+    stopped a run are in train.log, not only on stderr."""
+    args = [f"data.manifest={data_dir / 'train.jsonl'}", f"data.cache_dir={data_dir / 'cache'}",
+            f"text.cache_dir={data_dir / 'cache'}", f"train.outdir={tmp_path}", "train.val_every=0"]
+    assert T.main(["--config", str(REPO / "configs/tiny.yaml"), *args, "train.steps=4", "train.ckpt_every=2"]) == 0
+    (tmp_path / "ckpt_000004.pt").write_bytes(b"garbage")
+    assert T.main(["--config", str(REPO / "configs/tiny.yaml"), *args, "train.steps=6", "data.size=24"]) == 2
+    log = (tmp_path / "train.log").read_text()
+    assert "warning: " in log and "ckpt_000004.pt: corrupt" in log and "falling back" in log
+    assert log.rstrip().splitlines()[-1].startswith("error: ") and "data.size: 16 -> 24" in log
+    # a caption cache that is not one stops with its file named and exit 2, not a traceback
+    cache_file = next((data_dir / "cache").glob("text_*.pt"))
+    saved = cache_file.read_bytes()
+    try:
+        cache_file.write_bytes(saved[:50])
+        assert T.main(["--config", str(REPO / "configs/tiny.yaml"), *args, "train.outdir=" + str(tmp_path / "b")]) == 2
+        assert str(cache_file) in (tmp_path / "b" / "train.log").read_text()
+    finally:
+        cache_file.write_bytes(saved)

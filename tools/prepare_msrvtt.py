@@ -128,6 +128,8 @@ def build_manifests(
         row = {"video": video, "captions": captions[vid], "id": vid,
                "source_start": info["source_start"], "source_end": info["source_end"], "category": info["category"]}
         lines[SPLITS[info["split"]]].append(json.dumps(row) + "\n")
+    if not any(lines.values()):  # nothing found: keep whatever manifests are already in `out`
+        return {"counts": {k: 0 for k in lines}, "missing": missing, "uncaptioned": uncaptioned}
     for name, rows in lines.items():
         write_text(out / f"{name}.jsonl", "".join(rows))
     (out / "missing_videos.txt").write_text("".join(f"{v}\n" for v in missing))
@@ -167,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         uncaptioned = result["uncaptioned"]
         print(f"{len(uncaptioned)} videos have no captions (left out): {', '.join(uncaptioned[:20])}")
     if not sum(result["counts"].values()):
-        print(f"error: no video of the annotations was found in {', '.join(map(str, folders))}", file=sys.stderr)
+        print(f"error: no video of the annotations was found in {', '.join(map(str, folders))}; nothing written "
+              f"(manifests already in {out} are kept)", file=sys.stderr)
         return 1
     return 0
 
