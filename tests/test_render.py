@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,33 @@ def test_golden_eval_script():
     _check_golden("zaratan_eval.sbatch", render.render_eval(profile, settings))
 
 
-def test_rendering_is_pure():
+RENDER_IN_A_PROCESS = """
+import dataclasses, json, sys, time
+time.time = lambda: float(sys.argv[1])  # another clock in each process
+from jobs import render
+from jobs.profile import load_profile
+from jobs.render import JobSettings
+s = JobSettings(**json.loads(sys.argv[2]))
+print(render.render_train(load_profile("zaratan", {"T2V_PROFILES": ""}), s), end="")
+"""
+
+
+def test_rendering_is_pure(tmp_path):
+    """The same settings render the same script in processes with other clocks, time zones, working folders and
+    environments (Slurm's and the baseline's variables included): nothing but the inputs reaches the text."""
     env, overrides = CASES["zaratan.sbatch"]
     profile, settings = _sub(env, *overrides)
-    assert render.render_train(profile, settings) == render.render_train(profile, settings)
+    args = json.dumps(dataclasses.asdict(settings))
+    outputs = []
+    for clock, extra in ((0.0, {"TZ": "UTC"}),
+                         (2e9, {"TZ": "Asia/Tokyo", "SLURM_JOB_ID": "77", "OUTDIR": "/elsewhere", "STEPS": "3",
+                                "HOME": str(tmp_path), "USER": "someone", "PROFILE": "local"})):
+        env_ = {k: v for k, v in os.environ.items() if k not in ("OUTDIR", "STEPS", "PROFILE", "SLURM_JOB_ID")}
+        proc = subprocess.run([sys.executable, "-c", RENDER_IN_A_PROCESS, str(clock), args], cwd=REPO if clock else
+                              tmp_path, env={**env_, **extra, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1] == render.render_train(profile, settings)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
