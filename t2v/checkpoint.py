@@ -139,7 +139,7 @@ def verify_state(state: Any, path: Path) -> None:
 
 def _finite(t: torch.Tensor) -> bool:
     # numpy, single-threaded: hundreds of small multi-threaded torch.isfinite calls cost seconds on a busy
-    # shared CPU (resume start 6.9 s -> 3.4 s in bench/)
+    # shared CPU (the resume-start row of bench/results/latest.md, "Adopted change" table)
     a = t.detach().cpu()
     return bool(np.isfinite((a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()).all())
 

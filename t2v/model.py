@@ -5,8 +5,8 @@ network works on ``b c t h w`` because that is what Conv3d wants.
 
 Design choices, each for CPU speed at equal quality:
   * (2+1)D convolutions: a spatial (1,3,3) kernel followed by a temporal (3,1,1) kernel. 12·C² weights
-    instead of 27·C², and 1.2-2x faster than a full 3x3x3 Conv3d per fwd+bwd on a 2-core CPU
-    (the gap grows at the low resolutions where channels are wide); used by Make-A-Video and others.
+    instead of 27·C², and faster than a full 3x3x3 Conv3d per fwd+bwd on CPU (the gap grows at the low
+    resolutions where channels are wide); used by Make-A-Video and others.
   * Downsampling is spatial only: clips have ~8 frames, too few to halve.
   * One ResBlock per level on each side keeps ``base`` (64 -> 128 -> 256 channels) at a few seconds
     per training step on CPU; the middle has two.

@@ -255,7 +255,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    # fused: one kernel for all parameters (1.16x per step on CPU in bench/, more on GPU)
+    # fused: one kernel for all parameters (measured before -> after in bench/results/latest.md)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))

@@ -155,7 +155,7 @@ def to_model(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
         u8 = torch.from_numpy(np.array(u8))  # a copy: cache memmaps are read-only
     if u8.dtype != torch.uint8 or u8.ndim != 4 or u8.shape[-1] != 3:
         raise ValueError(f"expected a uint8 (T, H, W, 3) array, got {tuple(u8.shape)} {u8.dtype}")
-    # one conversion pass straight into a contiguous float tensor, then in-place scaling (1.14x from the cache)
+    # one conversion pass straight into a contiguous float tensor, then in-place scaling (bench: "Adopted change")
     x = u8.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # t h w c -> t c h w
     return x.div_(127.5).sub_(1.0)
 
@@ -174,7 +174,7 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path
         if codec == "libx264":
             # Measured: with its assembly on, this x264 gives different bytes for the same frames in about one
             # run in ten at 64x64 (an asm routine reads uninitialised memory). Plain C is bit-exact, CPU-independent
-            # and fast enough here (~15 ms a clip).
+            # and fast enough for the demo's clips and sampled videos.
             stream.options = {"x264-params": "asm=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
