@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t2v import files
+from t2v import files, hf
 from t2v import metrics as M
 from t2v.device import DeviceError, pick_device
+from t2v.hf import MIN_TOKENIZER_VOCAB, hf_tokenize
 from t2v.progress import progress as progress_counter
-from t2v.text import MIN_TOKENIZER_VOCAB, hf_tokenize, load_offline_first
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -132,14 +132,14 @@ class ClipScorer:
 def load_clip(name: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipScorer:
     """The full CLIP model (both towers) and its tokenizer from a hub name or a local folder.
 
-    The local Hugging Face cache is tried first; a download is attempted only when not offline
-    (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset) and ``name`` is not a folder. Raises EvalError with
-    instructions when the weights are not there."""
+    Loaded offline first by ``t2v.hf``: the local Hugging Face cache is tried first; a download is attempted only
+    when not offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE unset) and ``name`` is not a folder. Raises EvalError
+    with instructions when the weights are not there."""
     name = str(name)
-    p = Path(name).expanduser()
-    folder = p.resolve() if p.is_dir() else None
-    if folder is None and (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1):
-        raise EvalError(f"CLIP model folder {name!r} does not exist.\n" + _how_to_get_clip(name))
+    try:
+        folder = hf.local_folder(name)
+    except FileNotFoundError:
+        raise EvalError(f"CLIP model folder {name!r} does not exist.\n" + _how_to_get_clip(name)) from None
     source = str(folder) if folder else name
     from transformers import AutoConfig, CLIPModel, CLIPTokenizer
 
@@ -157,7 +157,7 @@ def load_clip(name: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> C
                             "refusing to score with randomly initialised layers.\n" + _how_to_get_clip(name))
         return model, CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
 
-    model, tok = load_offline_first(load, name, folder, "CLIP model", _how_to_get_clip(name), EvalError)
+    model, tok = hf.load_offline_first(load, name, folder, "CLIP model", _how_to_get_clip(name), EvalError)
     vocab = int(model.config.text_config.vocab_size)
     # Offline, CLIPTokenizer.from_pretrained of a name that is not cached can return a placeholder tokenizer
     # with a couple of tokens instead of raising: refuse it (a real one fills the model's vocabulary).

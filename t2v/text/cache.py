@@ -1,0 +1,291 @@
+"""The caption-embedding cache: every caption embedded once by the frozen text encoder, looked up by its text.
+
+The text encoder is frozen, so it runs ONCE over every caption (``python -m t2v.text embed``) and the
+results are cached; the training process only looks embeddings up and never runs the encoder.
+
+Cache file: ``<cache_dir>/text_<slug of encoder key>.pt``, a dict
+  {"key": str, "dim": int, "captions": list[str], "pooled": float32 (N, D),
+   "tokens": float16 (N, L, D) (only with text.tokens=true), "mask": bool (N, L) (idem)}
+written atomically (temp file + os.replace) and read with ``torch.load(weights_only=True)``.
+The empty caption "" is always embedded: it is the unconditional input for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from t2v import files
+from t2v.progress import progress as progress_counter
+from t2v.text.encoders import TextEncoder, TextEncoderError, build_encoder, encoder_key
+
+EMBED_COMMAND = "python -m t2v.text embed --config <your config>"
+
+
+class EmbeddingCacheError(RuntimeError):
+    """A caption-embedding cache file is unreadable, or belongs to another encoder."""
+
+
+class CaptionNotCachedError(KeyError):
+    """A caption has no cached embedding. (KeyError, but prints its message without quotes.)"""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def slug(key: str) -> str:
+    """A filesystem-safe, collision-free name for an encoder key: readable part + short digest."""
+    return files.slug(key, 80, "key", digest=True)
+
+
+def cache_path(cache_dir: str | os.PathLike, key: str) -> Path:
+    """The one file that holds encoder ``key``'s embeddings: caches of different encoders never mix."""
+    return Path(cache_dir) / f"text_{slug(key)}.pt"
+
+
+def _pad_to(tokens: torch.Tensor, mask: torch.Tensor, length: int):
+    """Pad (or cut) token embeddings and mask to ``length``: every row of the cache has the same length."""
+    n, l, d = tokens.shape
+    if l >= length:
+        return tokens[:, :length], mask[:, :length]
+    t = torch.zeros(n, length, d, dtype=tokens.dtype)
+    m = torch.zeros(n, length, dtype=torch.bool)
+    t[:, :l], m[:, :l] = tokens, mask
+    return t, m
+
+
+class EmbeddingCache:
+    """Cached caption embeddings of one encoder (``key``), looked up by caption text.
+
+    ``hits``/``misses`` count lookups, ``added`` counts captions added since the cache was loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str, dim: int):
+        self.path = Path(path)
+        self.key, self.dim = key, int(dim)
+        self.captions: list[str] = []
+        self._index: dict[str, int] = {}
+        self._pooled = [torch.zeros(0, self.dim)]  # chunks, concatenated lazily
+        self._tokens: list[torch.Tensor] | None = None
+        self._mask: list[torch.Tensor] | None = None
+        self.hits = self.misses = self.added = 0
+
+    # ---- file
+    @classmethod
+    def load(cls, cache_dir: str | os.PathLike, key: str, dim: int | None = None) -> "EmbeddingCache":
+        """The cache of encoder ``key`` in ``cache_dir``: empty when the file does not exist yet."""
+        path = cache_path(cache_dir, key)
+        if not path.exists():
+            return cls(path, key, dim or 0)
+        fix = f"Delete it and rerun `{EMBED_COMMAND}`."
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise EmbeddingCacheError(f"caption-embedding cache {path} is unreadable ({type(e).__name__}: {e}). {fix}") from None
+        try:
+            file_key, file_dim, captions, pooled = d["key"], int(d["dim"]), list(d["captions"]), d["pooled"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise EmbeddingCacheError(f"caption-embedding cache {path} is not a t2v text cache (missing {e}). {fix}") from None
+        if file_key != key:
+            raise EmbeddingCacheError(f"caption-embedding cache {path} holds embeddings of encoder {file_key!r}, "
+                                      f"not {key!r}. {fix}")
+        if dim is not None and file_dim != int(dim):
+            raise EmbeddingCacheError(f"caption-embedding cache {path} holds {file_dim}-d embeddings, expected {dim}. {fix}")
+        if pooled.shape != (len(captions), file_dim) or len(set(captions)) != len(captions):
+            raise EmbeddingCacheError(f"caption-embedding cache {path} is inconsistent: {len(captions)} captions, "
+                                      f"pooled {tuple(pooled.shape)}. {fix}")
+        cache = cls(path, key, file_dim)
+        cache.captions = captions
+        cache._index = {c: i for i, c in enumerate(captions)}
+        cache._pooled = [pooled]
+        if d.get("tokens") is not None:
+            tokens, mask = d["tokens"], d["mask"]
+            if tokens.shape[:1] != (len(captions),) or mask.shape != tokens.shape[:2]:
+                raise EmbeddingCacheError(f"caption-embedding cache {path}: tokens {tuple(tokens.shape)} and mask "
+                                          f"{tuple(mask.shape)} do not match {len(captions)} captions. {fix}")
+            cache._tokens, cache._mask = [tokens], [mask]
+        return cache
+
+    def save(self) -> Path:
+        """Write the cache atomically (temp file + os.replace): a killed job never leaves half a file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        d = {"key": self.key, "dim": self.dim, "captions": list(self.captions), "pooled": self.pooled.contiguous()}
+        if self.has_tokens:
+            d["tokens"], d["mask"] = self.tokens.contiguous(), self.mask.contiguous()
+        with files.atomic_write(self.path) as f:
+            torch.save(d, f)
+        return self.path
+
+    # ---- contents
+    @property
+    def pooled(self) -> torch.Tensor:
+        if len(self._pooled) > 1:
+            self._pooled = [torch.cat(self._pooled)]
+        return self._pooled[0]
+
+    @property
+    def has_tokens(self) -> bool:
+        return self._tokens is not None
+
+    @property
+    def token_length(self) -> int | None:
+        return int(self._tokens[0].shape[1]) if self._tokens is not None else None
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        if self._tokens is None:
+            return None
+        if len(self._tokens) > 1:
+            self._tokens, self._mask = [torch.cat(self._tokens)], [torch.cat(self._mask)]
+        return self._tokens[0]
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        if self._mask is None:
+            return None
+        self.tokens  # consolidates both
+        return self._mask[0]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __contains__(self, caption: object) -> bool:
+        return caption in self._index
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCache({self.path}, key={self.key!r}, {len(self)} captions, tokens={self.has_tokens})"
+
+    def missing(self, captions: Iterable[str]) -> list[str]:
+        """Captions without an embedding, each once, in first-seen order."""
+        return [c for c in dict.fromkeys(captions) if c not in self._index]
+
+    def add(self, captions: Sequence[str], pooled: torch.Tensor, tokens: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> int:
+        """Add embeddings (captions already cached are skipped). Returns how many were added."""
+        captions = list(captions)
+        if pooled.ndim != 2 or pooled.shape[0] != len(captions):
+            raise ValueError(f"pooled must be ({len(captions)}, D), got {tuple(pooled.shape)}")
+        if not self.dim and not len(self):
+            self.dim, self._pooled = int(pooled.shape[1]), [torch.zeros(0, int(pooled.shape[1]))]
+        if pooled.shape[1] != self.dim:
+            raise ValueError(f"pooled is {pooled.shape[1]}-d, the cache holds {self.dim}-d embeddings")
+        if (tokens is None) != (mask is None):
+            raise ValueError("give tokens and mask together")
+        if tokens is not None:
+            if tokens.shape[:1] != (len(captions),) or tokens.shape[2] != self.dim or mask.shape != tokens.shape[:2]:
+                raise ValueError(f"tokens must be ({len(captions)}, L, {self.dim}) with mask (N, L), "
+                                 f"got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+            if self._tokens is None:
+                if len(self):
+                    raise ValueError("this cache has no token embeddings for its existing captions; rebuild it")
+                self._tokens = [torch.zeros(0, tokens.shape[1], self.dim, dtype=torch.float16)]
+                self._mask = [torch.zeros(0, tokens.shape[1], dtype=torch.bool)]
+            elif tokens.shape[1] > self.token_length:  # longer than what is stored: pad what is stored
+                grown = [_pad_to(t, m, tokens.shape[1]) for t, m in zip(self._tokens, self._mask)]
+                self._tokens, self._mask = [t for t, _ in grown], [m for _, m in grown]
+        elif self._tokens is not None:
+            raise ValueError("this cache stores token embeddings: give tokens and mask too")
+        keep = []
+        for i, c in enumerate(captions):
+            if c not in self._index:
+                self._index[c] = len(self.captions)
+                self.captions.append(c)
+                keep.append(i)
+        if not keep:
+            return 0
+        idx = torch.tensor(keep)
+        self._pooled.append(pooled.detach().float().cpu()[idx])
+        if tokens is not None:
+            t, m = _pad_to(tokens.detach().cpu()[idx], mask.detach().cpu().bool()[idx], self.token_length)
+            self._tokens.append(t.to(torch.float16))
+            self._mask.append(m)
+        self.added += len(keep)
+        return len(keep)
+
+    def _row(self, caption: str) -> int:
+        i = self._index.get(caption)
+        if i is None:
+            self.misses += 1
+            raise CaptionNotCachedError(
+                f"caption {caption!r} has no cached text embedding in {self.path} (encoder {self.key!r}, "
+                f"{len(self)} captions cached). The text encoder does not run during training: embed every "
+                f"caption first with `{EMBED_COMMAND}` (add --manifest FILE for other manifests).")
+        self.hits += 1
+        return i
+
+    def get(self, caption: str) -> torch.Tensor:
+        """Pooled embedding (D,) float32."""
+        return self.pooled[self._row(caption)]
+
+    def get_tokens(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings (L, D) float32 and mask (L,) bool; needs a cache built with text.tokens=true."""
+        if not self.has_tokens:
+            raise EmbeddingCacheError(f"{self.path} has no per-token embeddings: set text.tokens=true and rerun "
+                                      f"`{EMBED_COMMAND}`")
+        i = self._row(caption)
+        return self.tokens[i].float(), self.mask[i]
+
+    def get_batch(self, captions: Sequence[str]) -> torch.Tensor:
+        """Pooled embeddings (B, D) of several captions."""
+        return self.pooled[torch.tensor([self._row(c) for c in captions], dtype=torch.long)]
+
+    def require(self, captions: Iterable[str]) -> None:
+        """Raise one clear error listing how many captions are missing (check before training starts)."""
+        missing = self.missing(captions)
+        if missing:
+            shown = ", ".join(repr(c) for c in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise EmbeddingCacheError(
+                f"{len(missing)} captions have no cached text embedding in {self.path} (encoder {self.key!r}): "
+                f"{shown}. Run `{EMBED_COMMAND}` first (it embeds data.manifest, train.sample_prompts and \"\").")
+
+
+def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike, batch_size: int = 64,
+                   progress: bool = True, encoder: TextEncoder | None = None,
+                   device: str | torch.device = "cpu", save_every_s: float = 300.0) -> EmbeddingCache:
+    """Embed the captions not cached yet, save, and return the cache (``cache.added`` = newly encoded).
+
+    The encoder is built only if something is missing, so a second call encodes (and loads) nothing.
+    Captions are batched by length so padding to the longest of a batch costs little; the cache is also
+    saved every ``save_every_s`` seconds so a preempted job keeps its progress.
+    """
+    key = encoder.key if encoder is not None else encoder_key(text_cfg)
+    cache = EmbeddingCache.load(cache_dir, key, text_cfg.dim)
+    todo = cache.missing(captions)
+    token_length = int(text_cfg.max_tokens)
+    if text_cfg.tokens and len(cache) and (not cache.has_tokens or cache.token_length != token_length):
+        # The file was built without tokens (or for another length): rebuild it whole.
+        todo = list(dict.fromkeys(cache.captions + todo))
+        cache = EmbeddingCache(cache.path, key, text_cfg.dim)
+    # A file that has tokens keeps them complete even when this call does not need them.
+    want_tokens = bool(text_cfg.tokens) or cache.has_tokens
+    if cache.has_tokens:
+        token_length = cache.token_length
+    if not todo:
+        return cache
+    if encoder is None:
+        encoder = build_encoder(text_cfg, device=device)
+    if encoder.dim != int(text_cfg.dim):
+        raise TextEncoderError(f"encoder {encoder.key!r} gives {encoder.dim}-d embeddings but text.dim={text_cfg.dim}")
+    order = sorted(todo, key=lambda c: (len(c), c))
+    bar = progress_counter(total=len(order), desc="embedding captions", unit="caption", enabled=progress)
+    last_save = time.time()
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        pooled, tokens, mask = encoder.encode(batch)
+        if want_tokens:
+            if tokens is None:
+                raise TextEncoderError(f"encoder {encoder.key!r} gives no token embeddings (text.tokens=true)")
+            tokens, mask = _pad_to(tokens, mask, token_length)
+            cache.add(batch, pooled, tokens, mask)
+        else:
+            cache.add(batch, pooled)
+        bar.update(len(batch))
+        if time.time() - last_save > save_every_s:
+            cache.save()
+            last_save = time.time()
+    bar.close()
+    cache.save()
+    return cache

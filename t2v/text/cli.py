@@ -1,0 +1,85 @@
+"""``python -m t2v.text embed``: embed every caption training will look up, once, into the text cache.
+
+The captions are those of data.manifest, of the validation manifest when there is one, of any --manifest, the
+sample prompts and "" (the unconditional input of classifier-free guidance). They are read with the data
+layer's caption normaliser (``t2v.data.manifest.row_captions``), so what is embedded here is exactly what
+training asks the cache for. Captions already cached are not encoded again, and the encoder is not even
+loaded when nothing is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from t2v.data.manifest import row_captions
+from t2v.device import DeviceError, pick_device
+from t2v.text.cache import EmbeddingCacheError, embed_captions
+from t2v.text.encoders import TextEncoderError
+
+
+def read_captions(manifest: str | os.PathLike) -> list[str]:
+    """Captions of a JSON-lines manifest exactly as training reads them (t2v.data.manifest.row_captions: the same
+    keys, whitespace cut, a single string accepted for ``captions``); lines that do not parse are skipped: the
+    data layer reports them (`python -m t2v.data check`)."""
+    out: list[str] = []
+    with open(manifest, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.extend(row_captions(rec))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from t2v import text  # the package docstring's first line is the command's description
+    from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
+
+    parser = argparse.ArgumentParser(prog="python -m t2v.text", description=text.__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    p = sub.add_parser("embed", help="embed every caption of the manifest(s) once into the text cache")
+    add_config_args(p)
+    p.add_argument("--manifest", action="append", default=[], metavar="PATH",
+                   help="another manifest whose captions to embed (repeatable; data.manifest and the "
+                        "validation manifest are always included)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--no-progress", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in sub.choices:
+        parser.parse_args(argv)  # prints usage / help and exits
+    # key=value overrides may come before or after --options
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        captions: list[str] = []
+        for m in [cfg.data.manifest, *args.manifest]:
+            if not Path(m).is_file():
+                raise ConfigError(f"manifest not found: {m}")
+            captions += read_captions(m)
+        if val_manifest(cfg).is_file():  # the validation loss needs its captions too
+            captions += read_captions(val_manifest(cfg))
+        n_manifest = len(set(captions))
+        captions += list(cfg.train.sample_prompts) + [""]
+        device = pick_device(args.device)
+        out_dir = cache_dir(cfg, "text")
+        t0 = time.time()
+        cache = embed_captions(cfg.text, captions, out_dir, batch_size=args.batch_size,
+                               progress=not args.no_progress, device=device)
+    except (ConfigError, TextEncoderError, EmbeddingCacheError, DeviceError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    unique = len(set(captions))
+    print(f"text embed: {unique} unique captions ({n_manifest} from manifests, plus sample prompts and \"\"): "
+          f"{cache.added} newly encoded, {unique - cache.added} already cached, {time.time() - t0:.1f} s")
+    print(f"encoder {cache.key} ({cache.dim}-d{', with tokens' if cache.has_tokens else ''}); "
+          f"cache {cache.path} holds {len(cache)} captions")
+    return 0
