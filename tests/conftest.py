@@ -1,6 +1,20 @@
 """Shared test setup: no network, deterministic threads, helpers to make small real videos."""
 import os
 
+import pytest
+
 # Model weights cannot come from a hub here (and a silent offline CLIP tokenizer is a known trap).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> None:
+    """Every socket connection fails loudly: a test of an offline path proves it never tried the network."""
+    import socket
+
+    def refuse(self, address, *args):
+        raise AssertionError(f"a network connection was attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 
 import numpy as np
@@ -258,8 +257,8 @@ def test_load_clip_from_local_folder(clip_folder):
     assert s.encode_images(torch.zeros(2, 3, 16, 16)).shape == (2, 16)
 
 
-def test_load_clip_fails_fast_with_instructions(tmp_path, clip_folder):
-    t0 = time.time()
+def test_load_clip_fails_fast_with_instructions(tmp_path, clip_folder, no_network):
+    # failing fast means not trying the hub: the no_network fixture fails the test on any connection attempt
     with pytest.raises(E.EvalError, match="not available offline") as e:
         E.load_clip("no-such-org/no-such-clip")  # HF_HUB_OFFLINE=1 (conftest): nothing is downloaded
     assert "HF_HOME" in str(e.value) and "--clip /path/to/folder" in str(e.value)
@@ -273,7 +272,6 @@ def test_load_clip_fails_fast_with_instructions(tmp_path, clip_folder):
                   ).save_pretrained(tmp_path / "text-only")
     with pytest.raises(E.EvalError, match="not a full CLIP model"):
         E.load_clip(str(tmp_path / "text-only"))
-    assert time.time() - t0 < 30
 
 
 # ------------------------------------------------------------------------------------ end to end
