@@ -91,7 +91,7 @@ def prepare(cfg) -> None:
 
 def train_seconds(outdir: Path) -> dict[int, float]:
     """Cumulative seconds of training steps (previews and checkpoint writes excluded) at each logged step."""
-    from tools.report import read_metrics  # the one reader of metrics.jsonl
+    from tools.reporting.parse import read_metrics  # metrics.jsonl as the report reads it (through t2v.runlog)
 
     steps = read_metrics(outdir / "metrics.jsonl")[0]
     spans = steps["step"].diff().fillna(steps["step"].iloc[0])  # steps since the previous record
@@ -152,9 +152,11 @@ def shipped_steps() -> int:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| recipe | overrides on configs/demo.yaml | s/step | step | train s | colour | shape | motion | background "
-            "| to motion >= 90% | to all targets |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    from t2v.table import markdown_table
+
+    header = ["recipe", "overrides on configs/demo.yaml", "s/step", "step", "train s", "colour", "shape", "motion",
+              "background", "to motion >= 90%", "to all targets"]
+    rows = []
     for r in results:
         best = max(r["evals"], key=lambda e: (e["motion"] + e["shape"] + e["color"], e["step"]))
         last = r["evals"][-1]
@@ -165,10 +167,10 @@ def table(results: list[dict]) -> str:
         shown = [e for e in r["evals"] if e is best or e is last
                  or (r["recipe"] == "demo" and e["step"] == shipped_steps())]  # and the step `make demo` stops at
         for e in shown:
-            rows.append(f"| {r['recipe']} | {' '.join(r['overrides']) or '(none)'} | {r['step_s']:.2f} | {e['step']} | "
-                        f"{e['train_s']:.0f} | {e['color']:.0%} | {e['shape']:.0%} | {e['motion']:.0%} | "
-                        f"{e['background']:.3f} | {reached('motion')} | {reached('target')} |")
-    return "\n".join(rows)
+            rows.append([r["recipe"], " ".join(r["overrides"]) or "(none)", f"{r['step_s']:.2f}", e["step"],
+                         f"{e['train_s']:.0f}", f"{e['color']:.0%}", f"{e['shape']:.0%}", f"{e['motion']:.0%}",
+                         f"{e['background']:.3f}", reached("motion"), reached("target")])
+    return markdown_table(header, rows)
 
 
 def main(argv=None) -> int:

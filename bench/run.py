@@ -45,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads: every mo
 import torch  # noqa: E402
 
 from bench.common import REPO, Row, SectionResult, load_average, log, machine_info  # noqa: E402
+from t2v.table import markdown_table, text_table  # noqa: E402
 
 # section -> "module:function", imported only when the section runs, so one broken section (a missing peer
 # library, say) cannot stop the others
@@ -127,18 +128,7 @@ def table(results: list[SectionResult], markdown: bool, group: str = "benchmark"
                 rows.append((row.name + mark, row.measured, row.target, row.verdict))
     if len(rows) == 1:
         return ""
-    if markdown:
-        esc = [[c.replace("|", "\\|") for c in row] for row in rows]
-        lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(["---"] * 4) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    out = []
-    for j, row in enumerate(rows):
-        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if j == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return markdown_table(rows[0], rows[1:]) if markdown else text_table(rows[0], rows[1:], rule=True)
 
 
 def tables(results: list[SectionResult], markdown: bool) -> list[str]:

@@ -8,7 +8,8 @@
 "My runs" are the submissions recorded by jobs.submit in $T2V_HOME/runs.jsonl (default ~/.t2v/runs.jsonl).
 The state comes from `scontrol show job` (jobs Slurm still remembers: running, pending, recently ended), then
 `sacct` where accounting is enabled; restarts from scontrol, else from the job log; step and loss from the run's
-train.log, which training appends to across requeues.
+metrics.jsonl (t2v.runlog, appended to across requeues), else from train.log for runs from before it existed, and the
+target step from the run's config.yaml.
 """
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from jobs.submit import t2v_home
+import yaml
 
-STEP_RE = re.compile(r"^step (\d+) \| loss ([-+0-9.eEnaif]+)")
+from jobs.submit import t2v_home
+from t2v import runlog
+from t2v.table import text_table
+
+STEP_RE = re.compile(rf"^{re.escape(runlog.STEP_PREFIX)}(\d+) \| loss ([-+0-9.eEnaif]+)")  # train.log's step lines
 RESTART_RE = re.compile(r"^t2v-job: \[[^]]*\] job \S+ restart (\d+):")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "SPECIAL_EXIT"}
@@ -89,7 +94,11 @@ def query(job_ids: Iterable[str]) -> dict[str, JobInfo]:
 
 
 def last_step(run_dir: str | Path) -> tuple[int | None, str]:
-    """Last `step N | loss X` line of the run's train.log."""
+    """The last loss record of the run: step and loss as train.log prints it (4 decimals)."""
+    for rec in reversed(runlog.read_records(run_dir)):  # metrics.jsonl, in the order written
+        if "event" not in rec and isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), (int, float)):
+            return rec["step"], f"{rec['loss']:.4f}"
+    # no metrics.jsonl, or no loss in it yet: the text log, which is all that runs from before metrics.jsonl have
     log = Path(run_dir) / "train.log"
     if not log.is_file():
         return None, ""
@@ -103,12 +112,12 @@ def last_step(run_dir: str | Path) -> tuple[int | None, str]:
 
 
 def total_steps(run_dir: str | Path) -> int | None:
-    cfg = Path(run_dir) / "config.yaml"  # written by training
-    if cfg.is_file():
-        m = re.search(r"^\s+steps:\s*(\d+)", cfg.read_text(), re.M)
-        if m:
-            return int(m.group(1))
-    return None
+    """train.steps of the config.yaml training saved in the run folder, or None."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return int(yaml.safe_load(path.read_text())["train"]["steps"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError):  # absent, half-written or not training's
+        return None
 
 
 def restarts_from_log(log: str | Path) -> int | None:
@@ -120,7 +129,7 @@ def restarts_from_log(log: str | Path) -> int | None:
 
 
 def table(recs: list[dict], infos: Mapping[str, JobInfo]) -> str:
-    rows = [("JOB", "STATE", "RESTARTS", "STEP", "LOSS", "RUN")]
+    rows = []
     for r in recs:
         info = infos.get(r["job_id"], JobInfo())
         restarts = info.restarts if info.restarts is not None else restarts_from_log(r.get("log", ""))
@@ -130,8 +139,7 @@ def table(recs: list[dict], infos: Mapping[str, JobInfo]) -> str:
         state = info.state + (f" ({info.reason})" if info.state == "PENDING" and info.reason not in ("", "None") else "")
         rows.append((r["job_id"], state, "-" if restarts is None else str(restarts), step_s, loss or "-",
                      r["run_dir"]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+    return text_table(("JOB", "STATE", "RESTARTS", "STEP", "LOSS", "RUN"), rows)
 
 
 def find_run(run: str, env: Mapping[str, str] | None = None) -> dict:

@@ -63,21 +63,29 @@ def outcome(lines: Iterable[str]) -> str:
     return "requeue" if any(REQUEUE_MARK in line for line in lines) else ""
 
 
-def read_records(outdir: str | Path) -> list[dict]:
-    """Every record of OUTDIR/metrics.jsonl; a line that is not a JSON object (a write cut by a kill) is skipped."""
+def read_records(outdir: str | Path, skipped: list[tuple[int, bool]] | None = None) -> list[dict]:
+    """Every record of OUTDIR/metrics.jsonl; a line that is not a JSON object (a write cut by a kill) is skipped.
+
+    With ``skipped``, each skipped line that is not blank is appended to it as (1-based line number, cut): cut when
+    it is the last line that is not blank and not JSON at all, which is what a kill mid-write leaves; any other
+    skipped line is worth a word to the reader."""
     path = Path(outdir) / "metrics.jsonl"
     out = []
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return out
-    for line in text.splitlines():
+    lines = text.splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
         try:
-            rec = json.loads(line)
+            rec, cut = json.loads(line), False
         except ValueError:
-            continue
+            rec, cut = None, i == last
         if isinstance(rec, dict):
             out.append(rec)
+        elif skipped is not None and line.strip():
+            skipped.append((i + 1, cut))
     return out
 
 

@@ -308,3 +308,20 @@ def test_runs_are_recorded_for_status(tmp_path, monkeypatch):
     assert status.records() == [{"job_id": "5", "run_dir": "/r"}]
     assert status.find_run("5")["run_dir"] == "/r"
     assert json.loads((tmp_path / "runs.jsonl").read_text())["job_id"] == "5"
+
+
+def test_status_reads_metrics_jsonl_and_config_yaml(tmp_path):
+    """Step and loss come from metrics.jsonl when there is one (its last loss record, events and a cut last
+    line skipped); the target step from config.yaml's train.steps, not from any other `steps:` key."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("step 000010 | loss 0.2500\n")  # stale prose: metrics.jsonl wins
+    recs = [{"step": 10, "loss": 0.25, "time": 1.0}, {"step": 20, "loss": 0.123456, "time": 2.0},
+            {"event": "checkpoint", "step": 20, "path": "x"}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + '\n{"step": 30, "lo')
+    assert status.last_step(run) == (20, "0.1235")
+    (run / "config.yaml").write_text("eval:\n  steps: 50\ntrain:\n  outdir: x\n  steps: 40\n")
+    assert status.total_steps(run) == 40
+    (run / "config.yaml").write_text("train: [\n")  # half-written: no target rather than a crash
+    assert status.total_steps(run) is None
+    assert re.search(r"^7\s+\?\s+-\s+20\s+0.1235\s+", status.table([{"job_id": "7", "run_dir": str(run)}], {}), re.M)

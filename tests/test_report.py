@@ -582,3 +582,34 @@ def test_validation_loss_and_demo_check_in_the_report(tmp_path):
     assert "## Validation loss" in summary and "![val](val.png)" in summary
     demo = summary.split("## Demo check")[1].split("##")[0]
     assert "Step 30: 48 prompts" in demo and "0.8541" in demo and "0.979" in demo and "0.055" in demo
+
+
+# --------------------------------------------------------------------------- run facts from t2v.runlog events
+def test_run_facts_come_from_metrics_events(tmp_path):
+    """With metrics.jsonl the events are its own (read once, through t2v.runlog): the log's prose is not
+    counted again; preview failures are counted from `preview_failed` events and shown in the summary."""
+    from t2v import runlog
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"event": runlog.START, "step": 0, "time": T0, "restart": 0}]
+    for s in (10, 20, 30):
+        recs.append({"step": s, "loss": 1.0 / s, "time": T0 + s, "restart": 0})
+        if s < 30:
+            recs.append({"event": runlog.PREVIEW_FAILED, "step": s, "time": T0 + s, "restart": 0, "error": "E: x"})
+    recs.append({"event": runlog.CHECKPOINT, "step": 30, "time": T0 + 31, "restart": 0, "path": str(run / "c")})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs[:3]) + "\n[1]\n"
+                                       + "\n".join(json.dumps(r) for r in recs[3:]) + '\n{"step": 4')
+    skipped: list = []
+    assert len(runlog.read_records(run, skipped)) == len(recs) and skipped == [(4, False), (len(recs) + 2, True)]
+    (run / "train.log").write_text("Out: x | Device: cpu\n" + "".join(
+        f"step {s:06d} | loss {1 / s:.4f}\nwarning: preview at step {s} failed and was skipped: E: x\n"
+        for s in (10, 20, 30)) + f"saved {run}/ckpt_000030.pt\n")
+    r = R.load_run(run)
+    assert (r.events["source"] == "metrics").all() and r.count(runlog.CHECKPOINT) == 1
+    assert r.count(runlog.PREVIEW_FAILED) == 2
+    assert any("truncated" in n for n in r.notes) and any("1 unreadable line(s)" in n for n in r.notes)
+    assert R.main([str(run), "--no-load"]) == 0
+    assert "- preview failures: 2 (see train.log warnings)" in (run / "report" / "summary.md").read_text()
+    (run / "metrics.jsonl").unlink()  # the text log alone: no preview-failure count is made up from its prose
+    assert R.main([str(run), "--no-load"]) == 0
+    assert "preview failures" not in (run / "report" / "summary.md").read_text()

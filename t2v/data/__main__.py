@@ -14,15 +14,12 @@ import time
 
 from t2v.config import ConfigError, add_config_args, cache_dir, load_config
 from t2v.data.manifest import ManifestError, Problem
+from t2v.table import text_table
 
 
 def print_table(problems: list[Problem], out=sys.stdout) -> None:
-    rows = [("line", "kind", "message")] + [(str(p.line), p.kind, p.message) for p in problems]
-    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
-    for k, (line, kind, message) in enumerate(rows):
-        print(f"{line:>{w0}} | {kind:<{w1}} | {message}", file=out)
-        if k == 0:
-            print(f"{'-' * w0}-+-{'-' * w1}-+-{'-' * 7}", file=out)
+    rows = [(p.line, p.kind, p.message) for p in problems]
+    print(text_table(("line", "kind", "message"), rows, sep=" | ", rule=True, right=[0]), file=out)
 
 
 def cmd_check(args) -> int:
