@@ -105,6 +105,21 @@ def log_error(outdir: str | Path, msg: str) -> None:
             pass
 
 
+def _open_appending(path: Path):
+    """``path`` opened to append lines. A process SIGKILLed mid-write leaves a cut last line: end it first, so the
+    next process's first record (its `resume` event) is not glued to it and lost."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"
+    except OSError:  # missing or empty
+        cut = False
+    f = open(path, "a", buffering=1)
+    if cut:
+        f.write("\n")
+    return f
+
+
 class _Warnings(logging.Handler):
     """Warnings of the t2v modules (a quarantined checkpoint, skipped manifest lines or clips) into the run's
     log as well as stderr: train.log is what a user reads after the job, the Slurm log may be long gone."""
@@ -127,8 +142,8 @@ class RunLog:
         self.restart = restart
         if enabled:
             self.outdir.mkdir(parents=True, exist_ok=True)
-            self._text = open(self.outdir / "train.log", "a", buffering=1)
-            self._metrics = open(self.outdir / "metrics.jsonl", "a", buffering=1)
+            self._text = _open_appending(self.outdir / "train.log")
+            self._metrics = _open_appending(self.outdir / "metrics.jsonl")
             self._warnings = _Warnings(self)
             logger = logging.getLogger("t2v")
             for stale in [h for h in logger.handlers if isinstance(h, _Warnings)]:  # a run that ended in an error

@@ -18,6 +18,7 @@ import torch
 from runs import REPO, assert_states_equal, load, prepare, tiny_config
 from t2v import checkpoint as ckpt
 from t2v import config as C
+from t2v import runlog as R
 from t2v import train as T
 from t2v.step import lr_at
 from t2v.train import REQUEUE_EXIT, train
@@ -346,3 +347,12 @@ def test_warnings_and_the_stopping_error_reach_train_log(data_dir, tmp_path):
         assert str(cache_file) in (tmp_path / "b" / "train.log").read_text()
     finally:
         cache_file.write_bytes(saved)
+
+
+def test_a_record_cut_by_a_kill_does_not_swallow_the_next_one(data_dir, tmp_path):
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=2", "train.val_every=0")) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.5')  # what a SIGKILL in the middle of a write leaves
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=4", "train.val_every=0")) == 0
+    records = R.read_records(tmp_path)
+    assert [r["step"] for r in R.events(records, R.RESUME)] == [2]  # the resume event survived the cut line

@@ -1,0 +1,52 @@
+"""The layout's rules (ARCHITECTURE.md), checked: who may import whom, torch-free job tools, module sizes."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from runs import REPO
+
+MAX_LINES = 450  # one concern per module: past this a file holds several
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = {n.name for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
+    out |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module and
+            not node.level}
+    return out
+
+
+def _modules(part: str) -> list[Path]:
+    return sorted(p for p in (REPO / part).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_the_core_knows_nothing_of_jobs_tools_or_bench():
+    for path in _modules("t2v"):
+        bad = {m for m in _imports(path) if m.split(".")[0] in ("jobs", "tools", "bench")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_jobs_use_only_the_torch_free_core_and_never_load_torch():
+    allowed = {"t2v", "t2v.config", "t2v.runlog", "t2v.files", "t2v.table"}
+    for path in _modules("jobs"):
+        core = {m for m in _imports(path) if m.split(".")[0] == "t2v"}
+        assert core <= allowed, f"{path.relative_to(REPO)} imports {sorted(core - allowed)}"
+    code = ("import sys; import jobs.submit, jobs.status, jobs.render, jobs.policy, jobs.submitit_launch; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # the host side of a cluster (login node, batch shell) may have no torch
+
+
+def test_no_module_holds_several_concerns():
+    long = {str(p.relative_to(REPO)): n for part in ("t2v", "jobs", "tools") for p in _modules(part)
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_requeue_exit_is_defined_once():
+    hits = [str(p.relative_to(REPO)) for part in ("t2v", "jobs", "tools", "bench") for p in _modules(part)
+            if "REQUEUE_EXIT = " in p.read_text()]
+    assert hits == ["t2v/runlog.py"]
