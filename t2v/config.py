@@ -51,8 +51,19 @@ class TextConfig:
 
 
 @dataclass
+class VAEConfig:
+    """The frozen pretrained VAE of latent-space training (model.space=latent): diffusers' AutoencoderKL."""
+
+    name: str = "stabilityai/sd-vae-ft-mse"  # hub name (fetched once on a login node) or a save_pretrained folder
+    subfolder: str = ""  # e.g. "vae" for a whole Stable Diffusion repository
+    batch_size: int = 16  # frames per encode/decode call: bounds the VAE's memory
+
+
+@dataclass
 class ModelConfig:
     size: str = "base"  # a name in t2v.model.SIZES: tiny, small, base, large
+    space: str = "pixel"  # "pixel": the UNet denoises RGB frames; "latent": the VAE's latents (vae section)
+    in_channels: int = 0  # 0: 3 in pixel space, the VAE's latent channels in latent space (filled in at start)
     base_channels: int = 0  # 0 = taken from the size registry
     channel_mults: tuple = ()  # () = taken from the size registry
     temporal_attention: bool = False
@@ -114,6 +125,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
 
 
 # The baseline's environment variables, which people's scripts already set.
@@ -265,6 +277,10 @@ def validate(cfg: Config) -> None:
         (cfg.text.dim >= 1, "text.dim must be >= 1"),
         (cfg.text.max_tokens >= 1, "text.max_tokens must be >= 1"),
         (cfg.model.base_channels >= 0, "model.base_channels must be >= 0 (0 = from model.size)"),
+        (cfg.model.space in ("pixel", "latent"), "model.space must be 'pixel' or 'latent'"),
+        (cfg.model.in_channels >= 0, "model.in_channels must be >= 0 (0 = from the space: RGB or the VAE)"),
+        (cfg.vae.batch_size >= 1, "vae.batch_size must be >= 1"),
+        (bool(cfg.vae.name.strip()) or cfg.model.space == "pixel", "vae.name must name a VAE for model.space=latent"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (d.timesteps >= 2, "diffusion.timesteps must be >= 2"),
         (t.log_every >= 1, "train.log_every must be >= 1"),

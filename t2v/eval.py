@@ -43,6 +43,7 @@ from t2v import metrics as M
 from t2v.device import DeviceError, pick_device
 from t2v.hf import MIN_TOKENIZER_VOCAB, hf_tokenize
 from t2v.progress import progress as progress_counter
+from t2v.vae import VAEError, load_vae
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -332,6 +333,7 @@ def evaluate(
         clip_name = str(getattr(scorer, "name", type(scorer).__name__))
     ckpt_file = resolve_checkpoint(ckpt_path).resolve()
     cfg, model, step = load_ema(ckpt_file, device)
+    vae = load_vae(cfg.vae, device) if cfg.model.space == "latent" else None  # samples are decoded before scoring
     frames, size = cfg.data.frames, cfg.data.size
     guidance = float(cfg.train.guidance if guidance is None else guidance)
     clips = read_manifest(manifest, video_root=video_root)
@@ -361,7 +363,7 @@ def evaluate(
         for s in range(0, num, batch_size):
             tok = (tokens[s:s + batch_size], token_mask[s:s + batch_size]) if tokens is not None else (None, None)
             videos = generate(model, cfg, text[s:s + batch_size], tokens=tok[0], token_mask=tok[1], steps=steps,
-                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim")
+                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim", vae=vae)
             fake[s:s + videos.shape[0]] = _to_uint8(videos)
             bar.update(videos.shape[0])
     del model
@@ -431,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      seed=args.seed, batch_size=args.batch_size, device=args.device, video_root=args.video_root,
                      progress=not args.no_progress)
     except (EvalError, CheckpointError, ConfigError, ManifestError, VideoError, TextEncoderError,
-            EmbeddingCacheError) as e:
+            EmbeddingCacheError, VAEError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shown = [f"CLIPSIM {r['clipsim']:.4f}" if r["clipsim"] is not None else "",

@@ -319,6 +319,7 @@ def build_model(cfg) -> UNet3DCond:
     m = cfg.model
     base, mults = resolve_size(m.size, m.base_channels, m.channel_mults)
     return UNet3DCond(
+        in_channels=m.in_channels or 3,  # 0: RGB; latent space fills in the VAE's latent channels
         base_channels=base,
         channel_mults=mults,
         text_dim=cfg.text.dim,

@@ -6,6 +6,7 @@ guidance, written as a frame-grid PNG (one row per prompt) and a GIF or MP4 per 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -19,13 +20,15 @@ from t2v.data.video import write_mp4
 from t2v.device import DeviceError, pick_device
 from t2v.files import slug
 from t2v.model import build_model
+from t2v.vae import LatentSpace, VAEError, decode, load_vae
 
 
 @torch.no_grad()
 def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
-             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False) -> torch.Tensor:
+             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, vae=None) -> torch.Tensor:
     """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
-    disturbs the training RNG (previews keep resume bit-exact)."""
+    disturbs the training RNG (previews keep resume bit-exact). A latent-space model (model.space=latent) samples
+    latents and decodes them through ``vae`` (t2v.vae.load_vae; loaded once per process if not given)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -49,11 +52,23 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
         return D.cfg_combine(cond, uncond, guidance)
 
     g = torch.Generator(device=device).manual_seed(seed)
-    shape = (b, cfg.data.frames, 3, cfg.data.size, cfg.data.size)
+    latent = cfg.model.space == "latent"
+    if latent and vae is None:
+        vae = _shared_vae(cfg.vae.name, cfg.vae.subfolder, str(device))
+    space = LatentSpace.of(vae) if latent else None
+    shape = ((b, cfg.data.frames, space.channels, cfg.data.size // space.factor, cfg.data.size // space.factor)
+             if latent else (b, cfg.data.frames, 3, cfg.data.size, cfg.data.size))  # b t c h w
+    # x0 is clipped to [-1, 1] at every step in pixel space only: latents are not bounded
     x = D.sample_loop(denoise, shape, sched, method=method, steps=steps, prediction=cfg.diffusion.prediction,
-                      generator=g, device=device, eta=eta, progress=progress)
+                      generator=g, device=device, eta=eta, progress=progress, clip=not latent)
     model.train(was_training)
-    return x.clamp(-1, 1)
+    return decode(vae, x, space, cfg.vae.batch_size) if latent else x.clamp(-1, 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_vae(name: str, subfolder: str, device: str):
+    """One loaded VAE per process for callers that sample again and again (previews, eval batches)."""
+    return load_vae(C.VAEConfig(name=name, subfolder=subfolder), device)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -161,7 +176,8 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         path = resolve_checkpoint(args.ckpt)
         cfg, model, step = load_ema(path, device)
-    except (ckpt.CheckpointError, DeviceError) as e:
+        vae = load_vae(cfg.vae, device) if cfg.model.space == "latent" else None  # decodes the sampled latents
+    except (ckpt.CheckpointError, DeviceError, VAEError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else path.parent / "samples" / path.stem
@@ -170,7 +186,7 @@ def main(argv=None) -> int:
     guidance = cfg.train.guidance if args.guidance is None else args.guidance
     steps = cfg.diffusion.timesteps if args.method == "ddpm" else args.steps
     videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance,
-                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True)
+                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True, vae=vae)
     grid = save_grid(videos, out / "grid.png", args.prompt)
     print(f"step {step} | {args.method} {steps} steps | guidance {guidance:g}")
     print(f"grid {grid}")

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from t2v import config as C
@@ -56,6 +57,19 @@ def autocast(device: torch.device, precision: str):
     if precision in ("bf16", "fp16"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext()
+
+
+def draw_latents(posterior: torch.Tensor, scaling_factor: float, seed: int, step: int, rank: int,
+                 global_batch: int) -> torch.Tensor:
+    """This rank's posteriors (b 2 t c h w: mean, std) -> z = (mean + std * e) * scaling_factor, b t c h w.
+    e comes from a generator of (seed, step) of its own, drawn for the whole global batch like the step's noise,
+    so a resumed run and N ranks draw exactly what one uninterrupted process draws."""
+    b = posterior.shape[0]
+    g = torch.Generator(device=posterior.device)
+    g.manual_seed(int(np.random.SeedSequence([seed, step, 2]).generate_state(1)[0]))  # not step_generator's stream
+    e = torch.randn((global_batch, *posterior.shape[2:]), generator=g, device=posterior.device)[rank * b:(rank + 1) * b]
+    mean, std = posterior[:, 0], posterior[:, 1]  # b t c h w each
+    return (mean + std * e) * scaling_factor
 
 
 @dataclass

@@ -28,15 +28,17 @@ from t2v import config as C
 from t2v import diffusion as D
 from t2v import distributed
 from t2v.data.cache import build_cache, open_cache
+from t2v.data.latents import open_latents
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
-from t2v.model import build_model, count_params
+from t2v.model import SIZES, build_model, count_params
 from t2v import runlog as R
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
-from t2v.step import Cond, StepState, train_step
+from t2v.step import Cond, StepState, draw_latents, train_step
+from t2v.vae import LatentSpace, VAEError, load_vae, vae_identity
 from t2v.text import EmbeddingCache, EmbeddingCacheError, TextEncoderError, encoder_key
 from t2v.validate import load_val_set, val_loss
 
@@ -122,13 +124,39 @@ def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
     return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
 
 
-def load_data(cfg: C.Config, log: RunLog):
-    """Manifest -> clips (+ clip cache) and the caption-embedding cache; fails with what to run if not built."""
+def latent_setup(cfg: C.Config, device: torch.device):
+    """Latent space: the frozen VAE (for previews; training never runs its encoder), its identity (the latent
+    cache's key) and its latent space; fills in model.in_channels from it, before the resume check compares it."""
+    vae = load_vae(cfg.vae, device)
+    space = LatentSpace.of(vae)
+    if cfg.model.in_channels not in (0, space.channels):
+        raise TrainingError(f"model.in_channels={cfg.model.in_channels}, but the VAE {cfg.vae.name} has "
+                            f"{space.channels} latent channels (leave model.in_channels at 0)")
+    cfg.model.in_channels = space.channels
+    halvings = len(cfg.model.channel_mults or SIZES[cfg.model.size][1]) - 1
+    if cfg.data.size % space.factor or (cfg.data.size // space.factor) % 2 ** halvings:
+        raise TrainingError(f"data.size={cfg.data.size}: latent frames are SIZE/{space.factor} pixels, which the UNet "
+                            f"halves {halvings} times; use a multiple of {space.factor * 2 ** halvings}")
+    return vae, vae_identity(cfg.vae, vae), space
+
+
+def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
+    """Manifest -> clips (+ clip cache, or in latent space the latent cache) and the caption-embedding cache;
+    fails with what to run if a cache is not built."""
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
     if not clips:
         raise TrainingError(f"{cfg.data.manifest}: no usable clips")
-    cache = None
-    if cfg.data.cache and cfg.data.sampling == "even":
+    cache = latents = None
+    if vae_id is not None:
+        latents = open_latents(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), vae_id)
+        if latents is None:
+            raise TrainingError(f"{cfg.data.manifest}: no latent cache for these clips at {cfg.data.frames}x"
+                                f"{cfg.data.size} and the VAE {cfg.vae.name} in {C.cache_dir(cfg, 'data')}.\nRun once: "
+                                "python -m t2v.data latents with this run's --config and key=value arguments (GPU if "
+                                "there is one; training never runs the VAE encoder)")
+        if latents.bad:
+            log.warn(f"{len(latents.bad)} corrupt clips in the latent cache are skipped")
+    elif cfg.data.cache and cfg.data.sampling == "even":
         cache = open_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"))
         if cache is None:
             log.line(f"building the clip cache in {C.cache_dir(cfg, 'data')} (once; `python -m t2v.data cache`)")
@@ -145,7 +173,7 @@ def load_data(cfg: C.Config, log: RunLog):
             f"{len(missing)} captions of {cfg.data.manifest} have no cached embedding (e.g. {missing[0]!r}).\n"
             "Run once: python -m t2v.text embed with this run's --config and key=value arguments (the training "
             "process never runs the text encoder)")
-    return clips, cache, emb
+    return clips, cache, latents, emb
 
 
 def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,14 +205,14 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
     return path
 
 
-def preview(ema, cfg, emb, step, device, log) -> None:
+def preview(ema, cfg, emb, step, device, log, vae=None) -> None:
     prompts = [p for p in cfg.train.sample_prompts if p in emb]
     if not prompts:
         return
     text = torch.stack([emb.get(p) for p in prompts]).to(device)
     tokens, mask = caption_tokens(emb, prompts, device) if cfg.model.cross_attention else (None, None)
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
-                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device)
+                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, vae=vae)
     path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -212,6 +240,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     log.line(f"{R.OUT_PREFIX}{outdir} | Device: {device}")
     if dist.is_main:
         ckpt.clean_temp_files(outdir)
+    vae = vae_id = space = None
+    if cfg.model.space == "latent":
+        vae, vae_id, space = latent_setup(cfg, device)
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
     # Rank 0 alone picks the checkpoint (quarantining a corrupt newest one); the others load the file it picked,
@@ -238,12 +269,12 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     per_rank_batch = global_batch // dist.world_size
 
     # --- data: manifest -> cached clips + cached caption embeddings -------------------------------------
-    clips, cache, emb = load_data(cfg, log)
+    clips, cache, latents, emb = load_data(cfg, log, vae_id)
     dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed,
-                          sampling=cfg.data.sampling, window=cfg.data.window, cache=cache)
+                          sampling=cfg.data.sampling, window=cfg.data.window, cache=cache, latents=latents)
     valset = None
     if dist.is_main and cfg.train.val_every:
-        valset, why_not = load_val_set(cfg, emb)
+        valset, why_not = load_val_set(cfg, emb, vae_id)
         log.line(why_not or f"validation loss every {cfg.train.val_every} steps: {valset.videos.shape[0]} clips of "
                             f"{valset.manifest} at t = {', '.join(map(str, valset.timesteps))}")
 
@@ -316,7 +347,11 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         if bad_clips > cfg.data.max_bad_clips:
             raise TrainingError(f"{bad_clips} corrupt clips skipped (cap data.max_bad_clips="
                                 f"{cfg.data.max_bad_clips}); run `python -m t2v.data check {cfg.data.manifest}`")
-        x0 = batch["video"].to(device, non_blocking=True)  # b t c h w, in [-1, 1]
+        if space is not None:  # the VAE posterior (b 2 t c h w) -> this step's latent draw, b t c h w
+            x0 = draw_latents(batch["latent"].to(device, non_blocking=True), space.scaling_factor, cfg.train.seed,
+                              step, dist.rank, global_batch)
+        else:
+            x0 = batch["video"].to(device, non_blocking=True)  # b t c h w, in [-1, 1]
         text = batch["text"].to(device, non_blocking=True)  # b d
         tokens, token_mask = (caption_tokens(emb, batch["caption"], device) if cfg.model.cross_attention
                               else (None, None))  # b l d, b l
@@ -352,7 +387,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             log_val_loss(ema, sched, valset, cfg, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
-                preview(ema, cfg, emb, done, device, log)
+                preview(ema, cfg, emb, done, device, log, vae)
             except Exception as e:  # a preview is a picture: it must never end a long run
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
                 log.event(R.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
@@ -383,7 +418,7 @@ def main(argv=None) -> int:
         cfg = C.load_config(args.config, args.overrides)
         return train(cfg)
     except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError, DeviceError,
-            EmbeddingCacheError, TextEncoderError) as e:
+            EmbeddingCacheError, TextEncoderError, VAEError) as e:
         print(f"error: {e}", file=sys.stderr)
         if cfg is not None and distributed.detect().is_main:
             R.log_error(cfg.train.outdir, str(e))

@@ -33,8 +33,9 @@ class ValSet:
     manifest: Path
 
 
-def load_val_set(cfg: C.Config, emb) -> tuple[ValSet | None, str]:
-    """The fixed validation subset, or None and the reason it is skipped (no manifest, captions not cached)."""
+def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet | None, str]:
+    """The fixed validation subset, or None and the reason it is skipped (no manifest, captions not cached). In
+    latent space (``vae_id``: t2v.vae.vae_identity) the clips are their cached posterior means, scaled."""
     path = C.val_manifest(cfg)
     if not path.is_file():
         return None, f"no validation manifest {path} (data.val_manifest): validation loss off"
@@ -47,13 +48,18 @@ def load_val_set(cfg: C.Config, emb) -> tuple[ValSet | None, str]:
     if missing:
         return None, (f"{len(missing)} captions of {path} have no cached embedding (e.g. {missing[0]!r}): validation "
                       "loss off; `python -m t2v.text embed` embeds them")
-    videos = []
-    for clip in clips:
-        try:
-            videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.size, start=clip.start,
-                                                end=clip.end)))
-        except VideoError as e:
-            return None, f"{path}:{clip.line}: {e}: validation loss off"
+    if vae_id is not None:
+        videos, why_not = _latent_x0(cfg, path, len(clips), vae_id)
+        if why_not:
+            return None, why_not
+    else:
+        videos = []
+        for clip in clips:
+            try:
+                videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.size, start=clip.start,
+                                                    end=clip.end)))
+            except VideoError as e:
+                return None, f"{path}:{clip.line}: {e}: validation loss off"
     if not videos:
         return None, f"{path}: no clips: validation loss off"
     x0 = torch.stack(videos)  # n t c h w
@@ -65,6 +71,18 @@ def load_val_set(cfg: C.Config, emb) -> tuple[ValSet | None, str]:
     timesteps = tuple(cfg.train.val_timesteps)  # ints: t2v.config.validate coerced them
     noise = torch.randn((len(timesteps), *x0.shape), generator=g)  # k n t c h w
     return ValSet(x0, torch.stack([emb.get(c) for c in captions]), tokens, mask, timesteps, noise, path), ""
+
+
+def _latent_x0(cfg: C.Config, path: Path, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
+    """The first n validation clips in latent space: their cached posterior means (t c h w), scaled like the
+    training draws; fixed, so every evaluation measures the same x0."""
+    from t2v.data.latents import open_latents  # latent space only
+
+    cache = open_latents(read_manifest(path, cfg.data.video_root), cfg.data.frames, cfg.data.size,
+                         C.cache_dir(cfg, "data"), vae_id)
+    if cache is None:
+        return [], f"no latent cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
+    return [torch.from_numpy(cache.get(i)[0].astype("float32")) * cache.space.scaling_factor for i in range(n)], ""
 
 
 @torch.no_grad()

@@ -325,3 +325,15 @@ def test_status_reads_metrics_jsonl_and_config_yaml(tmp_path):
     (run / "config.yaml").write_text("train: [\n")  # half-written: no target rather than a crash
     assert status.total_steps(run) is None
     assert re.search(r"^7\s+\?\s+-\s+20\s+0.1235\s+", status.table([{"job_id": "7", "run_dir": str(run)}], {}), re.M)
+
+
+def test_the_latent_recipe_submits_unchanged(tmp_path):
+    """`make submit CONFIG=configs/latent.yaml STEPS=5000`: the same renderer and job script, the recipe's config
+    travelling with the run (nothing about the VAE is needed before the job starts)."""
+    sub = resolve({"PROFILE": "zaratan", "CONFIG": "configs/latent.yaml", "STEPS": "5000", "T2V_PROFILES": ""}, [],
+                  cwd=REPO, now=NOW, token=TOKEN)
+    args = list(sub.settings.train_args)
+    assert args[:2] == ["--config", f"{sub.settings.run_dir}/job_config.yaml"] and "train.steps=5000" in args
+    assert sub.config_src == str(REPO / "configs/latent.yaml")
+    script = render.render_train(sub.profile, sub.settings)
+    assert "python -m t2v.train --config" in script.replace("'", "")

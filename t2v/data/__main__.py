@@ -1,7 +1,8 @@
-"""Data tools: ``python -m t2v.data {check,cache,demo}``.
+"""Data tools: ``python -m t2v.data {check,cache,latents,demo}``.
 
   check MANIFEST [--video-root R] [--frames N]   list every bad line and video; exit 1 if any
   cache [--config F] [key=value ...]            pre-decode cfg.data.manifest into the clip cache
+  latents [--config F] [key=value ...]          encode the training and validation clips with vae.name (GPU if any)
   demo [--out DIR] [--seed S] [--n-train N ...] write the synthetic demo dataset
 """
 from __future__ import annotations
@@ -12,9 +13,11 @@ import logging
 import sys
 import time
 
-from t2v.config import ConfigError, add_config_args, cache_dir, load_config
+from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
 from t2v.data.manifest import ManifestError, Problem
+from t2v.device import DeviceError
 from t2v.table import text_table
+from t2v.vae import VAEError
 
 
 def print_table(problems: list[Problem], out=sys.stdout) -> None:
@@ -60,6 +63,31 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_latents(args) -> int:
+    from t2v.data.cache import open_cache
+    from t2v.data.latents import build_latents
+    from t2v.data.manifest import read_manifest
+    from t2v.device import pick_device
+    from t2v.vae import load_vae, vae_identity
+
+    cfg = load_config(args.config, args.overrides)
+    device = pick_device(cfg.train.device)
+    vae = load_vae(cfg.vae, device)
+    vae_id = vae_identity(cfg.vae, vae)
+    manifests = [cfg.data.manifest] + ([val_manifest(cfg)] if val_manifest(cfg).is_file() else [])
+    for manifest in manifests:
+        clips = read_manifest(manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
+        t0 = time.time()
+        clip_cache = open_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg))  # faster than decoding
+        cache = build_latents(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), vae, vae_id, cfg.vae.batch_size,
+                              clip_cache=clip_cache, progress=True)
+        s = cache.space
+        print(f"latent cache: {cache.npy} ({len(cache)} clips of {manifest}, {cfg.data.frames}x{s.channels}x"
+              f"{cfg.data.size // s.factor}x{cfg.data.size // s.factor} latents of {cfg.vae.name}, {len(cache.bad)} "
+              f"bad, {time.time() - t0:.1f} s on {device})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from t2v.data.demo import make_demo
 
@@ -82,6 +110,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("cache", help="pre-decode the configured manifest into the clip cache")
     add_config_args(p)
     p.set_defaults(func=cmd_cache)
+    p = sub.add_parser("latents", help="encode the configured manifests with the VAE into the latent cache")
+    add_config_args(p)
+    p.set_defaults(func=cmd_latents)
     p = sub.add_parser("demo", help="write the synthetic demo dataset")
     p.add_argument("--out", default="demo/data")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +124,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ManifestError, ConfigError) as e:
+    except (ManifestError, ConfigError, VAEError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

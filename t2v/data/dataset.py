@@ -111,6 +111,7 @@ class ClipDataset(torch.utils.data.Dataset):
         sampling: str = "even",
         window: float = 0.5,
         cache: ClipCache | None = None,
+        latents=None,  # a t2v.data.latents.LatentCache: items carry the VAE posterior instead of pixels
     ):
         if not clips:
             raise ValueError("ClipDataset needs at least one clip")
@@ -127,12 +128,18 @@ class ClipDataset(torch.utils.data.Dataset):
         self.clips, self.embeddings = list(clips), embeddings
         self.frames, self.size, self.seed = frames, size, seed
         self.sampling, self.window, self.cache = sampling, window, cache
+        if latents is not None and (len(latents) != len(clips) or (latents.frames, latents.size) != (frames, size)):
+            raise ValueError(f"latent cache {latents.npy} holds {len(latents)} clips of {latents.frames}x{latents.size}"
+                             f", expected {len(clips)} of {frames}x{size}")
+        self.latents = latents
 
     def __len__(self) -> int:
         return len(self.clips)
 
     def _frames(self, i: int, draw: int) -> np.ndarray | None:
-        """(T, H, W, 3) uint8 for clip i, or None if it is bad."""
+        """(T, H, W, 3) uint8 for clip i (in latent space its (2, T, C, h, w) posterior), or None if it is bad."""
+        if self.latents is not None:
+            return None if i in self.latents.bad else self.latents.get(i)
         if self.cache is not None:
             return None if i in self.cache.bad else self.cache.get(i)
         clip = self.clips[i]
@@ -159,5 +166,8 @@ class ClipDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"none of the {n} clips could be decoded (first: {self.clips[0].video})")
         caption = pick_caption(self.clips[i].captions, self.seed, draw)
         text = self.embeddings.get(caption)
-        bad = 0 if self.cache is not None else skipped
+        bad = 0 if self.cache is not None or self.latents is not None else skipped
+        if self.latents is not None:  # 2 t c h w: the posterior's mean and std, float16 on disk
+            return {"latent": torch.from_numpy(np.array(u8, dtype=np.float32)), "text": text, "caption": caption,
+                    "index": i, "bad": bad}
         return {"video": to_model(u8), "text": text, "caption": caption, "index": i, "bad": bad}

@@ -1,0 +1,190 @@
+"""The latent cache: every clip's frames encoded once by the frozen VAE, memory-mapped afterwards.
+
+Training in latent space never runs the VAE encoder: it reads each clip's posterior (mean and std per frame) from
+here and draws ``z = mean + std * noise`` with the step's own generator, so a resumed run stays bit-exact.
+
+Files, beside the clip cache (``C.cache_dir(cfg, "data")``):
+  ``latents_<key>.npy``   (N, 2, T, C, h, w) float16: [:, 0] the posterior mean, [:, 1] its std, unscaled
+  ``latents_<key>.json``  key, VAE identity, frames, size, latent space, paths, bad clips. Written last: its
+                          presence means the .npy is complete.
+  ``latents_<key>.partial.npy`` + ``.done.npy`` + ``.bad.json``: a build in progress. A killed build resumes from them without
+                          redoing finished clips (the done mask is saved only after the array is flushed).
+The key hashes the clip cache's key (frames, size, every source file's path, size, mtime and range) with the
+VAE's identity (name, config, a digest of its weights): a changed setting, video or VAE gives a new name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from t2v.data.cache import ClipCache, cache_key
+from t2v.data.manifest import Clip
+from t2v.data.video import VideoError, decode_uint8, to_model
+from t2v.files import write_text
+from t2v.progress import progress as progress_counter
+from t2v.vae import LatentSpace, encode
+
+log = logging.getLogger("t2v.data")
+
+VERSION = 1
+
+
+def latent_key(clips: Sequence[Clip], frames: int, size: int, vae_id: str) -> str:
+    blob = json.dumps({"version": VERSION, "clips": cache_key(clips, frames, size), "vae": vae_id})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _files(cache_dir: Path, key: str) -> dict[str, Path]:
+    stem = cache_dir / f"latents_{key}"
+    return {"npy": stem.with_suffix(".npy"), "meta": stem.with_suffix(".json"),
+            "partial": Path(f"{stem}.partial.npy"), "done": Path(f"{stem}.done.npy"), "bad": Path(f"{stem}.bad.json")}
+
+
+@dataclass
+class LatentCache:
+    npy: Path
+    frames: int
+    size: int
+    space: LatentSpace
+    paths: list[str]
+    bad: set[int] = field(default_factory=set)
+    _array: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.npy, mmap_mode="r")
+        return self._array
+
+    def get(self, i: int) -> np.ndarray:
+        """Clip i's posterior as a read-only (2, T, C, h, w) float16 view: [0] mean, [1] std."""
+        return self.array[i]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self):  # DataLoader workers started with spawn: send the path, not the mapped array
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+
+def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
+                 vae_id: str) -> LatentCache | None:
+    """The latent cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
+    key = latent_key(clips, frames, size, vae_id)
+    f = _files(Path(cache_dir), key)
+    if not f["meta"].is_file():
+        return None
+    try:
+        meta = json.loads(f["meta"].read_text())
+        arr = np.load(f["npy"], mmap_mode="r")
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable latent cache %s: %s", f["npy"], e)
+        return None
+    space = LatentSpace(**meta["space"])
+    h = size // space.factor
+    if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]
+            or arr.shape != (len(clips), 2, frames, space.channels, h, h) or arr.dtype != np.float16):
+        log.warning("ignoring latent cache %s: it does not match these clips (shape %s)", f["npy"], arr.shape)
+        return None
+    return LatentCache(f["npy"], frames, size, space, meta["paths"], {int(b["index"]) for b in meta["bad"]}, arr)
+
+
+def _resume_or_create(f: dict[str, Path], shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The partial array and its done mask: those a killed build left (if they fit), else new ones."""
+    if f["partial"].is_file() and f["done"].is_file():
+        try:
+            out = np.lib.format.open_memmap(f["partial"], mode="r+")
+            done = np.load(f["done"])
+            if out.shape == shape and out.dtype == np.float16 and done.shape == (shape[0],):
+                return out, done.astype(bool)
+        except (OSError, ValueError):
+            pass
+        log.warning("latent cache: the partial build in %s does not fit; starting over", f["partial"])
+    return np.lib.format.open_memmap(f["partial"], mode="w+", dtype=np.float16, shape=shape), np.zeros(shape[0], bool)
+
+
+def _save_done(done: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, done)
+    os.replace(tmp, path)
+
+
+def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae, vae_id: str,
+                  batch_frames: int = 16, clip_cache: ClipCache | None = None, progress: bool = True,
+                  save_every_s: float = 30.0) -> LatentCache:
+    """Encode every clip ("even" sampling, from ``clip_cache`` when given, else decoded) into the latent cache,
+    unless it is already complete. Clips go to the VAE in fixed groups of ``batch_frames // frames``, so a resumed
+    build encodes each group exactly as an uninterrupted one does. A clip that cannot be decoded is recorded as
+    bad (zeros) and skipped by the dataset."""
+    cached = open_latents(clips, frames, size, cache_dir, vae_id)
+    if cached is not None:
+        return cached
+    space = LatentSpace.of(vae)
+    if size % space.factor:
+        raise ValueError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = latent_key(clips, frames, size, vae_id)
+    f = _files(cache_dir, key)
+    h = size // space.factor
+    out, done = _resume_or_create(f, (len(clips), 2, frames, space.channels, h, h))
+    bad = json.loads(f["bad"].read_text()) if f["bad"].is_file() and done.any() else []
+    per_group = max(1, batch_frames // frames)
+    groups = [range(s, min(s + per_group, len(clips))) for s in range(0, len(clips), per_group)]
+    todo = [g for g in groups if not done[g.start:g.stop].all()]
+    if len(todo) < len(groups):
+        log.info("latent cache: resuming %s, %d of %d clips already encoded", f["partial"], int(done.sum()), len(clips))
+    last_save = time.time()
+    bar = progress_counter(total=sum(len(g) for g in todo), desc=f"encoding latents to {cache_dir}", unit="clip",
+                           enabled=progress)
+    for group in todo:
+        videos, ok = [], []
+        for i in group:
+            try:
+                u8 = clip_cache.get(i) if clip_cache is not None and i not in clip_cache.bad else decode_uint8(
+                    clips[i].video, frames, size, "even", start=clips[i].start, end=clips[i].end)
+                videos.append(to_model(np.ascontiguousarray(u8)))  # t c h w in [-1, 1]
+                ok.append(i)
+            except VideoError as e:
+                log.warning("latent cache: line %d: %s", clips[i].line, e)
+                bad = [b for b in bad if b["index"] != i] + [{"index": i, "path": str(clips[i].video), "error": str(e)}]
+                out[i] = 0
+        if videos:
+            x = torch.cat(videos)  # (n t) c h w: the group's frames, clip after clip
+            mean, std = encode(vae, x, batch_frames)
+            for k, i in enumerate(ok):
+                rows = slice(k * frames, (k + 1) * frames)
+                out[i, 0], out[i, 1] = mean[rows].numpy(), std[rows].numpy()  # t c h w each
+        done[group.start:group.stop] = True
+        bar.update(len(group))
+        if time.time() - last_save > save_every_s:
+            out.flush()  # the array first: the done mask never claims clips that are not on disk
+            _save_done(done, f["done"])
+            write_text(f["bad"], json.dumps(bad))
+            last_save = time.time()
+    bar.close()
+    out.flush()
+    del out
+    os.replace(f["partial"], f["npy"])
+    meta = {"key": key, "version": VERSION, "vae": vae_id, "frames": frames, "size": size,
+            "space": {"channels": space.channels, "factor": space.factor, "scaling_factor": space.scaling_factor},
+            "paths": [str(c.video) for c in clips], "bad": bad}
+    write_text(f["meta"], json.dumps(meta, indent=1))
+    for p in (f["done"], f["bad"]):
+        p.unlink(missing_ok=True)
+    log.info("latent cache: %d clips (%d bad) in %s", len(clips), len(bad), f["npy"])
+    cache = open_latents(clips, frames, size, cache_dir, vae_id)
+    if cache is None:  # a source file changed while we encoded: the key moved on
+        raise RuntimeError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
+    return cache
