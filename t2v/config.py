@@ -71,6 +71,7 @@ class ModelConfig:
     dropout: float = 0.0
     coords: bool = False  # feed (frame, row, column) coordinate channels to the network
     frame_cond: bool = False  # one FiLM conditioning per frame: an MLP of (caption + timestep, frame index)
+    checkpointing: bool = False  # activation checkpointing of the UNet blocks: less memory, ~1 more forward
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TrainConfig:
     outdir: str = "/scratch/runs/t2v_ddpm"
     steps: int = 1000
     batch_size: int = 2
+    grad_accum: int = 1  # micro-batches per optimizer step: global batch = batch_size x ranks x grad_accum
     lr: float = 1e-4
     warmup: int = 100
     weight_decay: float = 0.0
@@ -303,6 +305,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1 (1 = no accumulation)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 
 # name -> (base_channels, channel_mults). "base" is the baseline: 64 channels scaling to 128 and 256.
@@ -191,8 +192,10 @@ class UNet3DCond(nn.Module):
         in_channels: int = 3,
         coords: bool = False,
         frame_cond: bool = False,
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing
         self.cross_attention = cross_attention
         self.coords = coords
         self.frame_cond = frame_cond
@@ -248,6 +251,13 @@ class UNet3DCond(nn.Module):
         self.out_norm = nn.GroupNorm(num_groups(c), c)
         self.out_conv = zero_(nn.Conv3d(c, in_channels, (1, 3, 3), padding=(0, 1, 1)))
 
+    def _block(self, blk: nn.Module, h, emb, context, context_mask):
+        """One UNet block; with checkpointing, its activations are recomputed in backward instead of kept
+        (torch.utils.checkpoint, non-reentrant: dropout's RNG is replayed, so the result is the same)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, h, emb, context, context_mask, use_reentrant=False)
+        return blk(h, emb, context, context_mask)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -291,13 +301,13 @@ class UNet3DCond(nn.Module):
         skips = []
         n = self.num_res_blocks
         for i, blk in enumerate(self.down):
-            h = blk(h, emb, context, context_mask)
+            h = self._block(blk, h, emb, context, context_mask)
             skips.append(h)
             if i % n == n - 1:
                 h = self.downsample[i // n](h)
-        h = self.mid2(self.mid1(h, emb, context, context_mask), emb)
+        h = self._block(self.mid2, self._block(self.mid1, h, emb, context, context_mask), emb, None, None)
         for i, blk in enumerate(self.up):
-            h = blk(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)  # b (c+c_skip) t h w
+            h = self._block(blk, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)  # b (c+c_skip) t h w
             if i % n == n - 1:
                 up = self.upsample[i // n]
                 if not isinstance(up, nn.Identity):
@@ -328,6 +338,7 @@ def build_model(cfg) -> UNet3DCond:
         dropout=m.dropout,
         coords=m.coords,
         frame_cond=m.frame_cond,
+        checkpointing=m.checkpointing,
     )
 
 

@@ -108,6 +108,7 @@ class StepState:
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     global_batch: int = 0  # 0: this batch x the world size
     forward: Forward = forward_t2v
+    grad_accum: int = 1  # micro-batches per step: this rank's batch is split in this many, one backward each
 
 
 @dataclass
@@ -117,30 +118,51 @@ class StepResult:
     grad_norm: torch.Tensor | None  # before clipping; None: the loss was non-finite and the update skipped
 
 
+def _rows(cond: Any, rows: slice) -> Any:
+    """A micro-batch of the captions: Cond fields (or a plain tensor) sliced along the batch."""
+    if isinstance(cond, Cond):
+        return Cond(*(None if v is None else v[rows] for v in (cond.text, cond.tokens, cond.token_mask)))
+    return cond[rows] if torch.is_tensor(cond) else cond
+
+
 def train_step(s: StepState, step: int, x0: torch.Tensor, cond: Any, stop_requested: bool = False) -> StepResult:
     """One optimizer step on this rank's batch x0 (b t c h w). A non-finite loss (on any rank) skips the update
-    on every rank but consumes the step, so a resumed run stays exact; the caller counts and caps those."""
+    on every rank but consumes the step, so a resumed run stays exact; the caller counts and caps those.
+
+    With grad_accum = k the batch goes through in k micro-batches of b/k, each loss scaled by 1/k, so the
+    accumulated gradient is the full batch's mean; DDP all-reduces only on the last (no_sync on the others)."""
     for group in s.opt.param_groups:
         group["lr"] = lr_at(step, s.train)
-    b = x0.shape[0]
+    b, k = x0.shape[0], s.grad_accum
+    if b % k:
+        raise ValueError(f"a batch of {b} does not split into train.grad_accum={k} micro-batches")
     global_batch = s.global_batch or b * s.dist.world_size
-    # Draw for the whole global batch and keep this rank's rows: N ranks x batch b then see exactly the noise,
-    # timesteps and caption dropout of one process with batch N*b (and resume on another world size).
+    # Draw for the whole global batch and keep this rank's rows: N ranks x batch b (in any number of micro-batches)
+    # then see exactly the noise, timesteps and caption dropout of one process with batch N*b, and resume on
+    # another world size or split sees them too.
     g = step_generator(s.train.seed, step, s.device)
     rows = slice(s.dist.rank * b, (s.dist.rank + 1) * b)
     t = torch.randint(0, s.sched.num_timesteps, (global_batch,), generator=g, device=s.device)[rows]
     noise = torch.randn((global_batch, *x0.shape[1:]), generator=g, device=s.device)[rows]  # b t c h w
     keep = (torch.rand(global_batch, generator=g, device=s.device) >= s.diffusion.cond_dropout)[rows]
-    x_t = D.q_sample(s.sched, x0, t, noise)
-    target = D.training_target(s.sched, x0, noise, t, s.diffusion.prediction)
-    with autocast(s.device, s.precision):
-        out = s.forward(s.net, x_t, t, cond, keep)
-    weight = (D.min_snr_weight(s.sched, t, s.diffusion.snr_gamma, s.diffusion.prediction)
-              if s.diffusion.snr_gamma > 0 else None)  # b
-    loss = D.training_loss(out.float(), target, weight)
-    s.scaler.scale(loss).backward()
+    total = torch.zeros((), device=s.device)
+    m = b // k
+    for i in range(k):
+        mb = slice(i * m, (i + 1) * m)
+        x_t = D.q_sample(s.sched, x0[mb], t[mb], noise[mb])
+        target = D.training_target(s.sched, x0[mb], noise[mb], t[mb], s.diffusion.prediction)
+        # DDP all-reduces gradients in the last micro-batch's backward only (forward and backward under no_sync)
+        sync = i == k - 1 or not hasattr(s.net, "no_sync")
+        with nullcontext() if sync else s.net.no_sync():
+            with autocast(s.device, s.precision):
+                out = s.forward(s.net, x_t, t[mb], _rows(cond, mb), keep[mb])
+            weight = (D.min_snr_weight(s.sched, t[mb], s.diffusion.snr_gamma, s.diffusion.prediction)
+                      if s.diffusion.snr_gamma > 0 else None)  # m
+            loss = D.training_loss(out.float(), target, weight) / k
+            s.scaler.scale(loss).backward()
+        total = total + loss.detach()
     # One host sync per step: the mean loss over ranks and "did any rank get a signal".
-    loss_value, stop = distributed.reduce_step(loss.detach(), stop_requested, s.dist)
+    loss_value, stop = distributed.reduce_step(total, stop_requested, s.dist)
     if not math.isfinite(loss_value):
         s.opt.zero_grad(set_to_none=True)
         return StepResult(loss_value, stop, None)

@@ -112,11 +112,15 @@ RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.predict
                      "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size")
 
 
+# model settings that change how the step computes, not what the weights are: a resume may change them freely
+HOW_NOT_WHAT = ("model.checkpointing",)
+
+
 def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
     """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
     ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE)."""
     a, b = C.to_dict(saved), C.to_dict(cfg)
-    keys = [f"model.{k}" for k in a["model"]] + list(RESUME_MUST_MATCH)
+    keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
     keys = [k for k in keys if k not in cfg.train.allow_changes]
     if cfg.text.encoder != "clip":
         keys.remove("text.name")  # only CLIP reads it
@@ -194,7 +198,7 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
         "config": C.to_dict(cfg),
         "rng": rng_state(next(model.parameters()).device),
         "data": {"position": step * global_batch, "global_batch": global_batch, "seed": cfg.train.seed,
-                 "world_size": world},
+                 "world_size": world, "grad_accum": cfg.train.grad_accum},
         "metrics": {"loss": last_loss},
         "time": time.time(),
     }
@@ -251,7 +255,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     resumed_from = distributed.broadcast_object(resumed_from, dist)
     if not dist.is_main and resumed_from is not None:
         state = ckpt.load_checkpoint(resumed_from)
-    global_batch = cfg.train.batch_size * dist.world_size
+    accum = cfg.train.grad_accum
+    asked = cfg.train.batch_size * dist.world_size * accum  # BS x ranks x micro-batches per optimizer step
+    global_batch = asked
     if state is not None:
         changed = incompatible_changes(C.from_dict(state["config"]), cfg)
         if changed:
@@ -259,14 +265,17 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                                 f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
                                 "checkpoint's values, or name the keys you mean to change in train.allow_changes=KEY,KEY")
         global_batch = state["data"]["global_batch"]
-        if global_batch != cfg.train.batch_size * dist.world_size:
+        if global_batch != asked:
             log.line(f"global batch {global_batch} kept from the checkpoint (train.batch_size={cfg.train.batch_size} "
-                     f"x {dist.world_size} ranks asks for {cfg.train.batch_size * dist.world_size}): a resumed run "
-                     "keeps its data order")
+                     f"x {dist.world_size} ranks{f' x {accum} micro-batches' if accum > 1 else ''} asks for {asked}): "
+                     "a resumed run keeps its data order")
         if global_batch % dist.world_size:
             raise TrainingError(f"{resumed_from}: global batch {global_batch} is not divisible by "
                                 f"{dist.world_size} ranks; resume with a world size that divides it")
     per_rank_batch = global_batch // dist.world_size
+    if per_rank_batch % accum:
+        raise TrainingError(f"the per-rank batch {per_rank_batch} (global batch {global_batch} / {dist.world_size} ranks) "
+                            f"does not split into train.grad_accum={accum} micro-batches; choose a divisor")
 
     # --- data: manifest -> cached clips + cached caption embeddings -------------------------------------
     clips, cache, latents, emb = load_data(cfg, log, vae_id)
@@ -317,7 +326,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         C.save_config(cfg, outdir / "config.yaml")
         if start_step == 0:
             log.line(f"model {cfg.model.size}: {count_params(model) / 1e6:.2f}M parameters | precision {precision} | "
-                     f"global batch {global_batch} = {dist.world_size} x {per_rank_batch} | lr {cfg.train.lr:g}")
+                     f"global batch {global_batch} = {dist.world_size} x {per_rank_batch}"
+                     f"{f' ({accum} micro-batches of {per_rank_batch // accum})' if accum > 1 else ''} | "
+                     f"lr {cfg.train.lr:g}")
     steps = cfg.train.steps
     if start_step >= steps:
         log.line(f"nothing to do: {outdir} is already at step {start_step} of {steps}")
@@ -334,7 +345,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                                          worker_init_fn=_ignore_signals_in_worker, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
     step_state = StepState(net, model, ema, opt, scaler, sched, cfg.diffusion, cfg.train, precision, device, dist,
-                           global_batch)
+                           global_batch, grad_accum=accum)
 
     # --- the loop ---------------------------------------------------------------------------------------
     model.train()
