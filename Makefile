@@ -15,7 +15,7 @@ DEMO_CONFIG ?= configs/demo.yaml
 export CONFIG
 
 .PHONY: help install test test-fast test-slow demo-data demo embed cache train sample submit status logs cancel \
-        report bench gpu-check slurm-deps slurm-up slurm-down clean
+        report bench gpu-check cache-submit slurm-deps slurm-up slurm-down clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ sample: install ## sample from a checkpoint: make sample CKPT=runs/x/ckpt_000200
 
 submit: install ## submit training to Slurm: make submit STEPS=5000 [PROFILE= PARTITION= GPUS= NODES= TIME= DRY_RUN=1 EVAL=1]
 	$(PYTHON) -m jobs.submit $(ARGS)
+
+cache-submit: install ## build the clip cache on Slurm: make cache-submit SHARDS=8 [CONFIG= PROFILE= TIME= DRY_RUN=1]
+	$(PYTHON) -m jobs.cache_submit $(ARGS)
 
 status: install ## my runs: queue state, restarts, last step and loss
 	$(PYTHON) -m jobs.status $(ARGS)

@@ -58,15 +58,18 @@ VDP_PEERS = {
 VDP_INSTALL = "pip install --no-deps video-diffusion-pytorch einops-exts rotary-embedding-torch"
 
 
-def our_config(size: str, text_dim: int = 512, cross_attention: bool = False) -> C.Config:
+def our_config(size: str, text_dim: int = 512, cross_attention: bool = False, in_channels: int = 0) -> C.Config:
     extra = ["model.cross_attention=true", "text.tokens=true"] if cross_attention else []
-    return C.load_config(None, [f"model.size={size}", f"text.dim={text_dim}", *extra], env={})
+    return C.load_config(None, [f"model.size={size}", f"text.dim={text_dim}", f"model.in_channels={in_channels}",
+                                *extra], env={})
 
 
-def build_ours(size: str, text_dim: int = 512, seed: int = 0, cross_attention: bool = False) -> nn.Module:
+def build_ours(size: str, text_dim: int = 512, seed: int = 0, cross_attention: bool = False,
+               in_channels: int = 0) -> nn.Module:
+    """Our UNet3DCond as t2v.train builds it; ``in_channels`` 0: RGB, else latent channels (model.space=latent)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(our_config(size, text_dim, cross_attention))
+        return build_model(our_config(size, text_dim, cross_attention, in_channels))
 
 
 def diffusers_available() -> str | None:
@@ -231,7 +234,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, forward: Forward, x0: torch.Tensor, cond: Any,
                  precision: str = "fp32", channels_last: bool = False, fused_adamw: bool = True,
                  compile: bool = False, lr: float = 1e-4, grad_clip: float = 1.0, ema_decay: float = 0.999,
-                 cond_dropout: float = 0.1, seed: int = 0):
+                 cond_dropout: float = 0.1, seed: int = 0, grad_accum: int = 1):
         self.device = x0.device
         self.model = model.to(self.device).train()
         if channels_last:  # exactly what t2v.train does with train.channels_last=true
@@ -249,7 +252,7 @@ class TrainStep:
         sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.state = StepState(self.net, self.model, self.ema, self.opt, scaler, sched, cfg.diffusion, cfg.train,
-                               precision, self.device, forward=forward)
+                               precision, self.device, forward=forward, grad_accum=grad_accum)
         self.step = 0
         self.last_loss = float("nan")
 

@@ -10,6 +10,10 @@ Sections (all by default):
   text     cached caption embeddings vs a CLIP-B/32-sized text encoder run every step
   preempt  checkpoint save time, process start to first step on resume, steps lost to SIGUSR1
   gpu      clips/s, MFU, peak memory, largest batch of base and large (bf16, channels-last, compile); CUDA only
+  scale    grad_accum=4 vs 4 plain steps; peak memory with activation checkpointing; cache builds with 1 vs 2
+           workers and 3 shards + merge
+  latent   the same UNet's training step in the SD VAE's latent space vs pixel space at 256x256; latent-cache
+           reads vs decode + VAE encode per sample; VAE encode clips/s
   exp      speed changes to t2v.train, as variants of our own step: adopted fused AdamW (before -> after),
            candidate train.channels_last=true (shipped vs channels_last)
 
@@ -55,6 +59,8 @@ SECTION_FNS = {
     "text": "bench.text_cache:bench_text",
     "preempt": "bench.preempt:bench_preempt",
     "gpu": "bench.gpu:bench_gpu",
+    "latent": "bench.latent:bench_latent",
+    "scale": "bench.scale:bench_scale",
     "exp": "bench.train_bench:bench_exp",
 }
 SECTIONS = tuple(SECTION_FNS)

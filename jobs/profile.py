@@ -52,6 +52,8 @@ class Profile:
     master_port_base: int = 20000  # MASTER_PORT = base + job id % 10000
     ready_timeout_s: int = 600  # signals wait for training's first log line at most this long
     eval_time: str = "01:00:00"
+    cache_partition: str = ""  # `make cache-submit` (CPU decoding): this partition; empty = partition
+    cache_time: str = ""  # --time per cache shard; empty = time
     eval_manifest: str = ""  # EVAL=1: the test manifest for `python -m t2v.eval` (EVAL_MANIFEST overrides)
     source: str = ""  # the file it came from (filled in by load_profile)
 

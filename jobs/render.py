@@ -239,6 +239,34 @@ def render_eval(profile: Profile, s: JobSettings, template: str | None = None) -
     return fill(text, values)
 
 
+def render_cache(profile: Profile, s: JobSettings, shards: int, merge: bool, template: str | None = None) -> str:
+    """A sharded clip-cache build (templates/cache.sbatch): the array of ``shards`` tasks, or its merge job. One
+    task and no GPU per job (decoding is CPU work); the task's CPUs become its decoding processes."""
+    if shards < 1:
+        raise RenderError(f"SHARDS must be >= 1 (got {shards})")
+    r = resources(profile, s)
+    partition = r.partition if s.partition is not None else (profile.cache_partition or r.partition)
+    time = r.time if s.time is not None else (profile.cache_time or r.time)
+    one = Resources(partition, r.account, r.qos, time, 0, 1, 1, r.cpus_per_task)
+    name, log_name = (f"{s.job_name}-merge", "cache-merge-%j.out") if merge else (s.job_name, "cache-%A_%a.out")
+    d = _directives(one, profile, s, name, log_name, requeue=False)
+    if not merge:
+        d.insert(1, directive("--array", f"0-{shards - 1}"))
+    values = {
+        "profile": sh(profile.name),
+        "what": f"merge of {shards} shards" if merge else f"shard $SLURM_ARRAY_TASK_ID of {shards}",
+        "directives": "\n".join(d),
+        "launcher": sh_words(profile.launcher),
+        "cache": sh_words([profile.python, "-m", "t2v.data", "cache", *s.train_args]),
+        "part": f"--merge {shards}" if merge else f'--workers {one.cpus_per_task} --shard "$SLURM_ARRAY_TASK_ID/{shards}"',
+        "srun_args": _srun_args(one, 1, 1),
+        "env": _env_lines(profile),
+        "setup": _setup_lines(profile),
+    }
+    text = template if template is not None else (TEMPLATES / "cache.sbatch").read_text()
+    return fill(text, values)
+
+
 def sbatch_command(script: str, dependency: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     cmd = ["sbatch", "--parsable", *extra]
     if dependency:

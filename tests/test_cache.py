@@ -117,3 +117,34 @@ def test_cache_cli_builds_into_the_configured_folder(clips, tmp_path, capsys, mo
     assert f"bad: {manifest}:2: {clips[1].video}" in out
     assert main(args + ["data.sampling=random_window"]) == 2
     assert "cannot be cached" in capsys.readouterr().err
+
+
+def test_parallel_and_sharded_builds_write_the_bytes_of_one_process(clips, tmp_path):
+    """--workers N decodes in N processes, --shard I/N writes a deterministic slice to its own part, and the merge
+    assembles the very file a single process writes (byte for byte, and the same .json, bad clips included)."""
+    from t2v.data.cache import build_shard, merge_shards
+
+    serial = build_cache(clips, 4, 32, tmp_path / "serial", progress=False)
+    assert serial.bad == {1, 4}  # the garbage and the too-short clip
+    parallel = build_cache(clips, 4, 32, tmp_path / "parallel", progress=False, workers=2)
+    assert parallel.npy.read_bytes() == serial.npy.read_bytes()
+    for n in (1, 3):
+        d = tmp_path / f"shards{n}"
+        for i in reversed(range(n)):  # in any order, as array tasks finish
+            build_shard(clips, 4, 32, d, i, n, progress=False)
+        if n == 3:  # a rerun of the array keeps the finished parts
+            before = {p.name: p.stat().st_mtime_ns for p in d.glob("*.part*")}
+            build_shard(clips, 4, 32, d, 1, 3, progress=False)
+            assert {p.name: p.stat().st_mtime_ns for p in d.glob("*.part*")} == before
+        merged = merge_shards(clips, 4, 32, d, n)
+        assert merged.npy.read_bytes() == serial.npy.read_bytes()
+        assert merged.npy.with_suffix(".json").read_text() == serial.npy.with_suffix(".json").read_text()
+        assert not list(d.glob("*.part*"))  # parts removed once the cache is complete
+
+
+def test_a_merge_with_a_missing_shard_names_it(clips, tmp_path):
+    from t2v.data.cache import CacheError, build_shard, merge_shards
+
+    build_shard(clips, 4, 32, tmp_path / "c", 0, 2, progress=False)
+    with pytest.raises(CacheError, match="1 of 2 shards are not finished.*part0001-of-0002"):
+        merge_shards(clips, 4, 32, tmp_path / "c", 2)

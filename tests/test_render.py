@@ -337,3 +337,26 @@ def test_the_latent_recipe_submits_unchanged(tmp_path):
     assert sub.config_src == str(REPO / "configs/latent.yaml")
     script = render.render_train(sub.profile, sub.settings)
     assert "python -m t2v.train --config" in script.replace("'", "")
+
+
+@pytest.mark.parametrize("part", ["array", "merge"])
+def test_golden_cache_scripts(part):
+    """make cache-submit SHARDS=3: the array of shards and its merge job, through the same profile and renderer."""
+    from jobs import cache_submit
+
+    sub, shards, array, merge = cache_submit.scripts(
+        {"PROFILE": "zaratan", "SHARDS": "3", "T2V_PROFILES": "", "CONFIG": "configs/latent.yaml"}, [],
+        cwd=REPO, now=NOW, token=TOKEN)
+    text = (array if part == "array" else merge).replace(str(REPO), HOME_REPO)
+    _check_golden(f"zaratan_cache_{part}.sbatch", text)
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    assert ("#SBATCH --array=0-2" in text) == (part == "array") and "--gpus" not in text
+    assert ('--shard "$SLURM_ARRAY_TASK_ID/3"' in text) == (part == "array") and ("--merge 3" in text) == (part == "merge")
+
+
+def test_cache_submit_refuses_bad_shard_counts():
+    from jobs import cache_submit
+
+    for bad in ("", "0", "two"):
+        with pytest.raises(SubmitError, match="SHARDS must be a whole number"):
+            cache_submit.scripts({"PROFILE": "local", "SHARDS": bad, "T2V_PROFILES": ""})

@@ -365,3 +365,26 @@ def test_two_task_ddp_job_is_preempted_and_resumes(cluster, demo):
     assert "; requeueing" in out and "restart 1: training finished" in out
     losses_consistent(run)  # every step after the resume continues where the saved one stopped
     assert (run / "ckpt_000400.pt").is_file()
+
+
+def test_sharded_cache_build_on_slurm_equals_a_local_build(cluster, demo):
+    """make cache-submit SHARDS=3: a job array of 3 shards and a merge job after it, on the real test Slurm, write
+    the clip cache a single local process writes, byte for byte."""
+    from t2v.data.cache import build_cache, open_cache
+    from t2v.data.manifest import read_manifest
+
+    run, cache_dir = cluster / "cache-jobs", cluster / "sharded-cache"
+    args = f"data.manifest={demo / 'train.jsonl'} data.cache_dir={cache_dir}"
+    p = subprocess.run(["make", "-s", "cache-submit", "PROFILE=local", "CONFIG=configs/tiny.yaml", "SHARDS=3",
+                        f"OUTDIR={run}", f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    array_id, merge_id = re.search(r"submitted job array (\d+) \(3 shards\) and merge job (\d+)", p.stdout).groups()
+    info = wait_ended(merge_id, 600)
+    logs = "".join(f.read_text() for f in sorted(run.glob("cache*.out")))
+    assert info["JobState"] == "COMPLETED", logs
+    assert len(list(run.glob(f"cache-{array_id}_*.out"))) == 3  # one log per array task
+    clips = read_manifest(demo / "train.jsonl")
+    sharded = open_cache(clips, 4, 16, cache_dir)
+    local = build_cache(clips, 4, 16, cluster / "local-cache", progress=False)
+    assert sharded is not None and sharded.npy.read_bytes() == local.npy.read_bytes()
+    assert not list(cache_dir.glob("*.part*"))

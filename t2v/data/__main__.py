@@ -14,6 +14,7 @@ import sys
 import time
 
 from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
+from t2v.data.cache import CacheError
 from t2v.data.manifest import ManifestError, Problem
 from t2v.device import DeviceError
 from t2v.table import text_table
@@ -44,8 +45,19 @@ def cmd_check(args) -> int:
     return 1
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (0 <= I < N) -> (I, N)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {text}: expected 0 <= I < N")
+    return i, n
+
+
 def cmd_cache(args) -> int:
-    from t2v.data.cache import build_cache
+    from t2v.data.cache import build_cache, build_shard, merge_shards
     from t2v.data.manifest import read_manifest
 
     cfg = load_config(args.config, args.overrides)
@@ -55,7 +67,15 @@ def cmd_cache(args) -> int:
         return 2
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
     t0 = time.time()
-    cache = build_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), progress=True)
+    if args.shard:
+        part = build_shard(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), *args.shard, workers=args.workers)
+        print(f"clip cache shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s); merge them with "
+              f"`python -m t2v.data cache --merge {args.shard[1]}` and the same arguments")
+        return 0
+    if args.merge:
+        cache = merge_shards(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), args.merge)
+    else:
+        cache = build_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), progress=True, workers=args.workers)
     print(f"clip cache: {cache.npy} ({len(cache)} clips of {cfg.data.frames}x{cfg.data.size}, "
           f"{len(cache.bad)} bad, {time.time() - t0:.1f} s)")
     for i in sorted(cache.bad):
@@ -109,6 +129,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("cache", help="pre-decode the configured manifest into the clip cache")
     add_config_args(p)
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (the same bytes as one)")
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                   help="decode only shard I of N into its own part file (one Slurm array task)")
+    p.add_argument("--merge", type=int, default=0, metavar="N", help="assemble the N finished shards into the cache")
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("latents", help="encode the configured manifests with the VAE into the latent cache")
     add_config_args(p)
@@ -124,7 +148,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ManifestError, ConfigError, VAEError, DeviceError) as e:
+    except (ManifestError, ConfigError, VAEError, DeviceError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

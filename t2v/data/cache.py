@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ from t2v.progress import progress as progress_counter
 log = logging.getLogger("t2v.data")
 
 VERSION = 1  # bump when the decoding itself changes, so old caches are not reused
+
+
+class CacheError(RuntimeError):
+    pass
 
 
 def cache_key(clips: Sequence[Clip], frames: int, size: int) -> str:
@@ -101,10 +106,66 @@ def open_cache(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | o
     return ClipCache(npy=npy, frames=frames, size=size, paths=meta["paths"], bad=bad, _array=arr)
 
 
+def _decode_one(job: tuple) -> tuple[int, np.ndarray | None, str]:
+    """(index, frames or None, error): one clip, in a worker process or in this one."""
+    i, video, frames, size, start, end = job
+    try:
+        return i, decode_uint8(video, frames, size, "even", start=start, end=end), ""
+    except VideoError as e:
+        return i, None, str(e)
+
+
+def _decoded(clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int, progress: bool, desc: str):
+    """(index, frames or None, error) for every clip in ``rows``, in order, decoded by ``workers`` processes.
+    Decoding is deterministic, so any number of workers gives the bytes one process gives."""
+    jobs = [(i, str(clips[i].video), frames, size, clips[i].start, clips[i].end) for i in rows]
+    bar = progress_counter(total=len(jobs), desc=desc, unit="clip", enabled=progress)
+    if workers <= 1:
+        results = map(_decode_one, jobs)
+    else:  # spawn: a fresh interpreter per worker, never a fork of a process that holds decoder state
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_decode_one, jobs, chunksize=4)
+    try:
+        for r in results:
+            bar.update(1)
+            yield r
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.terminate()
+
+
+def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int,
+          progress: bool, desc: str) -> list[dict]:
+    """Decode ``rows`` into out[i - offset]; returns the bad clips (zeros in the array) in index order."""
+    bad = []
+    for i, u8, error in _decoded(clips, rows, frames, size, workers, progress, desc):
+        if u8 is None:
+            log.warning("clip cache: line %d: %s", clips[i].line, error)
+            bad.append({"index": i, "path": str(clips[i].video), "error": error})
+        else:
+            out[i - offset] = u8
+    return bad
+
+
+def _finish(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key: str, bad: list[dict]) -> ClipCache:
+    npy, meta_path = _files(cache_dir, key)
+    meta = {"key": key, "version": VERSION, "frames": frames, "size": size,
+            "paths": [str(c.video) for c in clips], "bad": bad}
+    write_text(meta_path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
+    log.info("clip cache: %d clips (%d bad) in %s", len(clips), len(bad), npy)
+    cache = open_cache(clips, frames, size, cache_dir)
+    if cache is None:  # a source file changed while we decoded: the key moved on
+        raise CacheError(f"clip cache {npy}: source videos changed during the build; run it again")
+    return cache
+
+
 def build_cache(
-    clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, progress: bool = True
+    clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, progress: bool = True,
+    workers: int = 1,
 ) -> ClipCache:
-    """Decode every clip ("even" sampling) into the cache, unless a valid cache is already there.
+    """Decode every clip ("even" sampling) into the cache, unless a valid cache is already there, with
+    ``workers`` decoding processes (the same bytes as one).
 
     A clip that fails to decode is recorded as bad (zeros in the array) instead of failing the build;
     the dataset skips it. Several processes may build at once: each writes its own temporary file and
@@ -115,24 +176,73 @@ def build_cache(
         return cached
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
-    npy, meta_path = _files(cache_dir, key)
+    npy, _ = _files(cache_dir, key)
+    with atomic_path(npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
+        bad = _fill(out, 0, clips, range(len(clips)), frames, size, workers, progress, f"caching clips to {cache_dir}")
+        out.flush()
+        del out
+    return _finish(clips, frames, size, cache_dir, key, bad)
+
+
+# --- sharded builds: a deterministic slice per process (a Slurm array task), then one merge ----------------------
+
+def shard_rows(n: int, shard: int, shards: int) -> range:
+    """Shard ``shard`` of ``shards``: a contiguous slice, so the merge is a concatenation in order."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: expected 0 <= I < N")
+    return range(n * shard // shards, n * (shard + 1) // shards)
+
+
+def _part(cache_dir: Path, key: str, shard: int, shards: int) -> tuple[Path, Path]:
+    stem = cache_dir / f"clips_{key}.part{shard:04d}-of-{shards:04d}"
+    return Path(f"{stem}.npy"), Path(f"{stem}.json")
+
+
+def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, shard: int, shards: int,
+                progress: bool = True, workers: int = 1) -> Path:
+    """Decode shard ``shard`` of ``shards`` into its own part file (kept if already finished: rerunning the
+    shards of a killed array job redoes only the unfinished ones). Returns the part's .npy."""
+    cache_dir = Path(cache_dir)
+    key = cache_key(clips, frames, size)
+    part_npy, part_meta = _part(cache_dir, key, shard, shards)
+    if part_meta.is_file():
+        return part_npy
+    rows = shard_rows(len(clips), shard, shards)
+    with atomic_path(part_npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), frames, size, size, 3))
+        bad = _fill(out, rows.start, clips, rows, frames, size, workers, progress,
+                    f"caching shard {shard}/{shards} to {cache_dir}")
+        out.flush()
+        del out
+    write_text(part_meta, json.dumps({"key": key, "rows": [rows.start, rows.stop], "bad": bad}))
+    return part_npy
+
+
+def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
+                 shards: int) -> ClipCache:
+    """Assemble the ``shards`` part files into the cache file one process writes (the same bytes), atomically;
+    the parts are removed once it is complete. Fails, naming them, if a part is missing."""
+    cache_dir = Path(cache_dir)
+    key = cache_key(clips, frames, size)
+    parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
+    missing = [str(meta) for _, meta in parts if not meta.is_file()]
+    if missing:
+        raise CacheError(f"clip cache: {len(missing)} of {shards} shards are not finished ({missing[0]} ...); "
+                           "rerun them (finished ones are kept), then merge")
+    npy, _ = _files(cache_dir, key)
     bad = []
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
-        for i, clip in enumerate(progress_counter(clips, desc=f"caching clips to {cache_dir}", unit="clip",
-                                                    enabled=progress)):
-            try:
-                out[i] = decode_uint8(clip.video, frames, size, "even", start=clip.start, end=clip.end)
-            except VideoError as e:
-                log.warning("clip cache: line %d: %s", clip.line, e)
-                bad.append({"index": i, "path": str(clip.video), "error": str(e)})
+        for part_npy, part_meta in parts:
+            meta = json.loads(part_meta.read_text())
+            start, stop = meta["rows"]
+            out[start:stop] = np.load(part_npy, mmap_mode="r")
+            bad += meta["bad"]
         out.flush()
         del out
-    meta = {"key": key, "version": VERSION, "frames": frames, "size": size,
-            "paths": [str(c.video) for c in clips], "bad": bad}
-    write_text(meta_path, json.dumps(meta, indent=1))
-    log.info("clip cache: %d clips (%d bad) in %s", len(clips), len(bad), npy)
-    cache = open_cache(clips, frames, size, cache_dir)
-    if cache is None:  # a source file changed while we decoded: the key moved on
-        raise RuntimeError(f"clip cache {npy}: source videos changed during the build; run it again")
+    cache = _finish(clips, frames, size, cache_dir, key, bad)
+    for part_npy, part_meta in parts:
+        part_npy.unlink(missing_ok=True)
+        part_meta.unlink(missing_ok=True)
     return cache
