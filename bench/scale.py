@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench.common import REPO, Row, SectionResult, alternate, fmt_s, log, median, per_round_ratios
@@ -61,7 +60,7 @@ def bench_scale(args) -> SectionResult:
     res.rows.append(Row(f"grad_accum=4 step at batch 8 vs 4 plain steps at batch 2 ({size}, {frames}x{pixels}x{pixels})",
                         f"{ratio:.2f}x the time ({fmt_s(median(times['accum']))} vs {fmt_s(median(times['plain x4']))})",
                         "-", None, "accumulation's own overhead: the same clips go through the network either way"))
-    del accum, plain
+    accum = plain = None  # free both before the memory measurements
 
     # 2. activation checkpointing: peak memory in fresh processes
     mem = {ckpt: peak_memory(size, frames, pixels, 4, ckpt) for ckpt in (False, True)}
