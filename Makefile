@@ -72,7 +72,7 @@ sample: install ## sample from a checkpoint: make sample CKPT=runs/x/ckpt_000200
 submit: install ## submit training to Slurm: make submit STEPS=5000 [PROFILE= PARTITION= GPUS= NODES= TIME= DRY_RUN=1 EVAL=1]
 	$(PYTHON) -m jobs.submit $(ARGS)
 
-cache-submit: install ## build the clip cache on Slurm: make cache-submit SHARDS=8 [CONFIG= PROFILE= TIME= DRY_RUN=1]
+cache-submit: install ## build a cache on Slurm as a job array: make cache-submit SHARDS=8 [KIND=clips|latents|text CONFIG= PROFILE= DRY_RUN=1]
 	$(PYTHON) -m jobs.cache_submit $(ARGS)
 
 status: install ## my runs: queue state, restarts, last step and loss

@@ -1,6 +1,9 @@
-"""`make cache-submit SHARDS=N`: build the clip cache on Slurm as a job array of N shards plus a merge job.
+"""`make cache-submit SHARDS=N`: build a cache on Slurm as a job array of N shards plus a merge job.
 
-    make cache-submit SHARDS=16 CONFIG=configs/latent.yaml [PROFILE=zaratan] [TIME=02:00:00] [DRY_RUN=1]
+    make cache-submit SHARDS=16 CONFIG=configs/latent.yaml [KIND=clips|latents|text] [PROFILE=zaratan] [TIME=...]
+
+KIND: ``clips`` (default) the clip cache, decoded on CPU nodes; ``latents`` the VAE latent cache and ``text`` the
+caption embeddings, each task on one GPU of the profile (GPUS=0: CPU).
 
 Settings are those of `make submit` (profile, CONFIG, MANIFEST, FRAMES, SIZE, key=value arguments), resolved and
 validated the same way, rendered through the same profiles and jobs/render.py (templates/cache.sbatch). Each
@@ -31,13 +34,12 @@ def scripts(env: Mapping[str, str], overrides=(), profile: str | None = None, **
     if not raw.isdigit() or int(raw) < 1:
         raise SubmitError(f"SHARDS must be a whole number >= 1 (got {raw!r}), e.g. make cache-submit SHARDS=8")
     shards = int(raw)
+    kind = str(env.get("KIND", "")).strip() or "clips"
     sub = resolve(env, overrides, profile=profile, **resolve_kw)
-    # decoding is CPU work: no GPU unless asked for, one task per job
-    s = dataclasses.replace(sub.settings, gpus=int(env["GPUS"]) if str(env.get("GPUS", "")).strip() else 0,
-                            tasks=None)
+    s = dataclasses.replace(sub.settings, tasks=None)  # one task per job; render_cache picks GPU or CPU by kind
     sub = dataclasses.replace(sub, settings=s)
-    return sub, shards, render.render_cache(sub.profile, s, shards, merge=False), \
-        render.render_cache(sub.profile, s, shards, merge=True)
+    return sub, shards, render.render_cache(sub.profile, s, shards, merge=False, kind=kind), \
+        render.render_cache(sub.profile, s, shards, merge=True, kind=kind)
 
 
 def main(argv=None) -> int:
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
         print(f"cache-submit: {e}", file=sys.stderr)
         return 2
     print(f"submitted job array {array_id} ({shards} shards) and merge job {merge_id} (after the array)")
+    print(f"  builds: {env.get('KIND') or 'clips'}")
     print(f"  logs:   {run}/cache-{array_id}_<shard>.out, {run}/cache-merge-{merge_id}.out")
     print(f"  rerun killed shards: sbatch {shlex.quote(str(array_path))}, then sbatch {shlex.quote(str(merge_path))}")
     return 0

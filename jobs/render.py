@@ -239,26 +239,39 @@ def render_eval(profile: Profile, s: JobSettings, template: str | None = None) -
     return fill(text, values)
 
 
-def render_cache(profile: Profile, s: JobSettings, shards: int, merge: bool, template: str | None = None) -> str:
-    """A sharded clip-cache build (templates/cache.sbatch): the array of ``shards`` tasks, or its merge job. One
-    task and no GPU per job (decoding is CPU work); the task's CPUs become its decoding processes."""
+# what `make cache-submit KIND=...` builds: the command, and whether it runs on a GPU (the VAE encoder does)
+CACHE_KINDS = {"clips": (("t2v.data", "cache"), False), "latents": (("t2v.data", "latents"), True),
+               "text": (("t2v.text", "embed"), True)}
+
+
+def render_cache(profile: Profile, s: JobSettings, shards: int, merge: bool, kind: str = "clips",
+                 template: str | None = None) -> str:
+    """A sharded cache build (templates/cache.sbatch): the array of ``shards`` tasks, or its merge job, one task
+    each. Clips decode on CPU (the profile's cache_partition; the task's CPUs become decoding processes); latents
+    and captions run their encoder on the profile's GPU (GPUS=0 for CPU). The merge job never needs a GPU."""
     if shards < 1:
         raise RenderError(f"SHARDS must be >= 1 (got {shards})")
+    if kind not in CACHE_KINDS:
+        raise RenderError(f"KIND must be one of {', '.join(CACHE_KINDS)} (got {kind!r})")
+    (module, command), on_gpu = CACHE_KINDS[kind]
     r = resources(profile, s)
-    partition = r.partition if s.partition is not None else (profile.cache_partition or r.partition)
+    gpus = min(r.gpus, 1) if on_gpu and not merge else 0
+    cpu_default = profile.cache_partition if not gpus else ""
+    partition = r.partition if s.partition is not None else (cpu_default or r.partition)
     time = r.time if s.time is not None else (profile.cache_time or r.time)
-    one = Resources(partition, r.account, r.qos, time, 0, 1, 1, r.cpus_per_task)
+    one = Resources(partition, r.account, r.qos, time, gpus, 1, 1, r.cpus_per_task)
     name, log_name = (f"{s.job_name}-merge", "cache-merge-%j.out") if merge else (s.job_name, "cache-%A_%a.out")
     d = _directives(one, profile, s, name, log_name, requeue=False)
+    workers = f"--workers {one.cpus_per_task} " if kind == "clips" else ""
     if not merge:
         d.insert(1, directive("--array", f"0-{shards - 1}"))
     values = {
         "profile": sh(profile.name),
-        "what": f"merge of {shards} shards" if merge else f"shard $SLURM_ARRAY_TASK_ID of {shards}",
+        "what": f"{kind}, merge of {shards} shards" if merge else f"{kind}, shard $SLURM_ARRAY_TASK_ID of {shards}",
         "directives": "\n".join(d),
         "launcher": sh_words(profile.launcher),
-        "cache": sh_words([profile.python, "-m", "t2v.data", "cache", *s.train_args]),
-        "part": f"--merge {shards}" if merge else f'--workers {one.cpus_per_task} --shard "$SLURM_ARRAY_TASK_ID/{shards}"',
+        "cache": sh_words([profile.python, "-m", module, command, *s.train_args]),
+        "part": f"--merge {shards}" if merge else f'{workers}--shard "$SLURM_ARRAY_TASK_ID/{shards}"',
         "srun_args": _srun_args(one, 1, 1),
         "env": _env_lines(profile),
         "setup": _setup_lines(profile),

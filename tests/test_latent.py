@@ -168,3 +168,18 @@ def test_eval_scores_decoded_frames(data, tmp_path):
     r = E.evaluate(tmp_path / "run", data / "test.jsonl", 2, clip_model=Scorer(), fvd=False, steps=2, write=False)
     assert seen and all(shape[0] == 3 and shape[1] == shape[2] for shape in seen) and -1 <= r["clipsim"] <= 1
     assert json.dumps(r)  # plain numbers
+
+
+def test_sharded_latent_builds_merge_into_the_bytes_of_one_build(data, tmp_path):
+    """`latents --shard I/N` then `--merge N` (array tasks on several GPUs) write what one build writes."""
+    cfg = latent_config(data, data / "unused")
+    vae = load_vae(cfg.vae)
+    vid = vae_identity(cfg.vae, vae)
+    clips = read_manifest(cfg.data.manifest)
+    one = L.build_latents(clips, 4, 16, tmp_path / "one", vae, vid, 8, progress=False)
+    for i in (2, 0, 1):
+        L.build_latent_shard(clips, 4, 16, tmp_path / "sharded", vae, vid, i, 3, 8, progress=False)
+    merged = L.merge_latent_shards(clips, 4, 16, tmp_path / "sharded", vae, vid, 3)
+    assert merged.npy.read_bytes() == one.npy.read_bytes()
+    assert merged.npy.with_suffix(".json").read_text() == one.npy.with_suffix(".json").read_text()
+    assert sorted(p.suffix for p in (tmp_path / "sharded").iterdir()) == [".json", ".npy"]

@@ -335,3 +335,24 @@ def test_cli_as_module_matches_in_process_encoder(tmp_path):
     assert "" in cache and "a red circle moving right" in cache and "a green square moving up" in cache
     enc = text.HashEncoder(512)
     assert torch.equal(cache.get_batch(cache.captions), enc.encode(cache.captions)[0])
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_sharded_embedding_merges_into_the_file_one_process_writes(tmp_path, tokens):
+    """`embed --shard I/N` encodes a contiguous run of the batches one process would (so each caption meets the
+    same batch), `--merge N` adds the parts in order: the cache file is the one a single build writes."""
+    from t2v.text.cache import embed_shard, merge_embedding_shards
+
+    cfg = TextConfig(encoder="tiny", dim=32, max_tokens=16, tokens=tokens)
+    captions = [f"a {c} {s} moving {m}" for c in ("red", "green", "blue") for s in ("circle", "square")
+                for m in ("left", "up")] + ["", "x"]
+    one = text.embed_captions(cfg, captions, tmp_path / "one", batch_size=4, progress=False)
+    for i in (1, 2, 0):
+        embed_shard(cfg, captions, tmp_path / "sharded", i, 3, batch_size=4)
+    merged = merge_embedding_shards(cfg, captions, tmp_path / "sharded", 3)
+    assert merged.captions == one.captions and torch.equal(merged.pooled, one.pooled)
+    assert merged.path.read_bytes() == one.path.read_bytes()
+    assert [p.name for p in (tmp_path / "sharded").iterdir()] == [merged.path.name]  # parts removed
+    with pytest.raises(text.EmbeddingCacheError, match="1 of 2 caption-embedding shards are not finished"):
+        embed_shard(cfg, captions + ["new"], tmp_path / "sharded", 0, 2, batch_size=4)
+        merge_embedding_shards(cfg, captions + ["new"], tmp_path / "sharded", 2)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
-from t2v.data.cache import CacheError
+from t2v.data.cache import CacheError, shard_argument
 from t2v.data.manifest import ManifestError, Problem
 from t2v.device import DeviceError
 from t2v.table import text_table
@@ -43,17 +43,6 @@ def cmd_check(args) -> int:
     print("Fix them, or skip them in training with data.skip_bad_lines=true "
           "(unreadable videos are skipped at train time).")
     return 1
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``I/N`` (0 <= I < N) -> (I, N)."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4, got {text!r}") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"shard {text}: expected 0 <= I < N")
-    return i, n
 
 
 def cmd_cache(args) -> int:
@@ -85,7 +74,7 @@ def cmd_cache(args) -> int:
 
 def cmd_latents(args) -> int:
     from t2v.data.cache import open_cache
-    from t2v.data.latents import build_latents
+    from t2v.data.latents import build_latent_shard, build_latents, merge_latent_shards
     from t2v.data.manifest import read_manifest
     from t2v.device import pick_device
     from t2v.vae import load_vae, vae_identity
@@ -99,8 +88,15 @@ def cmd_latents(args) -> int:
         clips = read_manifest(manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
         t0 = time.time()
         clip_cache = open_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg))  # faster than decoding
-        cache = build_latents(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), vae, vae_id, cfg.vae.batch_size,
-                              clip_cache=clip_cache, progress=True)
+        common = (clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), vae, vae_id)
+        if args.shard:  # each manifest's slice I of N (one array task), merged once all are done
+            part = build_latent_shard(*common, *args.shard, cfg.vae.batch_size, clip_cache=clip_cache)
+            print(f"latent cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {part} ({time.time() - t0:.1f} s)")
+            continue
+        if args.merge:
+            cache = merge_latent_shards(*common, args.merge)
+        else:
+            cache = build_latents(*common, cfg.vae.batch_size, clip_cache=clip_cache, progress=True)
         s = cache.space
         print(f"latent cache: {cache.npy} ({len(cache)} clips of {manifest}, {cfg.data.frames}x{s.channels}x"
               f"{cfg.data.size // s.factor}x{cfg.data.size // s.factor} latents of {cfg.vae.name}, {len(cache.bad)} "
@@ -130,12 +126,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("cache", help="pre-decode the configured manifest into the clip cache")
     add_config_args(p)
     p.add_argument("--workers", type=int, default=1, help="decoding processes (the same bytes as one)")
-    p.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+    p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
                    help="decode only shard I of N into its own part file (one Slurm array task)")
     p.add_argument("--merge", type=int, default=0, metavar="N", help="assemble the N finished shards into the cache")
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("latents", help="encode the configured manifests with the VAE into the latent cache")
     add_config_args(p)
+    p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
+                   help="encode only shard I of N of each manifest into its own part file (one Slurm array task)")
+    p.add_argument("--merge", type=int, default=0, metavar="N", help="assemble the N finished shards into the cache")
     p.set_defaults(func=cmd_latents)
     p = sub.add_parser("demo", help="write the synthetic demo dataset")
     p.add_argument("--out", default="demo/data")

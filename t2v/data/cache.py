@@ -187,6 +187,27 @@ def build_cache(
 
 # --- sharded builds: a deterministic slice per process (a Slurm array task), then one merge ----------------------
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (0 <= I < N), as `--shard` takes it and a Slurm array task passes it -> (I, N)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected I/N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: expected 0 <= I < N")
+    return i, n
+
+
+def shard_argument(text: str) -> tuple[int, int]:
+    """parse_shard for argparse (its error becomes a usage error naming the option)."""
+    import argparse
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def shard_rows(n: int, shard: int, shards: int) -> range:
     """Shard ``shard`` of ``shards``: a contiguous slice, so the merge is a concatenation in order."""
     if not 0 <= shard < shards:

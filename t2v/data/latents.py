@@ -26,10 +26,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2v.data.cache import ClipCache, cache_key
+from t2v.data.cache import CacheError, ClipCache, cache_key, shard_rows
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
-from t2v.files import write_text
+from t2v.files import atomic_path, write_text
 from t2v.progress import progress as progress_counter
 from t2v.vae import LatentSpace, encode
 
@@ -120,6 +120,34 @@ def _save_done(done: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _groups(n: int, frames: int, batch_frames: int) -> list[range]:
+    """The fixed groups of clips the VAE encodes together (batch_frames // frames clips each)."""
+    per_group = max(1, batch_frames // frames)
+    return [range(s, min(s + per_group, n)) for s in range(0, n, per_group)]
+
+
+def _encode_group(out: np.ndarray, offset: int, clips: Sequence[Clip], group: range, frames: int, size: int, vae,
+                  batch_frames: int, clip_cache: ClipCache | None) -> list[dict]:
+    """Encode one group into out[i - offset] (zeros for a clip that cannot be decoded); returns those bad clips."""
+    videos, ok, bad = [], [], []
+    for i in group:
+        try:
+            u8 = clip_cache.get(i) if clip_cache is not None and i not in clip_cache.bad else decode_uint8(
+                clips[i].video, frames, size, "even", start=clips[i].start, end=clips[i].end)
+            videos.append(to_model(np.ascontiguousarray(u8)))  # t c h w in [-1, 1]
+            ok.append(i)
+        except VideoError as e:
+            log.warning("latent cache: line %d: %s", clips[i].line, e)
+            bad.append({"index": i, "path": str(clips[i].video), "error": str(e)})
+            out[i - offset] = 0
+    if videos:
+        mean, std = encode(vae, torch.cat(videos), batch_frames)  # (n t) c h w: the group's frames, clip by clip
+        for k, i in enumerate(ok):
+            rows = slice(k * frames, (k + 1) * frames)
+            out[i - offset, 0], out[i - offset, 1] = mean[rows].numpy(), std[rows].numpy()  # t c h w each
+    return bad
+
+
 def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae, vae_id: str,
                   batch_frames: int = 16, clip_cache: ClipCache | None = None, progress: bool = True,
                   save_every_s: float = 30.0) -> LatentCache:
@@ -140,8 +168,7 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
     h = size // space.factor
     out, done = _resume_or_create(f, (len(clips), 2, frames, space.channels, h, h))
     bad = json.loads(f["bad"].read_text()) if f["bad"].is_file() and done.any() else []
-    per_group = max(1, batch_frames // frames)
-    groups = [range(s, min(s + per_group, len(clips))) for s in range(0, len(clips), per_group)]
+    groups = _groups(len(clips), frames, batch_frames)
     todo = [g for g in groups if not done[g.start:g.stop].all()]
     if len(todo) < len(groups):
         log.info("latent cache: resuming %s, %d of %d clips already encoded", f["partial"], int(done.sum()), len(clips))
@@ -149,23 +176,8 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
     bar = progress_counter(total=sum(len(g) for g in todo), desc=f"encoding latents to {cache_dir}", unit="clip",
                            enabled=progress)
     for group in todo:
-        videos, ok = [], []
-        for i in group:
-            try:
-                u8 = clip_cache.get(i) if clip_cache is not None and i not in clip_cache.bad else decode_uint8(
-                    clips[i].video, frames, size, "even", start=clips[i].start, end=clips[i].end)
-                videos.append(to_model(np.ascontiguousarray(u8)))  # t c h w in [-1, 1]
-                ok.append(i)
-            except VideoError as e:
-                log.warning("latent cache: line %d: %s", clips[i].line, e)
-                bad = [b for b in bad if b["index"] != i] + [{"index": i, "path": str(clips[i].video), "error": str(e)}]
-                out[i] = 0
-        if videos:
-            x = torch.cat(videos)  # (n t) c h w: the group's frames, clip after clip
-            mean, std = encode(vae, x, batch_frames)
-            for k, i in enumerate(ok):
-                rows = slice(k * frames, (k + 1) * frames)
-                out[i, 0], out[i, 1] = mean[rows].numpy(), std[rows].numpy()  # t c h w each
+        failed = _encode_group(out, 0, clips, group, frames, size, vae, batch_frames, clip_cache)
+        bad = [b for b in bad if b["index"] not in group] + failed
         done[group.start:group.stop] = True
         bar.update(len(group))
         if time.time() - last_save > save_every_s:
@@ -177,14 +189,91 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
     out.flush()
     del out
     os.replace(f["partial"], f["npy"])
-    meta = {"key": key, "version": VERSION, "vae": vae_id, "frames": frames, "size": size,
-            "space": {"channels": space.channels, "factor": space.factor, "scaling_factor": space.scaling_factor},
-            "paths": [str(c.video) for c in clips], "bad": bad}
-    write_text(f["meta"], json.dumps(meta, indent=1))
+    _write_meta(f["meta"], key, vae_id, frames, size, space, clips, bad)
     for p in (f["done"], f["bad"]):
         p.unlink(missing_ok=True)
     log.info("latent cache: %d clips (%d bad) in %s", len(clips), len(bad), f["npy"])
     cache = open_latents(clips, frames, size, cache_dir, vae_id)
     if cache is None:  # a source file changed while we encoded: the key moved on
-        raise RuntimeError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
+        raise CacheError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
+    return cache
+
+
+def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: int, space: LatentSpace, clips, bad) -> None:
+    meta = {"key": key, "version": VERSION, "vae": vae_id, "frames": frames, "size": size,
+            "space": {"channels": space.channels, "factor": space.factor, "scaling_factor": space.scaling_factor},
+            "paths": [str(c.video) for c in clips], "bad": bad}
+    write_text(path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
+
+
+# --- sharded builds (one Slurm array task per shard, then one merge), as for the clip cache -----------------------
+
+def _part(cache_dir: Path, key: str, shard: int, shards: int) -> tuple[Path, Path]:
+    stem = cache_dir / f"latents_{key}.part{shard:04d}-of-{shards:04d}"
+    return Path(f"{stem}.npy"), Path(f"{stem}.json")
+
+
+def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae, vae_id: str,
+                       shard: int, shards: int, batch_frames: int = 16, clip_cache: ClipCache | None = None,
+                       progress: bool = True) -> Path:
+    """Encode shard ``shard`` of ``shards`` (a contiguous run of the fixed groups, so each is encoded exactly as in
+    one build) into its own part file; a finished part is kept. Returns the part's .npy."""
+    cache_dir = Path(cache_dir)
+    key = latent_key(clips, frames, size, vae_id)
+    part_npy, part_meta = _part(cache_dir, key, shard, shards)
+    if part_meta.is_file():
+        return part_npy
+    space = LatentSpace.of(vae)
+    groups = _groups(len(clips), frames, batch_frames)
+    mine = [groups[j] for j in shard_rows(len(groups), shard, shards)]
+    start, stop = (mine[0].start, mine[-1].stop) if mine else (0, 0)
+    h = size // space.factor
+    bad = []
+    with atomic_path(part_npy) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                        shape=(stop - start, 2, frames, space.channels, h, h))
+        bar = progress_counter(total=stop - start, desc=f"encoding latents, shard {shard}/{shards}", unit="clip",
+                               enabled=progress)
+        for group in mine:
+            bad += _encode_group(out, start, clips, group, frames, size, vae, batch_frames, clip_cache)
+            bar.update(len(group))
+        bar.close()
+        out.flush()
+        del out
+    write_text(part_meta, json.dumps({"key": key, "rows": [start, stop], "bad": bad}))
+    return part_npy
+
+
+def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae,
+                        vae_id: str, shards: int) -> LatentCache:
+    """The ``shards`` parts assembled into the file one build writes (the same bytes), atomically; parts removed."""
+    cache_dir = Path(cache_dir)
+    key = latent_key(clips, frames, size, vae_id)
+    parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
+    missing = [str(meta) for _, meta in parts if not meta.is_file()]
+    if missing:
+        raise CacheError(f"latent cache: {len(missing)} of {shards} shards are not finished ({missing[0]} ...); "
+                         "rerun them (finished ones are kept), then merge")
+    space = LatentSpace.of(vae)
+    h = size // space.factor
+    f = _files(cache_dir, key)
+    bad = []
+    with atomic_path(f["npy"]) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                        shape=(len(clips), 2, frames, space.channels, h, h))
+        for part_npy, part_meta in parts:
+            meta = json.loads(part_meta.read_text())
+            start, stop = meta["rows"]
+            if stop > start:
+                out[start:stop] = np.load(part_npy, mmap_mode="r")
+            bad += meta["bad"]
+        out.flush()
+        del out
+    _write_meta(f["meta"], key, vae_id, frames, size, space, clips, bad)
+    for part_npy, part_meta in parts:
+        part_npy.unlink(missing_ok=True)
+        part_meta.unlink(missing_ok=True)
+    cache = open_latents(clips, frames, size, cache_dir, vae_id)
+    if cache is None:
+        raise CacheError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
     return cache

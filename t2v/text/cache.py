@@ -77,7 +77,11 @@ class EmbeddingCache:
     @classmethod
     def load(cls, cache_dir: str | os.PathLike, key: str, dim: int | None = None) -> "EmbeddingCache":
         """The cache of encoder ``key`` in ``cache_dir``: empty when the file does not exist yet."""
-        path = cache_path(cache_dir, key)
+        return cls.load_path(cache_path(cache_dir, key), key, dim)
+
+    @classmethod
+    def load_path(cls, path: Path, key: str, dim: int | None = None) -> "EmbeddingCache":
+        """The cache file ``path`` (a whole cache, or one shard's part of it), verified against ``key``."""
         if not path.exists():
             return cls(path, key, dim or 0)
         fix = f"Delete it and rerun `{EMBED_COMMAND}`."
@@ -240,6 +244,68 @@ class EmbeddingCache:
             raise EmbeddingCacheError(
                 f"{len(missing)} captions have no cached text embedding in {self.path} (encoder {self.key!r}): "
                 f"{shown}. Run `{EMBED_COMMAND}` first (it embeds data.manifest, train.sample_prompts and \"\").")
+
+
+def _todo_batches(text_cfg, captions: Iterable[str], cache_dir, batch_size: int) -> tuple[EmbeddingCache, list]:
+    """The cache as it is and the batches a build would encode, in the order it encodes them."""
+    cache = EmbeddingCache.load(cache_dir, encoder_key(text_cfg), text_cfg.dim)
+    if text_cfg.tokens and len(cache) and (not cache.has_tokens or cache.token_length != int(text_cfg.max_tokens)):
+        raise EmbeddingCacheError(f"{cache.path} was built without text.tokens (or another text.max_tokens); a "
+                                  "sharded build cannot rebuild it: run `python -m t2v.text embed` in one process")
+    order = sorted(cache.missing(captions), key=lambda c: (len(c), c))
+    return cache, [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _part_path(cache: EmbeddingCache, shard: int, shards: int) -> Path:
+    return cache.path.with_name(f"{cache.path.stem}.part{shard:04d}-of-{shards:04d}.pt")
+
+
+def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike, shard: int, shards: int,
+                batch_size: int = 64, device: str | torch.device = "cpu") -> Path:
+    """Encode shard ``shard`` of ``shards`` of the missing captions (a contiguous run of the batches one process
+    would encode, so every caption is encoded in the same batch) into its own part file; a finished part is kept."""
+    from t2v.data.cache import shard_rows
+
+    cache, batches = _todo_batches(text_cfg, captions, cache_dir, batch_size)
+    path = _part_path(cache, shard, shards)
+    if path.exists():
+        return path
+    part = EmbeddingCache(path, cache.key, int(text_cfg.dim))
+    mine = [batches[j] for j in shard_rows(len(batches), shard, shards)]
+    # as embed_captions: a file that has tokens keeps them complete, at its own length
+    want_tokens = bool(text_cfg.tokens) or cache.has_tokens
+    length = cache.token_length if cache.has_tokens else int(text_cfg.max_tokens)
+    if mine:
+        encoder = build_encoder(text_cfg, device=device)
+        for batch in mine:
+            pooled, tokens, mask = encoder.encode(batch)
+            if want_tokens:
+                tokens, mask = _pad_to(tokens, mask, length)
+                part.add(batch, pooled, tokens, mask)
+            else:
+                part.add(batch, pooled)
+    part.save()
+    return path
+
+
+def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike,
+                           shards: int) -> EmbeddingCache:
+    """Add the ``shards`` parts to the cache in shard order (the order one process adds them), save it once,
+    atomically, and remove the parts. Fails, naming it, if a part is missing."""
+    cache, _ = _todo_batches(text_cfg, captions, cache_dir, 1)
+    paths = [_part_path(cache, i, shards) for i in range(shards)]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise EmbeddingCacheError(f"{len(missing)} of {shards} caption-embedding shards are not finished "
+                                  f"({missing[0]} ...); rerun them (finished ones are kept), then merge")
+    for path in paths:
+        part = EmbeddingCache.load_path(path, cache.key, int(text_cfg.dim))
+        if len(part):
+            cache.add(part.captions, part.pooled, *((part.tokens, part.mask) if part.has_tokens else ()))
+    cache.save()
+    for path in paths:
+        path.unlink()
+    return cache
 
 
 def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike, batch_size: int = 64,
