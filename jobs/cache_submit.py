@@ -65,14 +65,16 @@ def main(argv=None) -> int:
         array_path.write_text(array)
         merge_path.write_text(merge)
         array_id = _sbatch(render.sbatch_command(str(array_path)))
-        merge_id = _sbatch(render.sbatch_command(str(merge_path), f"afterok:{array_id}"))
+        # a failed shard makes the dependency unsatisfiable: Slurm then cancels the merge instead of keeping it pending
+        merge_id = _sbatch(render.sbatch_command(str(merge_path), f"afterok:{array_id}", ["--kill-on-invalid-dep=yes"]))
     except (SubmitError, render.RenderError, OSError) as e:
         print(f"cache-submit: {e}", file=sys.stderr)
         return 2
     print(f"submitted job array {array_id} ({shards} shards) and merge job {merge_id} (after the array)")
     print(f"  builds: {env.get('KIND') or 'clips'}")
     print(f"  logs:   {run}/cache-{array_id}_<shard>.out, {run}/cache-merge-{merge_id}.out")
-    print(f"  rerun killed shards: sbatch {shlex.quote(str(array_path))}, then sbatch {shlex.quote(str(merge_path))}")
+    print(f"  rerun killed shards: sbatch --parsable {shlex.quote(str(array_path))}, then sbatch "
+          f"--dependency=afterok:<that id> {shlex.quote(str(merge_path))}")
     return 0
 
 

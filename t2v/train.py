@@ -27,13 +27,13 @@ from t2v import checkpoint as ckpt
 from t2v import config as C
 from t2v import diffusion as D
 from t2v import distributed
-from t2v.data.cache import build_cache, open_cache
+from t2v.data.cache import CacheError, build_cache, open_cache
 from t2v.data.latents import open_latents
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
-from t2v.model import SIZES, build_model, count_params
+from t2v.model import build_model, count_params, resolve_size
 from t2v import runlog as R
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
@@ -109,7 +109,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # What a checkpoint's weights were trained for: resuming with another value would continue silently from
 # incompatible weights (another text space, noise schedule, target or clip shape).
 RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.prediction", "diffusion.schedule",
-                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size")
+                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder")
 
 
 # model settings that change how the step computes, not what the weights are: a resume may change them freely
@@ -121,9 +121,10 @@ def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
     ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE)."""
     a, b = C.to_dict(saved), C.to_dict(cfg)
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
-    keys = [k for k in keys if k not in cfg.train.allow_changes]
-    if cfg.text.encoder != "clip":
-        keys.remove("text.name")  # only CLIP reads it
+    unused = {"text.name"} if cfg.text.encoder != "clip" else set()  # only CLIP reads it
+    if saved.model.space != "latent" and cfg.model.space != "latent":
+        unused |= {"vae.name", "vae.subfolder"}  # pixel space has no VAE
+    keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]
     get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
     return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
 
@@ -137,7 +138,13 @@ def latent_setup(cfg: C.Config, device: torch.device):
         raise TrainingError(f"model.in_channels={cfg.model.in_channels}, but the VAE {cfg.vae.name} has "
                             f"{space.channels} latent channels (leave model.in_channels at 0)")
     cfg.model.in_channels = space.channels
-    halvings = len(cfg.model.channel_mults or SIZES[cfg.model.size][1]) - 1
+    if cfg.data.sampling != "even":
+        raise TrainingError(f"data.sampling={cfg.data.sampling!r}: the latent cache holds 'even' frames only; "
+                            "use data.sampling=even in latent space")
+    try:
+        halvings = len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if cfg.data.size % space.factor or (cfg.data.size // space.factor) % 2 ** halvings:
         raise TrainingError(f"data.size={cfg.data.size}: latent frames are SIZE/{space.factor} pixels, which the UNet "
                             f"halves {halvings} times; use a multiple of {space.factor * 2 ** halvings}")
@@ -187,7 +194,8 @@ def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor,
             torch.stack([m for _, m in pairs]).to(device, non_blocking=True))
 
 
-def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batch, world, last_loss, log) -> Path:
+def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batch, world, last_loss, log,
+         vae_id: str | None = None) -> Path:
     state = {
         "format": ckpt.FORMAT_VERSION,
         "step": step,
@@ -198,7 +206,7 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
         "config": C.to_dict(cfg),
         "rng": rng_state(next(model.parameters()).device),
         "data": {"position": step * global_batch, "global_batch": global_batch, "seed": cfg.train.seed,
-                 "world_size": world, "grad_accum": cfg.train.grad_accum},
+                 "world_size": world, "grad_accum": cfg.train.grad_accum, "vae": vae_id},
         "metrics": {"loss": last_loss},
         "time": time.time(),
     }
@@ -264,6 +272,10 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             raise TrainingError(f"{resumed_from}: this run's settings differ from the checkpoint's in what its weights "
                                 f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
                                 "checkpoint's values, or name the keys you mean to change in train.allow_changes=KEY,KEY")
+        if state["data"].get("vae") != vae_id and "vae.name" not in cfg.train.allow_changes:
+            raise TrainingError(f"{resumed_from}: trained on the latents of another VAE (its weights or config differ "
+                                f"from {cfg.vae.name}'s now); use the same VAE, a new OUTDIR, or "
+                                "train.allow_changes=vae.name")
         global_batch = state["data"]["global_batch"]
         if global_batch != asked:
             log.line(f"global batch {global_batch} kept from the checkpoint (train.batch_size={cfg.train.batch_size} "
@@ -392,7 +404,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         saved = False
         if done % cfg.train.ckpt_every == 0 or done == steps:
             if dist.is_main:
-                save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
+                save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, vae_id)
             saved = True
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
             log_val_loss(ema, sched, valset, cfg, done, device, log)
@@ -406,7 +418,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             if dist.is_main:
                 log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {R.REQUEUE_MARK}")
                 if not saved:
-                    save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log)
+                    save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, vae_id)
                 log.event(R.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
             distributed.shutdown(dist)
@@ -429,7 +441,7 @@ def main(argv=None) -> int:
         cfg = C.load_config(args.config, args.overrides)
         return train(cfg)
     except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError, DeviceError,
-            EmbeddingCacheError, TextEncoderError, VAEError) as e:
+            EmbeddingCacheError, TextEncoderError, VAEError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         if cfg is not None and distributed.detect().is_main:
             R.log_error(cfg.train.outdir, str(e))

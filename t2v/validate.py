@@ -82,6 +82,8 @@ def _latent_x0(cfg: C.Config, path: Path, n: int, vae_id: str) -> tuple[list[tor
                          C.cache_dir(cfg, "data"), vae_id)
     if cache is None:
         return [], f"no latent cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
+    if cache.bad & set(range(n)):
+        return [], f"{path}: clip {min(cache.bad & set(range(n)))} could not be encoded: validation loss off"
     return [torch.from_numpy(cache.get(i)[0].astype("float32")) * cache.space.scaling_factor for i in range(n)], ""
 
 

@@ -148,3 +148,14 @@ def test_a_merge_with_a_missing_shard_names_it(clips, tmp_path):
     build_shard(clips, 4, 32, tmp_path / "c", 0, 2, progress=False)
     with pytest.raises(CacheError, match="1 of 2 shards are not finished.*part0001-of-0002"):
         merge_shards(clips, 4, 32, tmp_path / "c", 2)
+
+
+def test_a_merge_or_shard_rerun_after_the_merge_is_a_no_op(clips, tmp_path):
+    from t2v.data.cache import CacheError, build_shard, merge_shards
+
+    for i in range(2):
+        build_shard(clips, 4, 32, tmp_path / "c", i, 2, progress=False)
+    first = merge_shards(clips, 4, 32, tmp_path / "c", 2)
+    assert merge_shards(clips, 4, 32, tmp_path / "c", 2).npy == first.npy  # the merge job rerun: nothing to do
+    assert build_shard(clips, 4, 32, tmp_path / "c", 0, 2, progress=False)  # a shard rerun after it: nothing to do
+    assert not list((tmp_path / "c").glob("*.part*"))

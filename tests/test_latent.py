@@ -183,3 +183,26 @@ def test_sharded_latent_builds_merge_into_the_bytes_of_one_build(data, tmp_path)
     assert merged.npy.read_bytes() == one.npy.read_bytes()
     assert merged.npy.with_suffix(".json").read_text() == one.npy.with_suffix(".json").read_text()
     assert sorted(p.suffix for p in (tmp_path / "sharded").iterdir()) == [".json", ".npy"]
+
+
+def test_resume_refuses_another_vae(data, tmp_path):
+    cfg = latent_config(data, tmp_path / "run", "train.steps=2", "train.ckpt_every=2", "train.val_every=0")
+    build(cfg)
+    assert T.train(cfg) == 0
+    tiny_vae(seed=7).save_pretrained(tmp_path / "other-vae")  # same architecture and channels, other weights
+    other = latent_config(data, tmp_path / "run", "train.steps=4", "train.val_every=0", f"vae.name={tmp_path / 'other-vae'}")
+    with pytest.raises(T.TrainingError, match="vae.name"):  # another name
+        T.train(other)
+    tiny_vae(seed=7).save_pretrained(data / "vae-copy")
+    import shutil
+
+    shutil.copytree(data / "vae", tmp_path / "vae", dirs_exist_ok=True)
+    cfg = latent_config(data, tmp_path / "run2", "train.steps=2", "train.ckpt_every=2", "train.val_every=0",
+                        f"vae.name={tmp_path / 'vae'}", f"data.cache_dir={tmp_path / 'cache'}")
+    build(cfg)
+    assert T.train(cfg) == 0
+    shutil.copytree(data / "vae-copy", tmp_path / "vae", dirs_exist_ok=True)  # the same folder, other weights
+    with pytest.raises(T.TrainingError, match="trained on the latents of another VAE"):
+        T.train(latent_config(data, tmp_path / "run2", "train.steps=4", "train.val_every=0",
+                              f"vae.name={tmp_path / 'vae'}", f"data.cache_dir={tmp_path / 'cache'}"))
+    assert [p.name for p in (tmp_path / "run").glob("ckpt_*")] == ["ckpt_000002.pt"]

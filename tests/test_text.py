@@ -349,10 +349,16 @@ def test_sharded_embedding_merges_into_the_file_one_process_writes(tmp_path, tok
     one = text.embed_captions(cfg, captions, tmp_path / "one", batch_size=4, progress=False)
     for i in (1, 2, 0):
         embed_shard(cfg, captions, tmp_path / "sharded", i, 3, batch_size=4)
-    merged = merge_embedding_shards(cfg, captions, tmp_path / "sharded", 3)
+    merged = merge_embedding_shards(cfg, captions, tmp_path / "sharded", 3, batch_size=4)
     assert merged.captions == one.captions and torch.equal(merged.pooled, one.pooled)
     assert merged.path.read_bytes() == one.path.read_bytes()
     assert [p.name for p in (tmp_path / "sharded").iterdir()] == [merged.path.name]  # parts removed
+    assert merge_embedding_shards(cfg, captions, tmp_path / "sharded", 3, batch_size=4).path == merged.path  # rerun
+    more = captions + ["new one", "new two"]
+    embed_shard(cfg, more, tmp_path / "sharded", 0, 2, batch_size=1)
     with pytest.raises(text.EmbeddingCacheError, match="1 of 2 caption-embedding shards are not finished"):
-        embed_shard(cfg, captions + ["new"], tmp_path / "sharded", 0, 2, batch_size=4)
-        merge_embedding_shards(cfg, captions + ["new"], tmp_path / "sharded", 2)
+        merge_embedding_shards(cfg, more, tmp_path / "sharded", 2, batch_size=1)
+    # a part planned against other captions is never merged into this plan
+    embed_shard(cfg, more + ["third"], tmp_path / "sharded", 1, 2, batch_size=1)
+    with pytest.raises(text.EmbeddingCacheError, match="not finished"):
+        merge_embedding_shards(cfg, more, tmp_path / "sharded", 2, batch_size=1)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
-from t2v.data.cache import CacheError, shard_argument
+from t2v.data.cache import CacheError, shard_argument, shard_count
 from t2v.data.manifest import ManifestError, Problem
 from t2v.device import DeviceError
 from t2v.table import text_table
@@ -80,6 +80,8 @@ def cmd_latents(args) -> int:
     from t2v.vae import load_vae, vae_identity
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.data.sampling != "even":
+        raise CacheError(f"data.sampling={cfg.data.sampling!r}: the latent cache holds 'even' frames only")
     device = pick_device(cfg.train.device)
     vae = load_vae(cfg.vae, device)
     vae_id = vae_identity(cfg.vae, vae)
@@ -128,13 +130,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="decoding processes (the same bytes as one)")
     p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
                    help="decode only shard I of N into its own part file (one Slurm array task)")
-    p.add_argument("--merge", type=int, default=0, metavar="N", help="assemble the N finished shards into the cache")
+    p.add_argument("--merge", type=shard_count, default=0, metavar="N", help="assemble the N finished shards into the cache")
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("latents", help="encode the configured manifests with the VAE into the latent cache")
     add_config_args(p)
     p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
                    help="encode only shard I of N of each manifest into its own part file (one Slurm array task)")
-    p.add_argument("--merge", type=int, default=0, metavar="N", help="assemble the N finished shards into the cache")
+    p.add_argument("--merge", type=shard_count, default=0, metavar="N", help="assemble the N finished shards into the cache")
     p.set_defaults(func=cmd_latents)
     p = sub.add_parser("demo", help="write the synthetic demo dataset")
     p.add_argument("--out", default="demo/data")

@@ -198,6 +198,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def shard_count(text: str) -> int:
+    """``--merge N`` for argparse: a whole number >= 1."""
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected the number of shards (>= 1), got {text!r}")
+    return int(text)
+
+
 def shard_argument(text: str) -> tuple[int, int]:
     """parse_shard for argparse (its error becomes a usage error naming the option)."""
     import argparse
@@ -227,7 +236,7 @@ def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | 
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
     part_npy, part_meta = _part(cache_dir, key, shard, shards)
-    if part_meta.is_file():
+    if part_meta.is_file() or open_cache(clips, frames, size, cache_dir) is not None:  # done, or already merged
         return part_npy
     rows = shard_rows(len(clips), shard, shards)
     with atomic_path(part_npy) as tmp:
@@ -244,6 +253,9 @@ def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
                  shards: int) -> ClipCache:
     """Assemble the ``shards`` part files into the cache file one process writes (the same bytes), atomically;
     the parts are removed once it is complete. Fails, naming them, if a part is missing."""
+    cached = open_cache(clips, frames, size, cache_dir)
+    if cached is not None:  # a rerun of a merge that finished: nothing to do
+        return cached
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
     parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
@@ -255,11 +267,17 @@ def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
     bad = []
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
+        expect = 0
         for part_npy, part_meta in parts:
             meta = json.loads(part_meta.read_text())
             start, stop = meta["rows"]
+            if start != expect:  # parts of another split: they must tile the clips exactly
+                raise CacheError(f"clip cache: {part_meta} covers rows {start}-{stop}, expected it to start at {expect}")
             out[start:stop] = np.load(part_npy, mmap_mode="r")
             bad += meta["bad"]
+            expect = stop
+        if expect != len(clips):
+            raise CacheError(f"clip cache: the {shards} parts cover {expect} of {len(clips)} clips")
         out.flush()
         del out
     cache = _finish(clips, frames, size, cache_dir, key, bad)

@@ -160,7 +160,7 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
         return cached
     space = LatentSpace.of(vae)
     if size % space.factor:
-        raise ValueError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = latent_key(clips, frames, size, vae_id)
@@ -221,9 +221,11 @@ def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir:
     cache_dir = Path(cache_dir)
     key = latent_key(clips, frames, size, vae_id)
     part_npy, part_meta = _part(cache_dir, key, shard, shards)
-    if part_meta.is_file():
+    if part_meta.is_file() or open_latents(clips, frames, size, cache_dir, vae_id) is not None:  # done, or merged
         return part_npy
     space = LatentSpace.of(vae)
+    if size % space.factor:
+        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
     groups = _groups(len(clips), frames, batch_frames)
     mine = [groups[j] for j in shard_rows(len(groups), shard, shards)]
     start, stop = (mine[0].start, mine[-1].stop) if mine else (0, 0)
@@ -247,6 +249,9 @@ def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir:
 def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae,
                         vae_id: str, shards: int) -> LatentCache:
     """The ``shards`` parts assembled into the file one build writes (the same bytes), atomically; parts removed."""
+    cached = open_latents(clips, frames, size, cache_dir, vae_id)
+    if cached is not None:  # a rerun of a merge that finished: nothing to do
+        return cached
     cache_dir = Path(cache_dir)
     key = latent_key(clips, frames, size, vae_id)
     parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
@@ -261,12 +266,19 @@ def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir
     with atomic_path(f["npy"]) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                         shape=(len(clips), 2, frames, space.channels, h, h))
+        expect = 0
         for part_npy, part_meta in parts:
             meta = json.loads(part_meta.read_text())
             start, stop = meta["rows"]
+            if start != expect and stop > start:  # shards of another vae.batch_size: groups must tile the clips
+                raise CacheError(f"latent cache: {part_meta} covers clips {start}-{stop}, expected it to start at "
+                                 f"{expect} (were the shards built with different vae.batch_size?)")
             if stop > start:
                 out[start:stop] = np.load(part_npy, mmap_mode="r")
+                expect = stop
             bad += meta["bad"]
+        if expect != len(clips):
+            raise CacheError(f"latent cache: the {shards} parts cover {expect} of {len(clips)} clips")
         out.flush()
         del out
     _write_meta(f["meta"], key, vae_id, frames, size, space, clips, bad)

@@ -11,6 +11,8 @@ The empty caption "" is always embedded: it is the unconditional input for class
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -256,8 +258,11 @@ def _todo_batches(text_cfg, captions: Iterable[str], cache_dir, batch_size: int)
     return cache, [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def _part_path(cache: EmbeddingCache, shard: int, shards: int) -> Path:
-    return cache.path.with_name(f"{cache.path.stem}.part{shard:04d}-of-{shards:04d}.pt")
+def _part_path(cache: EmbeddingCache, batches: list, shard: int, shards: int) -> Path:
+    """A part's file, named by the plan it belongs to: shards planned against another state of the cache (or
+    other captions, or another batch size) never mix in a merge."""
+    plan = hashlib.sha256(json.dumps(batches).encode()).hexdigest()[:12]
+    return cache.path.with_name(f"{cache.path.stem}.{plan}.part{shard:04d}-of-{shards:04d}.pt")
 
 
 def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike, shard: int, shards: int,
@@ -267,8 +272,8 @@ def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike,
     from t2v.data.cache import shard_rows
 
     cache, batches = _todo_batches(text_cfg, captions, cache_dir, batch_size)
-    path = _part_path(cache, shard, shards)
-    if path.exists():
+    path = _part_path(cache, batches, shard, shards)
+    if path.exists() or not batches:  # finished, or nothing left to embed (already merged)
         return path
     part = EmbeddingCache(path, cache.key, int(text_cfg.dim))
     mine = [batches[j] for j in shard_rows(len(batches), shard, shards)]
@@ -277,9 +282,13 @@ def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike,
     length = cache.token_length if cache.has_tokens else int(text_cfg.max_tokens)
     if mine:
         encoder = build_encoder(text_cfg, device=device)
+        if encoder.dim != int(text_cfg.dim):
+            raise TextEncoderError(f"encoder {encoder.key!r} gives {encoder.dim}-d embeddings but text.dim={text_cfg.dim}")
         for batch in mine:
             pooled, tokens, mask = encoder.encode(batch)
             if want_tokens:
+                if tokens is None:
+                    raise TextEncoderError(f"encoder {encoder.key!r} gives no token embeddings (text.tokens=true)")
                 tokens, mask = _pad_to(tokens, mask, length)
                 part.add(batch, pooled, tokens, mask)
             else:
@@ -288,12 +297,15 @@ def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike,
     return path
 
 
-def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike,
-                           shards: int) -> EmbeddingCache:
+def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike, shards: int,
+                           batch_size: int = 64) -> EmbeddingCache:
     """Add the ``shards`` parts to the cache in shard order (the order one process adds them), save it once,
-    atomically, and remove the parts. Fails, naming it, if a part is missing."""
-    cache, _ = _todo_batches(text_cfg, captions, cache_dir, 1)
-    paths = [_part_path(cache, i, shards) for i in range(shards)]
+    atomically, and remove the parts. Fails, naming it, if a part is missing; a merge that already ran is a no-op."""
+    captions = list(captions)
+    cache, batches = _todo_batches(text_cfg, captions, cache_dir, batch_size)
+    if not batches:
+        return cache
+    paths = [_part_path(cache, batches, i, shards) for i in range(shards)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise EmbeddingCacheError(f"{len(missing)} of {shards} caption-embedding shards are not finished "
@@ -302,6 +314,10 @@ def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | o
         part = EmbeddingCache.load_path(path, cache.key, int(text_cfg.dim))
         if len(part):
             cache.add(part.captions, part.pooled, *((part.tokens, part.mask) if part.has_tokens else ()))
+    left = cache.missing(captions)
+    if left:  # cannot happen with parts of this plan; refuse rather than save a cache training would reject
+        raise EmbeddingCacheError(f"the merged shards leave {len(left)} captions without an embedding "
+                                  f"(e.g. {left[0]!r}); rerun the shards")
     cache.save()
     for path in paths:
         path.unlink()

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from t2v.data.manifest import row_captions
 from t2v.device import DeviceError, pick_device
-from t2v.data.cache import shard_argument
+from t2v.data.cache import shard_argument, shard_count
 from t2v.text.cache import EmbeddingCacheError, embed_captions, embed_shard, merge_embedding_shards
 from t2v.text.encoders import TextEncoderError
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
                    help="encode only shard I of N of the missing captions into a part file (one Slurm array task)")
-    p.add_argument("--merge", type=int, default=0, metavar="N", help="add the N finished shards to the cache")
+    p.add_argument("--merge", type=shard_count, default=0, metavar="N", help="add the N finished shards to the cache")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in sub.choices:
         parser.parse_args(argv)  # prints usage / help and exits
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"text embed shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s)")
             return 0
         if args.merge:
-            cache = merge_embedding_shards(cfg.text, captions, out_dir, args.merge)  # .added: the shards' captions
+            cache = merge_embedding_shards(cfg.text, captions, out_dir, args.merge, batch_size=args.batch_size)  # .added: the shards' captions
         else:
             cache = embed_captions(cfg.text, captions, out_dir, batch_size=args.batch_size,
                                    progress=not args.no_progress, device=device)
