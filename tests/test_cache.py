@@ -151,7 +151,7 @@ def test_a_merge_with_a_missing_shard_names_it(clips, tmp_path):
 
 
 def test_a_merge_or_shard_rerun_after_the_merge_is_a_no_op(clips, tmp_path):
-    from t2v.data.cache import CacheError, build_shard, merge_shards
+    from t2v.data.cache import build_shard, merge_shards
 
     for i in range(2):
         build_shard(clips, 4, 32, tmp_path / "c", i, 2, progress=False)
