@@ -33,12 +33,12 @@ from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
-from t2v.model import build_model, count_params, resolve_size
+from t2v.model import build_model, count_params
 from t2v import runlog as R
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
 from t2v.step import Cond, StepState, draw_latents, train_step
-from t2v.vae import LatentSpace, VAEError, load_vae, vae_identity
+from t2v.vae import VAEError, setup_latent_space
 from t2v.text import EmbeddingCache, EmbeddingCacheError, TextEncoderError, encoder_key
 from t2v.validate import load_val_set, val_loss
 
@@ -127,28 +127,6 @@ def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
     keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]
     get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
     return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
-
-
-def latent_setup(cfg: C.Config, device: torch.device):
-    """Latent space: the frozen VAE (for previews; training never runs its encoder), its identity (the latent
-    cache's key) and its latent space; fills in model.in_channels from it, before the resume check compares it."""
-    vae = load_vae(cfg.vae, device)
-    space = LatentSpace.of(vae)
-    if cfg.model.in_channels not in (0, space.channels):
-        raise TrainingError(f"model.in_channels={cfg.model.in_channels}, but the VAE {cfg.vae.name} has "
-                            f"{space.channels} latent channels (leave model.in_channels at 0)")
-    cfg.model.in_channels = space.channels
-    if cfg.data.sampling != "even":
-        raise TrainingError(f"data.sampling={cfg.data.sampling!r}: the latent cache holds 'even' frames only; "
-                            "use data.sampling=even in latent space")
-    try:
-        halvings = len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    if cfg.data.size % space.factor or (cfg.data.size // space.factor) % 2 ** halvings:
-        raise TrainingError(f"data.size={cfg.data.size}: latent frames are SIZE/{space.factor} pixels, which the UNet "
-                            f"halves {halvings} times; use a multiple of {space.factor * 2 ** halvings}")
-    return vae, vae_identity(cfg.vae, vae), space
 
 
 def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
@@ -254,7 +232,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         ckpt.clean_temp_files(outdir)
     vae = vae_id = space = None
     if cfg.model.space == "latent":
-        vae, vae_id, space = latent_setup(cfg, device)
+        vae, vae_id, space = setup_latent_space(cfg, device)  # fills in model.in_channels
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
     # Rank 0 alone picks the checkpoint (quarantining a corrupt newest one); the others load the file it picked,
