@@ -48,14 +48,13 @@ def cache_key(clips: Sequence[Clip], frames: int, size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-@dataclass
-class ClipCache:
+class MappedCache:
+    """One row per clip of a memory-mapped .npy (``npy``, ``paths``, ``_array``): the clip cache and the latent
+    cache (t2v.data.latents) alike."""
+
     npy: Path
-    frames: int
-    size: int
     paths: list[str]
-    bad: set[int] = field(default_factory=set)
-    _array: np.ndarray | None = field(default=None, repr=False)
+    _array: np.ndarray | None
 
     @property
     def array(self) -> np.ndarray:
@@ -64,17 +63,29 @@ class ClipCache:
         return self._array
 
     def get(self, i: int) -> np.ndarray:
-        """Clip i as a read-only memory-mapped (T, H, W, 3) uint8 view (zeros for a bad clip)."""
+        """Clip i's row as a read-only memory-mapped view (zeros for a bad clip)."""
         return self.array[i]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getstate__(self):
-        # DataLoader workers started with spawn pickle the dataset: send the path, not the mapped pixels
+        # DataLoader workers started with spawn pickle the dataset: send the path, not the mapped array
         state = dict(self.__dict__)
         state["_array"] = None
         return state
+
+
+@dataclass
+class ClipCache(MappedCache):
+    """Rows: (T, H, W, 3) uint8 frames."""
+
+    npy: Path
+    frames: int
+    size: int
+    paths: list[str]
+    bad: set[int] = field(default_factory=set)
+    _array: np.ndarray | None = field(default=None, repr=False)
 
 
 def _files(cache_dir: Path, key: str) -> tuple[Path, Path]:

@@ -26,10 +26,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2v.data.cache import CacheError, ClipCache, cache_key, shard_rows
+from t2v.data.cache import CacheError, ClipCache, MappedCache, cache_key, shard_rows
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
-from t2v.files import atomic_path, write_text
+from t2v.files import atomic_path, atomic_write, write_text
 from t2v.progress import progress as progress_counter
 from t2v.vae import LatentSpace, encode
 
@@ -50,7 +50,9 @@ def _files(cache_dir: Path, key: str) -> dict[str, Path]:
 
 
 @dataclass
-class LatentCache:
+class LatentCache(MappedCache):
+    """Rows: each clip's posterior, (2, T, C, h, w) float16: [0] the mean, [1] the std."""
+
     npy: Path
     frames: int
     size: int
@@ -58,24 +60,6 @@ class LatentCache:
     paths: list[str]
     bad: set[int] = field(default_factory=set)
     _array: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.npy, mmap_mode="r")
-        return self._array
-
-    def get(self, i: int) -> np.ndarray:
-        """Clip i's posterior as a read-only (2, T, C, h, w) float16 view: [0] mean, [1] std."""
-        return self.array[i]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getstate__(self):  # DataLoader workers started with spawn: send the path, not the mapped array
-        state = dict(self.__dict__)
-        state["_array"] = None
-        return state
 
 
 def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
@@ -115,9 +99,8 @@ def _resume_or_create(f: dict[str, Path], shape: tuple) -> tuple[np.ndarray, np.
 
 
 def _save_done(done: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, done)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:  # a file object: np.save adds no ".npy" to its name
+        np.save(f, done)
 
 
 def _groups(n: int, frames: int, batch_frames: int) -> list[range]:
