@@ -248,6 +248,30 @@ class EmbeddingCache:
                 f"{shown}. Run `{EMBED_COMMAND}` first (it embeds data.manifest, train.sample_prompts and \"\").")
 
 
+def _checked_encoder(text_cfg, device) -> TextEncoder:
+    encoder = build_encoder(text_cfg, device=device)
+    _check_dim(encoder, text_cfg)
+    return encoder
+
+
+def _check_dim(encoder: TextEncoder, text_cfg) -> None:
+    if encoder.dim != int(text_cfg.dim):
+        raise TextEncoderError(f"encoder {encoder.key!r} gives {encoder.dim}-d embeddings but text.dim={text_cfg.dim}")
+
+
+def _encode_into(cache: EmbeddingCache, encoder: TextEncoder, batch: list[str], want_tokens: bool,
+                 token_length: int) -> None:
+    """Encode one batch of captions into ``cache``: pooled, and per-token padded to ``token_length`` if wanted."""
+    pooled, tokens, mask = encoder.encode(batch)
+    if want_tokens:
+        if tokens is None:
+            raise TextEncoderError(f"encoder {encoder.key!r} gives no token embeddings (text.tokens=true)")
+        tokens, mask = _pad_to(tokens, mask, token_length)
+        cache.add(batch, pooled, tokens, mask)
+    else:
+        cache.add(batch, pooled)
+
+
 def _todo_batches(text_cfg, captions: Iterable[str], cache_dir, batch_size: int) -> tuple[EmbeddingCache, list]:
     """The cache as it is and the batches a build would encode, in the order it encodes them."""
     cache = EmbeddingCache.load(cache_dir, encoder_key(text_cfg), text_cfg.dim)
@@ -281,18 +305,9 @@ def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike,
     want_tokens = bool(text_cfg.tokens) or cache.has_tokens
     length = cache.token_length if cache.has_tokens else int(text_cfg.max_tokens)
     if mine:
-        encoder = build_encoder(text_cfg, device=device)
-        if encoder.dim != int(text_cfg.dim):
-            raise TextEncoderError(f"encoder {encoder.key!r} gives {encoder.dim}-d embeddings but text.dim={text_cfg.dim}")
+        encoder = _checked_encoder(text_cfg, device)
         for batch in mine:
-            pooled, tokens, mask = encoder.encode(batch)
-            if want_tokens:
-                if tokens is None:
-                    raise TextEncoderError(f"encoder {encoder.key!r} gives no token embeddings (text.tokens=true)")
-                tokens, mask = _pad_to(tokens, mask, length)
-                part.add(batch, pooled, tokens, mask)
-            else:
-                part.add(batch, pooled)
+            _encode_into(part, encoder, batch, want_tokens, length)
     part.save()
     return path
 
@@ -349,21 +364,13 @@ def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLi
         return cache
     if encoder is None:
         encoder = build_encoder(text_cfg, device=device)
-    if encoder.dim != int(text_cfg.dim):
-        raise TextEncoderError(f"encoder {encoder.key!r} gives {encoder.dim}-d embeddings but text.dim={text_cfg.dim}")
+    _check_dim(encoder, text_cfg)
     order = sorted(todo, key=lambda c: (len(c), c))
     bar = progress_counter(total=len(order), desc="embedding captions", unit="caption", enabled=progress)
     last_save = time.time()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        pooled, tokens, mask = encoder.encode(batch)
-        if want_tokens:
-            if tokens is None:
-                raise TextEncoderError(f"encoder {encoder.key!r} gives no token embeddings (text.tokens=true)")
-            tokens, mask = _pad_to(tokens, mask, token_length)
-            cache.add(batch, pooled, tokens, mask)
-        else:
-            cache.add(batch, pooled)
+        _encode_into(cache, encoder, batch, want_tokens, token_length)
         bar.update(len(batch))
         if time.time() - last_save > save_every_s:
             cache.save()
