@@ -40,7 +40,8 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
     if not path.is_file():
         return None, f"no validation manifest {path} (data.val_manifest): validation loss off"
     try:
-        clips = read_manifest(path, cfg.data.video_root)[: cfg.train.val_clips]
+        all_clips = read_manifest(path, cfg.data.video_root)
+        clips = all_clips[: cfg.train.val_clips]
     except ManifestError as e:
         return None, f"validation manifest unusable, validation loss off: {e}"
     captions = [clip.captions[0] for clip in clips]
@@ -49,7 +50,7 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
         return None, (f"{len(missing)} captions of {path} have no cached embedding (e.g. {missing[0]!r}): validation "
                       "loss off; `python -m t2v.text embed` embeds them")
     if vae_id is not None:
-        videos, why_not = _latent_x0(cfg, path, len(clips), vae_id)
+        videos, why_not = _latent_x0(cfg, path, all_clips, len(clips), vae_id)
         if why_not:
             return None, why_not
     else:
@@ -73,13 +74,13 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
     return ValSet(x0, torch.stack([emb.get(c) for c in captions]), tokens, mask, timesteps, noise, path), ""
 
 
-def _latent_x0(cfg: C.Config, path: Path, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
+def _latent_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
     """The first n validation clips in latent space: their cached posterior means (t c h w), scaled like the
     training draws; fixed, so every evaluation measures the same x0."""
     from t2v.data.latents import open_latents  # latent space only
 
-    cache = open_latents(read_manifest(path, cfg.data.video_root), cfg.data.frames, cfg.data.size,
-                         C.cache_dir(cfg, "data"), vae_id)
+    # the cache is keyed by every clip of the manifest, of which the first n are used
+    cache = open_latents(all_clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), vae_id)
     if cache is None:
         return [], f"no latent cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     if cache.bad & set(range(n)):
