@@ -171,14 +171,20 @@ def check_preempt(plan: Plan, log: Path) -> Result:
                   data={"stopped_at": stopped, "max_abs_difference": diff})
 
 
+def train_20_steps(plan: Plan, log: Path, name: str, setting: str) -> Path:
+    """20 steps with one setting changed (a checkpoint at the end), in workdir/<name>; returns that run folder."""
+    out = plan.workdir / name
+    args = plan.train_args(out, "train.steps=20", "train.ckpt_every=20", setting)
+    expect_rc(run(py("-m", "t2v.train", *args), plan.timeouts[name], log), 0, f"training with {setting}", log)
+    return out
+
+
 def check_fp16(plan: Plan, log: Path) -> Result:
     import torch
 
     if plan.rehearse:
         return Result("fp16", "skipped", detail="CPU rehearsal: fp16 autocast and the grad scaler need CUDA")
-    out = plan.workdir / "fp16"
-    args = plan.train_args(out, "train.steps=20", "train.ckpt_every=20", "train.precision=fp16")
-    expect_rc(run(py("-m", "t2v.train", *args), plan.timeouts["fp16"], log), 0, "fp16 training", log)
+    out = train_20_steps(plan, log, "fp16", "train.precision=fp16")
     state = torch.load(out / "ckpt_000020.pt", map_location="cpu", weights_only=True)
     scale = (state.get("scaler") or {}).get("scale")
     loss = losses(out)
@@ -190,9 +196,7 @@ def check_fp16(plan: Plan, log: Path) -> Result:
 def check_compile(plan: Plan, log: Path) -> Result:
     if plan.rehearse:
         return Result("compile", "skipped", detail="CPU rehearsal: torch.compile is checked on the GPU")
-    out = plan.workdir / "compiled"
-    args = plan.train_args(out, "train.steps=20", "train.ckpt_every=20", "train.compile=true")
-    expect_rc(run(py("-m", "t2v.train", *args), plan.timeouts["compile"], log), 0, "compiled training", log)
+    out = train_20_steps(plan, log, "compile", "train.compile=true")
     return Result("compile", "ok", detail=f"20 compiled steps, last window {clips_per_s(out):.1f} clips/s "
                                           f"(eager: see bf16)", data={"losses": losses(out)})
 
