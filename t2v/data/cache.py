@@ -260,6 +260,39 @@ def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | 
     return part_npy
 
 
+def check_parts(parts: list[tuple[Path, Path]], what: str) -> None:
+    """Every part's .json is there (it is written last), else CacheError naming the first that is not."""
+    missing = [str(meta) for _, meta in parts if not meta.is_file()]
+    if missing:
+        raise CacheError(f"{what}: {len(missing)} of {len(parts)} shards are not finished ({missing[0]} ...); "
+                         "rerun them (finished ones are kept), then merge")
+
+
+def assemble_parts(parts: list[tuple[Path, Path]], out: np.ndarray, what: str, hint: str = "") -> list[dict]:
+    """Copy each part's rows into ``out`` (one row per clip) and return the bad clips in index order. The parts
+    must tile the rows exactly, in order: parts of another split (or grouping) never merge into a wrong file."""
+    expect, bad = 0, []
+    for part_npy, part_meta in parts:
+        meta = json.loads(part_meta.read_text())
+        start, stop = meta["rows"]
+        if stop > start:  # an empty shard (more shards than rows) holds nothing
+            if start != expect:
+                raise CacheError(f"{what}: {part_meta} covers rows {start}-{stop}, expected it to start at "
+                                 f"{expect}{hint}")
+            out[start:stop] = np.load(part_npy, mmap_mode="r")
+            expect = stop
+        bad += meta["bad"]
+    if expect != len(out):
+        raise CacheError(f"{what}: the {len(parts)} parts cover {expect} of {len(out)} clips")
+    return bad
+
+
+def remove_parts(parts: list[tuple[Path, Path]]) -> None:
+    for part_npy, part_meta in parts:
+        part_npy.unlink(missing_ok=True)
+        part_meta.unlink(missing_ok=True)
+
+
 def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
                  shards: int) -> ClipCache:
     """Assemble the ``shards`` part files into the cache file one process writes (the same bytes), atomically;
@@ -270,29 +303,13 @@ def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
     parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
-    missing = [str(meta) for _, meta in parts if not meta.is_file()]
-    if missing:
-        raise CacheError(f"clip cache: {len(missing)} of {shards} shards are not finished ({missing[0]} ...); "
-                           "rerun them (finished ones are kept), then merge")
+    check_parts(parts, "clip cache")
     npy, _ = _files(cache_dir, key)
-    bad = []
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
-        expect = 0
-        for part_npy, part_meta in parts:
-            meta = json.loads(part_meta.read_text())
-            start, stop = meta["rows"]
-            if start != expect:  # parts of another split: they must tile the clips exactly
-                raise CacheError(f"clip cache: {part_meta} covers rows {start}-{stop}, expected it to start at {expect}")
-            out[start:stop] = np.load(part_npy, mmap_mode="r")
-            bad += meta["bad"]
-            expect = stop
-        if expect != len(clips):
-            raise CacheError(f"clip cache: the {shards} parts cover {expect} of {len(clips)} clips")
+        bad = assemble_parts(parts, out, "clip cache")
         out.flush()
         del out
     cache = _finish(clips, frames, size, cache_dir, key, bad)
-    for part_npy, part_meta in parts:
-        part_npy.unlink(missing_ok=True)
-        part_meta.unlink(missing_ok=True)
+    remove_parts(parts)
     return cache

@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2v.data.cache import CacheError, ClipCache, MappedCache, cache_key, shard_rows
+from t2v.data.cache import (CacheError, ClipCache, MappedCache, assemble_parts, cache_key, check_parts, remove_parts,
+                            shard_rows)
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
 from t2v.files import atomic_path, atomic_write, write_text
@@ -238,36 +239,18 @@ def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir
     cache_dir = Path(cache_dir)
     key = latent_key(clips, frames, size, vae_id)
     parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
-    missing = [str(meta) for _, meta in parts if not meta.is_file()]
-    if missing:
-        raise CacheError(f"latent cache: {len(missing)} of {shards} shards are not finished ({missing[0]} ...); "
-                         "rerun them (finished ones are kept), then merge")
+    check_parts(parts, "latent cache")
     space = LatentSpace.of(vae)
     h = size // space.factor
     f = _files(cache_dir, key)
-    bad = []
     with atomic_path(f["npy"]) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                         shape=(len(clips), 2, frames, space.channels, h, h))
-        expect = 0
-        for part_npy, part_meta in parts:
-            meta = json.loads(part_meta.read_text())
-            start, stop = meta["rows"]
-            if start != expect and stop > start:  # shards of another vae.batch_size: groups must tile the clips
-                raise CacheError(f"latent cache: {part_meta} covers clips {start}-{stop}, expected it to start at "
-                                 f"{expect} (were the shards built with different vae.batch_size?)")
-            if stop > start:
-                out[start:stop] = np.load(part_npy, mmap_mode="r")
-                expect = stop
-            bad += meta["bad"]
-        if expect != len(clips):
-            raise CacheError(f"latent cache: the {shards} parts cover {expect} of {len(clips)} clips")
+        bad = assemble_parts(parts, out, "latent cache", " (were the shards built with another vae.batch_size?)")
         out.flush()
         del out
     _write_meta(f["meta"], key, vae_id, frames, size, space, clips, bad)
-    for part_npy, part_meta in parts:
-        part_npy.unlink(missing_ok=True)
-        part_meta.unlink(missing_ok=True)
+    remove_parts(parts)
     cache = open_latents(clips, frames, size, cache_dir, vae_id)
     if cache is None:
         raise CacheError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
