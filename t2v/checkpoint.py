@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import pickle
+import random
 import re
 import time
 import zipfile
@@ -175,3 +176,30 @@ def clean_temp_files(outdir: str | os.PathLike) -> None:
     if d.is_dir():
         for p in d.glob(".ckpt_*.pt.tmp-*"):
             p.unlink(missing_ok=True)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every global RNG this process draws from. CUDA: only this rank's own device (a list of one state), so a
+    run can resume on a node with fewer or more visible GPUs."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and device.type == "cuda":
+        # Checkpoints hold one state (this format) or one per GPU that was visible (older ones): restore this
+        # device's own where there is one, else the first, and never index past the list.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_rng_state(cuda[index] if len(cuda) > 1 and index < len(cuda) else cuda[0], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -30,8 +31,18 @@ class DataConfig:
     video_root: str = ""  # relative video paths resolve here; "" = the manifest's folder
     frames: int = 8
     size: int = 64
-    sampling: str = "even"  # "even": FRAMES spread over the whole clip; "random_window": over a random window
-    window: float = 0.5  # fraction of the clip covered by a random window
+    # "even": FRAMES spread over the whole clip (the baseline); "window": FRAMES consecutive frames at data.fps inside
+    # one shot, a fresh window every draw, from the window cache (t2v.data.windows); "random_window": FRAMES spread
+    # over a random data.window fraction of the clip, decoded per sample (no cache)
+    sampling: str = "even"
+    window: float = 0.5  # random_window: fraction of the clip covered by a window
+    fps: float = 0.0  # window: frames per second the model sees (0: data.frame_interval instead)
+    frame_interval: int = 0  # window: every k-th source frame instead of a rate in seconds
+    strides: tuple = (1,)  # window: each draw takes every s-th cached frame, s one of these (several rates)
+    max_seconds: float = 30.0  # window: the cache keeps at most this much of each clip, from its start
+    cuts: bool = True  # window: find scene cuts when caching (PySceneDetect); a window never spans one
+    cut_threshold: float = 27.0  # window: the content detector's threshold (its default); higher = fewer cuts
+    short_clips: str = "skip"  # window: a clip with no shot as long as a window is "skip"ped or "pad"ded
     cache: bool = True  # pre-decode clips into a memory-mapped uint8 cache (built once)
     cache_dir: str = ""  # "" = <manifest folder>/.t2v_cache
     skip_bad_lines: bool = False  # train on a manifest with bad lines, skipping them
@@ -72,6 +83,7 @@ class ModelConfig:
     coords: bool = False  # feed (frame, row, column) coordinate channels to the network
     frame_cond: bool = False  # one FiLM conditioning per frame: an MLP of (caption + timestep, frame index)
     checkpointing: bool = False  # activation checkpointing of the UNet blocks: less memory, ~1 more forward
+    fps_cond: bool = False  # condition on the clip's frame rate (data.sampling=window), as ModelScope/VideoCrafter
 
 
 @dataclass
@@ -267,6 +279,41 @@ def _int_list(values) -> tuple[int, ...] | None:
     return out if all(float(v) == o for v, o in zip(values, out)) else None
 
 
+SAMPLINGS = ("even", "window", "random_window")
+
+
+def _window_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """data.sampling=window's settings: one rate, in range, and a window that fits in data.max_seconds."""
+    d = cfg.data
+    strides = _int_list(d.strides)
+    if strides is not None:
+        d.strides = strides
+    checks = [
+        (d.fps >= 0 and math.isfinite(d.fps), f"data.fps must be >= 0 frames per second, got {d.fps}"),
+        (d.frame_interval >= 0, f"data.frame_interval must be >= 0, got {d.frame_interval}"),
+        (strides is not None and len(strides) >= 1 and all(s >= 1 for s in strides),
+         f"data.strides must be whole numbers >= 1, got {list(d.strides)}"),
+        (d.max_seconds > 0, f"data.max_seconds must be > 0, got {d.max_seconds}"),
+        (d.cut_threshold > 0, f"data.cut_threshold must be > 0, got {d.cut_threshold}"),
+        (d.short_clips in ("skip", "pad"), f"data.short_clips must be 'skip' or 'pad', got {d.short_clips!r}"),
+        (d.sampling == "window" or not cfg.model.fps_cond,
+         "model.fps_cond needs data.sampling=window (the frame rate is known only for windows)"),
+    ]
+    if d.sampling != "window":
+        return checks + [(not (d.fps or d.frame_interval),
+                          f"data.fps and data.frame_interval apply to data.sampling=window only (it is {d.sampling!r})")]
+    checks.append((bool(d.fps) != bool(d.frame_interval),
+                   "data.sampling=window needs exactly one of data.fps (frames per second the model sees, e.g. 8) "
+                   f"and data.frame_interval (every k-th source frame); got fps={d.fps:g}, "
+                   f"frame_interval={d.frame_interval}"))
+    if d.fps > 0 and strides:
+        seconds = (d.frames - 1) * max(strides) / d.fps + 1 / d.fps
+        checks.append((seconds <= d.max_seconds + 1e-9,
+                       f"a window of data.frames={d.frames} at {d.fps:g} fps (stride {max(strides)}) lasts {seconds:g} s,"
+                       f" longer than data.max_seconds={d.max_seconds:g}: raise data.max_seconds or data.fps"))
+    return checks
+
+
 def validate(cfg: Config) -> None:
     """Every setting's range, checked where the config is resolved: a bad value fails before any data is read."""
     timesteps = _int_list(cfg.train.val_timesteps)
@@ -297,8 +344,9 @@ def validate(cfg: Config) -> None:
         (t.max_restarts >= 0, "train.max_restarts must be >= 0"),
         (cfg.data.frames >= 1, "data.frames must be >= 1"),
         (cfg.data.size >= 8 and cfg.data.size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)"),
-        (cfg.data.sampling in ("even", "random_window"), "data.sampling must be 'even' or 'random_window'"),
+        (cfg.data.sampling in SAMPLINGS, f"data.sampling must be one of {', '.join(SAMPLINGS)}"),
         (0 < cfg.data.window <= 1, "data.window must be in (0, 1]"),
+        *_window_checks(cfg),
         (cfg.text.encoder in ("clip", "hash", "tiny"), "text.encoder must be clip, hash or tiny"),
         (cfg.diffusion.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
         (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),

@@ -302,7 +302,8 @@ def evaluate(
     """
     from t2v.data.manifest import read_manifest
     from t2v.data.video import decode_uint8
-    from t2v.sample import embed_prompts, generate, load_ema, resolve_checkpoint
+    from t2v.data.windows import fixed_window
+    from t2v.sample import embed_prompts, generate, load_ema_and_rate, resolve_checkpoint
 
     t0 = time.time()
     if not (clipsim or fvd):
@@ -332,7 +333,7 @@ def evaluate(
                 scorer.to(device)
         clip_name = str(getattr(scorer, "name", type(scorer).__name__))
     ckpt_file = resolve_checkpoint(ckpt_path).resolve()
-    cfg, model, step = load_ema(ckpt_file, device)
+    cfg, model, step, fps = load_ema_and_rate(ckpt_file, device)
     vae = load_vae(cfg.vae, device) if cfg.model.space == "latent" else None  # samples are decoded before scoring
     frames, size = cfg.data.frames, cfg.data.size
     guidance = float(cfg.train.guidance if guidance is None else guidance)
@@ -346,7 +347,8 @@ def evaluate(
         real = torch.empty(num, frames, 3, size, size, dtype=torch.uint8)
         with _bar(num, "real clips", progress) as bar:
             for i, clip in enumerate(chosen):
-                u8 = decode_uint8(clip.video, frames, size, sampling="even", start=clip.start, end=clip.end)
+                u8 = (fixed_window(clip, cfg.data, seed, i)[0] if cfg.data.sampling == "window" else  # as trained
+                      decode_uint8(clip.video, frames, size, sampling="even", start=clip.start, end=clip.end))
                 real[i] = torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2)  # t h w c -> t c h w
                 bar.update(1)
         parts = []
@@ -363,7 +365,7 @@ def evaluate(
         for s in range(0, num, batch_size):
             tok = (tokens[s:s + batch_size], token_mask[s:s + batch_size]) if tokens is not None else (None, None)
             videos = generate(model, cfg, text[s:s + batch_size], tokens=tok[0], token_mask=tok[1], steps=steps,
-                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim", vae=vae)
+                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim", vae=vae, fps=fps)
             fake[s:s + videos.shape[0]] = _to_uint8(videos)
             bar.update(videos.shape[0])
     del model

@@ -175,7 +175,7 @@ class UNet3DCond(nn.Module):
     """Predicts the noise (or v) of a noisy clip given the timestep and a caption embedding.
 
     forward(x (b t 3 h w), t (b,), text (b d), tokens (b l d) = None, token_mask (b l) = None,
-    cond_mask (b,) = None) -> (b t 3 h w). Rows with cond_mask False see a learned null caption
+    cond_mask (b,) = None, fps (b,) = None) -> (b t 3 h w). Rows with cond_mask False see a learned null caption
     (classifier-free guidance's unconditional branch and caption dropout).
     """
 
@@ -193,6 +193,7 @@ class UNet3DCond(nn.Module):
         coords: bool = False,
         frame_cond: bool = False,
         checkpointing: bool = False,
+        fps_cond: bool = False,
     ):
         super().__init__()
         self.checkpointing = checkpointing
@@ -211,6 +212,10 @@ class UNet3DCond(nn.Module):
         self.frame_mlp = (nn.Sequential(nn.Linear(2 * emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                           if frame_cond else None)
         self.emb_dim = emb_dim
+        # fps_cond: the clip's frame rate, embedded like the timestep and added to it (ModelScope, VideoCrafter), so
+        # one model learns how far things move per frame at several rates; zeroed out layer: it starts as a no-op
+        self.fps_mlp = (nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), zero_(nn.Linear(emb_dim, emb_dim)))
+                        if fps_cond else None)
         # the "no caption" embedding; small random init so it differs from any real caption from step 0
         self.null_text = nn.Parameter(torch.randn(text_dim) * 0.02)
         # one learned token that every row can attend to: it is the only key for unconditional rows
@@ -266,6 +271,7 @@ class UNet3DCond(nn.Module):
         tokens: Optional[torch.Tensor] = None,
         token_mask: Optional[torch.Tensor] = None,
         cond_mask: Optional[torch.Tensor] = None,
+        fps: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         b, _, _, height, width = x.shape
         if height % self.factor or width % self.factor:  # shapes are static: no graph break
@@ -277,6 +283,10 @@ class UNet3DCond(nn.Module):
         # torch.where, not indexing: same graph whatever the mask holds (compile-friendly)
         text = torch.where(keep, text, self.null_text.to(text.dtype))  # b d
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(text.dtype)) + self.text_mlp(text)  # b e
+        if self.fps_mlp is not None:
+            if fps is None:
+                raise ValueError("model.fps_cond=True needs each clip's frame rate (fps=, shape (b,))")
+            emb = emb + self.fps_mlp(timestep_embedding(fps, self.base_channels).to(text.dtype))  # b e
         if self.frame_cond:
             frames = x.shape[1]
             pos = timestep_embedding(torch.arange(frames, device=x.device), self.emb_dim).to(emb.dtype)  # t e
@@ -339,6 +349,7 @@ def build_model(cfg) -> UNet3DCond:
         coords=m.coords,
         frame_cond=m.frame_cond,
         checkpointing=m.checkpointing,
+        fps_cond=m.fps_cond,
     )
 
 

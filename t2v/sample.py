@@ -25,10 +25,12 @@ from t2v.vae import LatentSpace, VAEError, decode, load_vae
 
 @torch.no_grad()
 def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
-             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, vae=None) -> torch.Tensor:
+             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, vae=None,
+             fps: float | None = None) -> torch.Tensor:
     """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
     disturbs the training RNG (previews keep resume bit-exact). A latent-space model (model.space=latent) samples
-    latents and decodes them through ``vae`` (t2v.vae.load_vae; loaded once per process if not given)."""
+    latents and decodes them through ``vae`` (t2v.vae.load_vae; loaded once per process if not given). ``fps``: the
+    frame rate a model.fps_cond model is asked for."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -42,12 +44,16 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
     tokens2 = torch.cat([tokens, tokens]) if tokens is not None else None  # (2b) l d
     mask2 = torch.cat([token_mask, token_mask]) if tokens is not None else None  # (2b) l
     cond_mask = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)]).to(device)
+    if cfg.model.fps_cond and not fps:
+        raise ValueError("this model is conditioned on the frame rate (model.fps_cond): give the fps to sample at")
+    rate = torch.full((2 * b,), float(fps), device=device) if cfg.model.fps_cond else None  # (2b): both halves
 
     def denoise(x_t, t):
         if guidance == 1.0:
-            return model(x_t, t, text, tokens=tokens, token_mask=token_mask, cond_mask=cond_mask[:b])
+            return model(x_t, t, text, tokens=tokens, token_mask=token_mask, cond_mask=cond_mask[:b],
+                         fps=None if rate is None else rate[:b])
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), text2, tokens=tokens2, token_mask=mask2,
-                    cond_mask=cond_mask)  # (2b) t c h w
+                    cond_mask=cond_mask, fps=rate)  # (2b) t c h w
         cond, uncond = out.chunk(2)
         return D.cfg_combine(cond, uncond, guidance)
 
@@ -101,16 +107,20 @@ def save_grid(videos: torch.Tensor, path: str | Path, captions=None, scale: int 
     return path
 
 
-def save_gif(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 2) -> Path:
+DEFAULT_FPS = 8.0  # what files play at when the training rate is unknown ("even" sampling spreads frames out)
+
+
+def save_gif(video: torch.Tensor, path: str | Path, fps: float = DEFAULT_FPS, scale: int = 2) -> Path:
     from PIL import Image
 
     frames = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
               for f in to_uint8(video)]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    # GIF delays are whole 1/100 s: 8 fps (12.5) is written as 12, 8.3 fps; the closest a GIF can say
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(100 / fps) * 10, loop=0)
     return Path(path)
 
 
-def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
+def save_mp4(video: torch.Tensor, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
     return write_mp4(path, to_uint8(video), fps)
 
 
@@ -132,11 +142,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_ema(path: str | Path, device="cpu"):
     """(config, EMA model in eval mode, step) from a checkpoint file or run folder."""
+    cfg, model, step, _ = load_ema_and_rate(path, device)
+    return cfg, model, step
+
+
+def load_ema_and_rate(path: str | Path, device="cpu"):
+    """load_ema's (config, model, step) and the frame rate it was trained at (None: unknown, "even" sampling)."""
     state = ckpt.load_checkpoint(resolve_checkpoint(path))
     cfg = C.from_dict(state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["ema"])
-    return cfg, model.to(device).eval(), int(state["step"])
+    return cfg, model.to(device).eval(), int(state["step"]), state["data"].get("fps")
 
 
 def embed_prompts(cfg: C.Config, prompts: list[str]):
@@ -170,14 +186,19 @@ def main(argv=None) -> int:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("gif", "mp4", "both"), default="gif")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frames per second the files play at and a model.fps_cond model is asked for "
+                        "(default: the rate it was trained at)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
         device = pick_device(args.device)
         path = resolve_checkpoint(args.ckpt)
-        cfg, model, step = load_ema(path, device)
+        cfg, model, step, trained = load_ema_and_rate(path, device)
+        if args.fps is not None and not args.fps > 0:
+            raise ValueError(f"--fps must be > 0, got {args.fps}")
         vae = load_vae(cfg.vae, device) if cfg.model.space == "latent" else None  # decodes the sampled latents
-    except (ckpt.CheckpointError, DeviceError, VAEError) as e:
+    except (ckpt.CheckpointError, DeviceError, VAEError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else path.parent / "samples" / path.stem
@@ -185,16 +206,19 @@ def main(argv=None) -> int:
     text, tokens, token_mask = embed_prompts(cfg, args.prompt)
     guidance = cfg.train.guidance if args.guidance is None else args.guidance
     steps = cfg.diffusion.timesteps if args.method == "ddpm" else args.steps
+    fps = args.fps or trained or DEFAULT_FPS
     videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance,
-                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True, vae=vae)
+                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True, vae=vae, fps=fps)
     grid = save_grid(videos, out / "grid.png", args.prompt)
-    print(f"step {step} | {args.method} {steps} steps | guidance {guidance:g}")
+    why = ("--fps" if args.fps else f"the rate it was trained at, {cfg.data.sampling} sampling" if trained else
+           "the training rate is unknown: data.sampling=even spreads the frames over each clip")
+    print(f"step {step} | {args.method} {steps} steps | guidance {guidance:g} | {fps:g} fps ({why})")
     print(f"grid {grid}")
     for prompt, video in zip(args.prompt, videos):
         if args.format in ("gif", "both"):
-            print(f"gif  {save_gif(video, out / (slug(prompt.lower(), 60, 'prompt') + '.gif'))}")
+            print(f"gif  {save_gif(video, out / (slug(prompt.lower(), 60, 'prompt') + '.gif'), fps)} ({fps:g} fps)")
         if args.format in ("mp4", "both"):
-            print(f"mp4  {save_mp4(video, out / (slug(prompt.lower(), 60, 'prompt') + '.mp4'))}")
+            print(f"mp4  {save_mp4(video, out / (slug(prompt.lower(), 60, 'prompt') + '.mp4'), fps)} ({fps:g} fps)")
     return 0
 
 

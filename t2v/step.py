@@ -80,11 +80,12 @@ class Cond:
     text: torch.Tensor
     tokens: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    fps: torch.Tensor | None = None  # b: each clip's frame rate (model.fps_cond only)
 
 
 def forward_t2v(net: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor):
     """Our UNet3DCond: x_t (b t c h w), t (b,), captions, keep (b,) bool (False = caption dropped)."""
-    return net(x_t, t, cond.text, tokens=cond.tokens, token_mask=cond.token_mask, cond_mask=keep)
+    return net(x_t, t, cond.text, tokens=cond.tokens, token_mask=cond.token_mask, cond_mask=keep, fps=cond.fps)
 
 
 # (net, x_t, t, cond, keep) -> prediction (b t c h w); bench/harness.py passes the peer models' own
@@ -121,7 +122,7 @@ class StepResult:
 def _rows(cond: Any, rows: slice) -> Any:
     """A micro-batch of the captions: Cond fields (or a plain tensor) sliced along the batch."""
     if isinstance(cond, Cond):
-        return Cond(*(None if v is None else v[rows] for v in (cond.text, cond.tokens, cond.token_mask)))
+        return Cond(*(None if v is None else v[rows] for v in (cond.text, cond.tokens, cond.token_mask, cond.fps)))
     return cond[rows] if torch.is_tensor(cond) else cond
 
 

@@ -24,11 +24,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from t2v import checkpoint as ckpt
+from t2v.checkpoint import rng_state, set_rng_state  # noqa: F401 (t2v.train.rng_state: tests, tools)
 from t2v import config as C
 from t2v import diffusion as D
 from t2v import distributed
 from t2v.data.cache import CacheError, build_cache, open_cache
 from t2v.data.latents import open_latents
+from t2v.data.sources import LATENTS_HINT, open_training_windows, trained_fps
+from t2v.data.windows import Rate
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
@@ -79,37 +82,13 @@ def pick_precision(cfg: C.Config, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def rng_state(device: torch.device) -> dict:
-    """Every global RNG this process draws from. CUDA: only this rank's own device (a list of one state), so a
-    run can resume on a node with fewer or more visible GPUs."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and device.type == "cuda":
-        # Checkpoints hold one state (this format) or one per GPU that was visible (older ones): restore this
-        # device's own where there is one, else the first, and never index past the list.
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_rng_state(cuda[index] if len(cuda) > 1 and index < len(cuda) else cuda[0], device)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-
-
 # What a checkpoint's weights were trained for: resuming with another value would continue silently from
 # incompatible weights (another text space, noise schedule, target or clip shape).
+# The temporal settings are here too: a run that changed how far apart its frames are would mix two kinds of motion.
 RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.prediction", "diffusion.schedule",
-                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder")
+                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder",
+                     "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
+                     "data.max_seconds")
 
 
 # model settings that change how the step computes, not what the weights are: a resume may change them freely
@@ -135,14 +114,14 @@ def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
     if not clips:
         raise TrainingError(f"{cfg.data.manifest}: no usable clips")
-    cache = latents = None
-    if vae_id is not None:
+    cache = latents = windows = None
+    if cfg.data.sampling == "window":
+        windows = open_training_windows(cfg, clips, log, vae_id)
+    elif vae_id is not None:
         latents = open_latents(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), vae_id)
         if latents is None:
             raise TrainingError(f"{cfg.data.manifest}: no latent cache for these clips at {cfg.data.frames}x"
-                                f"{cfg.data.size} and the VAE {cfg.vae.name} in {C.cache_dir(cfg, 'data')}.\nRun once: "
-                                "python -m t2v.data latents with this run's --config and key=value arguments (GPU if "
-                                "there is one; training never runs the VAE encoder)")
+                                f"{cfg.data.size} and the VAE {cfg.vae.name} in {C.cache_dir(cfg, 'data')}.\n{LATENTS_HINT}")
         if latents.bad:
             log.warn(f"{len(latents.bad)} corrupt clips in the latent cache are skipped")
     elif cfg.data.cache and cfg.data.sampling == "even":
@@ -162,7 +141,7 @@ def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
             f"{len(missing)} captions of {cfg.data.manifest} have no cached embedding (e.g. {missing[0]!r}).\n"
             "Run once: python -m t2v.text embed with this run's --config and key=value arguments (the training "
             "process never runs the text encoder)")
-    return clips, cache, latents, emb
+    return clips, cache, latents, windows, emb
 
 
 def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +152,8 @@ def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor,
 
 
 def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batch, world, last_loss, log,
-         vae_id: str | None = None) -> Path:
+         data: dict | None = None) -> Path:
+    """``data``: what the run's data adds to the checkpoint's data section (the VAE identity, the trained fps)."""
     state = {
         "format": ckpt.FORMAT_VERSION,
         "step": step,
@@ -184,7 +164,7 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
         "config": C.to_dict(cfg),
         "rng": rng_state(next(model.parameters()).device),
         "data": {"position": step * global_batch, "global_batch": global_batch, "seed": cfg.train.seed,
-                 "world_size": world, "grad_accum": cfg.train.grad_accum, "vae": vae_id},
+                 "world_size": world, "grad_accum": cfg.train.grad_accum, **(data or {})},
         "metrics": {"loss": last_loss},
         "time": time.time(),
     }
@@ -195,14 +175,14 @@ def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batc
     return path
 
 
-def preview(ema, cfg, emb, step, device, log, vae=None) -> None:
+def preview(ema, cfg, emb, step, device, log, vae=None, fps: float | None = None) -> None:
     prompts = [p for p in cfg.train.sample_prompts if p in emb]
     if not prompts:
         return
     text = torch.stack([emb.get(p) for p in prompts]).to(device)
     tokens, mask = caption_tokens(emb, prompts, device) if cfg.model.cross_attention else (None, None)
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
-                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, vae=vae)
+                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, vae=vae, fps=fps)
     path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -268,9 +248,12 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                             f"does not split into train.grad_accum={accum} micro-batches; choose a divisor")
 
     # --- data: manifest -> cached clips + cached caption embeddings -------------------------------------
-    clips, cache, latents, emb = load_data(cfg, log, vae_id)
-    dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed,
-                          sampling=cfg.data.sampling, window=cfg.data.window, cache=cache, latents=latents)
+    clips, cache, latents, windows, emb = load_data(cfg, log, vae_id)
+    dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed, sampling=cfg.data.sampling,
+                          window=cfg.data.window, cache=cache, latents=latents, windows=windows,
+                          strides=cfg.data.strides, pad=cfg.data.short_clips == "pad", rate=Rate.of(cfg.data))
+    fps = trained_fps(cfg, windows)
+    data_state = {"vae": vae_id, "fps": fps}  # what a checkpoint says of its data beyond the config
     valset = None
     if dist.is_main and cfg.train.val_every:
         valset, why_not = load_val_set(cfg, emb, vae_id)
@@ -358,7 +341,8 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                               else (None, None))  # b l d, b l
         if cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last_3d)
-        result = train_step(step_state, step, x0, Cond(text, tokens, token_mask), stop.signame is not None)
+        clip_fps = batch["fps"].to(device) if cfg.model.fps_cond else None  # b: the rate of each window
+        result = train_step(step_state, step, x0, Cond(text, tokens, token_mask, clip_fps), stop.signame is not None)
         loss_value, stop_now = result.loss, result.stop
         if result.grad_norm is None:  # non-finite: the update was skipped on every rank, the step consumed
             nan_steps += 1
@@ -382,13 +366,13 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         saved = False
         if done % cfg.train.ckpt_every == 0 or done == steps:
             if dist.is_main:
-                save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, vae_id)
+                save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, data_state)
             saved = True
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
             log_val_loss(ema, sched, valset, cfg, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
-                preview(ema, cfg, emb, done, device, log, vae)
+                preview(ema, cfg, emb, done, device, log, vae, fps)
             except Exception as e:  # a preview is a picture: it must never end a long run
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
                 log.event(R.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
@@ -396,7 +380,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             if dist.is_main:
                 log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {R.REQUEUE_MARK}")
                 if not saved:
-                    save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, vae_id)
+                    save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, data_state)
                 log.event(R.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
             distributed.shutdown(dist)

@@ -31,6 +31,7 @@ class ValSet:
     timesteps: tuple[int, ...]
     noise: torch.Tensor  # k n t c h w: one fixed draw per timestep
     manifest: Path
+    fps: torch.Tensor | None = None  # n: each window's frame rate (data.sampling=window)
 
 
 def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet | None, str]:
@@ -49,7 +50,12 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
     if missing:
         return None, (f"{len(missing)} captions of {path} have no cached embedding (e.g. {missing[0]!r}): validation "
                       "loss off; `python -m t2v.text embed` embeds them")
-    if vae_id is not None:
+    fps = None
+    if cfg.data.sampling == "window":
+        videos, fps, why_not = _window_x0(cfg, path, all_clips, len(clips), vae_id)
+        if why_not:
+            return None, why_not
+    elif vae_id is not None:
         videos, why_not = _latent_x0(cfg, path, all_clips, len(clips), vae_id)
         if why_not:
             return None, why_not
@@ -71,7 +77,42 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
     g = torch.Generator().manual_seed(NOISE_SEED)
     timesteps = tuple(cfg.train.val_timesteps)  # ints: t2v.config.validate coerced them
     noise = torch.randn((len(timesteps), *x0.shape), generator=g)  # k n t c h w
-    return ValSet(x0, torch.stack([emb.get(c) for c in captions]), tokens, mask, timesteps, noise, path), ""
+    return ValSet(x0, torch.stack([emb.get(c) for c in captions]), tokens, mask, timesteps, noise, path,
+                  None if fps is None else torch.tensor(fps, dtype=torch.float32)), ""
+
+
+def _window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str | None):
+    """(x0 list, fps list, why not): one fixed window per validation clip at the trained rate (the first stride),
+    drawn from a generator of its own: pixels decoded here, latents from the manifest's latent window cache. A clip
+    with no room for a window gives its longest shot, padded (data.short_clips=pad), so every clip counts."""
+    import numpy as np
+
+    from t2v.data.windows import Rate, fixed_window
+
+    rate, d = Rate.of(cfg.data), cfg.data
+    cache = None
+    if vae_id is not None:
+        from t2v.data.latents import open_latent_windows  # latent space only
+
+        cache = open_latent_windows(all_clips, d.size, rate, C.cache_dir(cfg, "data"), vae_id)
+        if cache is None:
+            return [], [], f"no latent window cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
+    videos, fps = [], []
+    for i, clip in enumerate(all_clips[:n]):
+        if cache is not None:
+            got = cache.window(i, d.frames, d.strides[:1], np.random.default_rng([NOISE_SEED, i]), pad=True)
+            if got is None:
+                return [], [], f"{path}:{clip.line}: clip {i} could not be read into the cache: validation loss off"
+            rows, clip_fps = got
+            videos.append(torch.from_numpy(cache.array[rows][:, 0].astype("float32")) * cache.space.scaling_factor)
+        else:
+            try:
+                u8, clip_fps = fixed_window(clip, d, NOISE_SEED, i)
+            except VideoError as e:
+                return [], [], f"{path}:{clip.line}: {e}: validation loss off"
+            videos.append(to_model(u8))
+        fps.append(clip_fps)
+    return videos, fps, ""
 
 
 def _latent_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
@@ -104,7 +145,9 @@ def val_loss(model, sched: D.Schedule, valset: ValSet, prediction: str, device, 
             t = torch.full((x0.shape[0],), t_int, dtype=torch.long, device=device)
             tokens = valset.tokens[rows].to(device) if valset.tokens is not None else None
             mask = valset.token_mask[rows].to(device) if valset.token_mask is not None else None
-            pred = model(D.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens, token_mask=mask)
+            fps = valset.fps[rows].to(device) if valset.fps is not None else None
+            pred = model(D.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens, token_mask=mask,
+                         fps=fps)
             target = D.training_target(sched, x0, noise, t, prediction)
             total += float((pred.float() - target.float()).pow(2).sum())
         out[t_int] = total / valset.noise[k].numel()

@@ -12,6 +12,7 @@ import collections
 import logging
 import sys
 import time
+from pathlib import Path
 
 from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
 from t2v.data.cache import CacheError, shard_argument, shard_count
@@ -29,20 +30,64 @@ def print_table(problems: list[Problem], out=sys.stdout) -> None:
 def cmd_check(args) -> int:
     from t2v.data.manifest import check_manifest
 
-    problems = check_manifest(args.manifest, args.video_root, args.frames, progress=True)
-    with open(args.manifest, "rb") as f:
+    manifest, frames, cfg = args.manifest, args.frames, None
+    if "=" in manifest and not Path(manifest).is_file():  # `check data.fps=8`: argparse took it for the manifest
+        manifest, args.overrides = "", [manifest, *args.overrides]
+    if args.config or args.overrides:  # the checks training will make: FRAMES, and windows at data.fps
+        cfg = load_config(args.config, args.overrides)
+        manifest, frames = manifest or cfg.data.manifest, cfg.data.frames
+    if not manifest:
+        raise ConfigError("check: name a MANIFEST, or give --config F / key=value arguments (data.manifest)")
+    if cfg is not None and cfg.data.sampling == "window":
+        problems = _check_windows(cfg, manifest)
+    else:
+        problems = check_manifest(manifest, args.video_root or (cfg.data.video_root if cfg else ""), frames,
+                                  progress=True)
+    with open(manifest, "rb") as f:
         n_lines = sum(1 for raw in f if raw.strip())
     if not problems:
-        print(f"{args.manifest}: {n_lines} line(s), no problems")
+        print(f"{manifest}: {n_lines} line(s), no problems")
         return 0
     print_table(problems)
     kinds = collections.Counter(p.kind for p in problems)
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
     bad_lines = len({p.line for p in problems})
-    print(f"\n{args.manifest}: {bad_lines} bad line(s) out of {n_lines}: {summary}")
+    print(f"\n{manifest}: {bad_lines} bad line(s) out of {n_lines}: {summary}")
     print("Fix them, or skip them in training with data.skip_bad_lines=true "
           "(unreadable videos are skipped at train time).")
     return 1
+
+
+def _check_windows(cfg, manifest) -> list[Problem]:
+    """Every clip decoded as the window cache will be (same rate, size and cut detection): what cannot be read,
+    has no frame rate, repeats frames (source slower than data.fps) or has no shot as long as one window."""
+    from t2v.data.manifest import _parse
+    from t2v.data.video import NoFrameRate, VideoError
+    from t2v.data.windows import Rate, decode_clip, longest_shot
+    from t2v.progress import progress as progress_counter
+
+    rate, d = Rate.of(cfg.data), cfg.data
+    need = (d.frames - 1) * min(d.strides) + 1
+    clips, problems = _parse(Path(manifest), cfg.data.video_root, check_files=True)
+    for clip in progress_counter(clips, desc="checking windows", unit="clip"):
+        try:
+            u8, plan, shots = decode_clip(str(clip.video), d.size, rate, clip.start, clip.end)
+        except NoFrameRate as e:
+            problems.append(Problem(clip.line, "no_frame_rate", str(e)))
+            continue
+        except VideoError as e:
+            problems.append(Problem(clip.line, "unreadable_video", str(e)))
+            continue
+        if plan.repeat:
+            problems.append(Problem(clip.line, "repeats_frames", f"{clip.video}: the source plays at "
+                                    f"{plan.source_fps:.3g} fps, below data.fps={d.fps:g}: frames repeat"))
+        longest = longest_shot(len(u8), shots)
+        if longest < need:
+            fate = "padded" if d.short_clips == "pad" else "skipped (data.short_clips=pad pads it)"
+            problems.append(Problem(clip.line, "too_short", f"{clip.video}: longest shot {longest} frames "
+                                    f"({longest / plan.fps:.2f} s at {plan.fps:g} fps, {len(shots)} shots), a window "
+                                    f"needs {need}: {fate} in training"))
+    return sorted(problems, key=lambda p: p.line)
 
 
 def cmd_cache(args) -> int:
@@ -50,11 +95,13 @@ def cmd_cache(args) -> int:
     from t2v.data.manifest import read_manifest
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.data.sampling != "even":
-        print(f"data.sampling={cfg.data.sampling!r} cannot be cached (each draw reads other frames); "
-              "only 'even' sampling uses the clip cache", file=sys.stderr)
+    if cfg.data.sampling == "random_window":
+        print("data.sampling='random_window' cannot be cached (each draw decodes other frames); "
+              "data.sampling=window with data.fps caches every frame at that rate", file=sys.stderr)
         return 2
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
+    if cfg.data.sampling == "window":
+        return _cache_windows(cfg, clips, args)
     t0 = time.time()
     if args.shard:
         part = build_shard(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), *args.shard, workers=args.workers)
@@ -72,6 +119,48 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _cache_windows(cfg, clips, args) -> int:
+    """The window cache of the training manifest and, for the validation loss, of the validation manifest."""
+    from t2v.data.manifest import read_manifest
+    from t2v.data.windows import Rate, build_windows, build_windows_shard, merge_windows
+
+    rate = Rate.of(cfg.data)
+    manifests = [(cfg.data.manifest, clips)]
+    if val_manifest(cfg).is_file() and not args.shard and not args.merge:
+        manifests.append((val_manifest(cfg), read_manifest(val_manifest(cfg), cfg.data.video_root)))
+    for manifest, rows in manifests:
+        t0 = time.time()
+        if args.shard:
+            part = build_windows_shard(rows, cfg.data.size, rate, cache_dir(cfg), *args.shard, workers=args.workers)
+            print(f"window cache shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s); merge them "
+                  f"with `python -m t2v.data cache --merge {args.shard[1]}` and the same arguments")
+            continue
+        if args.merge:
+            cache = merge_windows(rows, cfg.data.size, rate, cache_dir(cfg), args.merge)
+        else:
+            cache = build_windows(rows, cfg.data.size, rate, cache_dir(cfg), progress=True, workers=args.workers)
+        print_window_cache(cfg, cache, rows, manifest, f"{time.time() - t0:.1f} s")
+    return 0
+
+
+def print_window_cache(cfg, cache, clips, manifest, took: str) -> None:
+    """What a window-cache build reports: size, cuts, and every clip it could not use, by file and line."""
+    from t2v.data.windows import cached_seconds_line, report_short
+
+    print(f"window cache: {cache.npy} ({cfg.data.size}x{cfg.data.size} at {cache.rate.describe()}, at most "
+          f"{cfg.data.max_seconds:g} s per clip: {cached_seconds_line(cache)}; {took})")
+    for i in sorted(cache.bad):
+        print(f"  bad: {manifest}:{clips[i].line}: {clips[i].video}")
+    for i in sorted(cache.repeat):
+        print(f"  slower than data.fps: {manifest}:{clips[i].line}: {clips[i].video}: the source plays at "
+              f"{cache.source_fps[i]:.3g} fps, so frames repeat (lower data.fps to avoid it)")
+    short = report_short(cache, clips, manifest, cfg.data.frames, cfg.data.strides, cfg.data.short_clips == "pad")
+    for line in short:
+        print(f"  too short: {line}")
+    if short:
+        print(f"{len(short)} of {len(clips)} clips have no shot as long as a window of data.frames={cfg.data.frames}")
+
+
 def cmd_latents(args) -> int:
     from t2v.data.cache import open_cache
     from t2v.data.latents import build_latent_shard, build_latents, merge_latent_shards
@@ -80,8 +169,8 @@ def cmd_latents(args) -> int:
     from t2v.vae import load_vae, vae_identity
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.data.sampling != "even":
-        raise CacheError(f"data.sampling={cfg.data.sampling!r}: the latent cache holds 'even' frames only")
+    if cfg.data.sampling == "random_window":
+        raise CacheError("data.sampling='random_window' cannot be cached; data.sampling=window with data.fps can")
     device = pick_device(cfg.train.device)
     vae = load_vae(cfg.vae, device)
     vae_id = vae_identity(cfg.vae, vae)
@@ -89,6 +178,9 @@ def cmd_latents(args) -> int:
     for manifest in manifests:
         clips = read_manifest(manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
         t0 = time.time()
+        if cfg.data.sampling == "window":
+            _latent_windows(cfg, clips, manifest, vae, vae_id, args, device)
+            continue
         clip_cache = open_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg))  # faster than decoding
         common = (clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), vae, vae_id)
         if args.shard:  # each manifest's slice I of N (one array task), merged once all are done
@@ -106,11 +198,44 @@ def cmd_latents(args) -> int:
     return 0
 
 
+def _latent_windows(cfg, clips, manifest, vae, vae_id, args, device) -> None:
+    """data.sampling=window: every frame of the manifest's window cache (built here first if missing) encoded."""
+    from t2v.data.latents import build_latent_windows, merge_latent_windows, open_latent_windows
+    from t2v.data.windows import Rate, build_windows, cached_seconds_line, open_windows
+
+    t0, rate = time.time(), Rate.of(cfg.data)
+    pixels = open_windows(clips, cfg.data.size, rate, cache_dir(cfg))
+    if pixels is None:
+        if args.shard or args.merge:  # every shard would decode the whole set: build it once, on CPUs
+            raise CacheError(f"{manifest}: no window cache at {cfg.data.size}x{cfg.data.size} and {rate.describe()} "
+                             "to encode; build it first: python -m t2v.data cache with the same --config and key=value "
+                             "arguments (make cache-submit KIND=clips for a job array)")
+        pixels = build_windows(clips, cfg.data.size, rate, cache_dir(cfg), progress=True)
+    common = (clips, pixels, cache_dir(cfg), vae, vae_id)
+    if args.shard:
+        part = build_latent_windows(*common, cfg.vae.batch_size, shard=args.shard)
+        print(f"latent window cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {part} "
+              f"({time.time() - t0:.1f} s)")
+        return
+    if args.merge:
+        merge_latent_windows(*common, args.merge)
+    else:
+        build_latent_windows(*common, cfg.vae.batch_size, progress=True)
+    cache = open_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae_id)
+    if cache is None:
+        raise CacheError(f"latent window cache of {manifest}: source videos changed during the build; run it again")
+    s = cache.space
+    print(f"latent window cache: {cache.npy} ({manifest}, {s.channels}x{cfg.data.size // s.factor}x"
+          f"{cfg.data.size // s.factor} latents of {cfg.vae.name} at {rate.describe()}: {cached_seconds_line(cache)}; "
+          f"{time.time() - t0:.1f} s on {device})")
+
+
 def cmd_demo(args) -> int:
     from t2v.data.demo import make_demo
 
     t0 = time.time()
-    paths = make_demo(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    paths = make_demo(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed,
+                      kind=args.kind)
     for split, path in paths.items():
         print(f"{split}: {path}")
     print(f"demo dataset in {args.out} ({time.time() - t0:.1f} s)")
@@ -121,9 +246,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m t2v.data", description="Manifest checks, clip cache, demo data.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="list every bad line and unreadable or too short video in a manifest")
-    p.add_argument("manifest")
+    p.add_argument("manifest", nargs="?", default="", help="the manifest (default with --config: data.manifest)")
     p.add_argument("--video-root", default="", help='relative video paths resolve here ("" = the manifest folder)')
     p.add_argument("--frames", type=int, default=8, help="videos with fewer frames are reported too short")
+    p.add_argument("--config", default=None, help="check what training with this config reads (windows too)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.fps=8")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("cache", help="pre-decode the configured manifest into the clip cache")
     add_config_args(p)
@@ -144,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=96)
     p.add_argument("--n-val", type=int, default=16)
     p.add_argument("--n-test", type=int, default=16)
+    p.add_argument("--kind", choices=("shapes", "shots"), default="shapes",
+                   help="shapes: the demo (one 2 s shot per clip); shots: ~6 s at 24 fps, four shots, slow motion")
     p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -3,7 +3,7 @@
 Decoding MSR-VTT runs at ~15 clips/s per core; reading the cache at ~200k clips/s, so a GPU is never
 starved by its data loader. The file name carries a hash of everything the pixels depend on (frames,
 size, each source file's path, size, mtime and time range), so a stale cache is never read: a changed
-setting or file just gives a new name. Only "even" sampling is cacheable; random windows differ per draw.
+setting or file just gives a new name. This cache holds "even" samples; `data.sampling=window` reads t2v.data.windows.
 
 Files: ``clips_<key>.npy`` (N, T, H, W, 3) uint8 and ``clips_<key>.json`` (key, frames, size, paths,
 bad). The .json is written last, so its presence means the .npy is complete.
@@ -126,16 +126,15 @@ def _decode_one(job: tuple) -> tuple[int, np.ndarray | None, str]:
         return i, None, str(e)
 
 
-def _decoded(clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int, progress: bool, desc: str):
-    """(index, frames or None, error) for every clip in ``rows``, in order, decoded by ``workers`` processes.
-    Decoding is deterministic, so any number of workers gives the bytes one process gives."""
-    jobs = [(i, str(clips[i].video), frames, size, clips[i].start, clips[i].end) for i in rows]
+def run_jobs(fn, jobs: list, workers: int, progress: bool, desc: str):
+    """``fn(job)`` for every job, in order, in ``workers`` processes (a progress bar over the jobs). ``fn`` must be
+    a module-level function and deterministic, so any number of workers gives what one process gives."""
     bar = progress_counter(total=len(jobs), desc=desc, unit="clip", enabled=progress)
     if workers <= 1:
-        results = map(_decode_one, jobs)
+        results = map(fn, jobs)
     else:  # spawn: a fresh interpreter per worker, never a fork of a process that holds decoder state
         pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(_decode_one, jobs, chunksize=4)
+        results = pool.imap(fn, jobs, chunksize=4)
     try:
         for r in results:
             bar.update(1)
@@ -144,6 +143,12 @@ def _decoded(clips: Sequence[Clip], rows: range, frames: int, size: int, workers
         bar.close()
         if workers > 1:
             pool.terminate()
+
+
+def _decoded(clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int, progress: bool, desc: str):
+    """(index, frames or None, error) for every clip in ``rows``, in order, decoded by ``workers`` processes."""
+    jobs = [(i, str(clips[i].video), frames, size, clips[i].start, clips[i].end) for i in rows]
+    return run_jobs(_decode_one, jobs, workers, progress, desc)
 
 
 def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int,

@@ -112,11 +112,19 @@ class ClipDataset(torch.utils.data.Dataset):
         window: float = 0.5,
         cache: ClipCache | None = None,
         latents=None,  # a t2v.data.latents.LatentCache: items carry the VAE posterior instead of pixels
+        windows=None,  # data.sampling=window: a t2v.data.windows WindowCache (pixels) or LatentWindowCache
+        strides: Sequence[int] = (1,),
+        pad: bool = False,  # window: a clip with no room for a window gives its longest shot, padded
+        rate=None,  # window without a cache: a t2v.data.windows.Rate, every draw decodes its clip
     ):
         if not clips:
             raise ValueError("ClipDataset needs at least one clip")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy's SeedSequence takes no negative seeds), got {seed}")
+        if sampling == "window" and windows is None and rate is None:
+            raise ValueError("sampling='window' needs the window cache (windows=) or, to decode per sample, rate=")
+        if windows is not None and len(windows) != len(clips):
+            raise ValueError(f"window cache {windows.npy} holds {len(windows)} clips, expected {len(clips)}")
         if cache is not None:
             if sampling != "even":
                 raise ValueError(f"the clip cache holds 'even' sampling only, not {sampling!r}: set data.cache=false")
@@ -132,42 +140,67 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"latent cache {latents.npy} holds {len(latents)} clips of {latents.frames}x{latents.size}"
                              f", expected {len(clips)} of {frames}x{size}")
         self.latents = latents
+        self.windows, self.strides, self.pad, self.rate = windows, tuple(strides), pad, rate
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def _frames(self, i: int, draw: int) -> np.ndarray | None:
-        """(T, H, W, 3) uint8 for clip i (in latent space its (2, T, C, h, w) posterior), or None if it is bad."""
-        if self.latents is not None:
-            return None if i in self.latents.bad else self.latents.get(i)
-        if self.cache is not None:
-            return None if i in self.cache.bad else self.cache.get(i)
-        clip = self.clips[i]
+    def _frames(self, i: int, draw: int) -> tuple[np.ndarray, float] | None:
+        """(frames, fps) of clip i at this draw: (T, H, W, 3) uint8, or in latent space its (2, T, C, h, w)
+        posterior; fps 0 where the rate is unknown ("even" spreads frames over the clip). None if it is bad."""
         # a stream separate from pick_caption's ([seed, draw]) so window and caption are independent
-        rng = np.random.default_rng([self.seed, draw, 1]) if self.sampling == "random_window" else None
+        rng = np.random.default_rng([self.seed, draw, 1])
+        if self.sampling == "window":
+            return self._window(i, rng)
+        if self.latents is not None:
+            return None if i in self.latents.bad else (self.latents.get(i), 0.0)
+        if self.cache is not None:
+            return None if i in self.cache.bad else (self.cache.get(i), 0.0)
+        clip = self.clips[i]
         try:
-            return decode_uint8(
-                clip.video, self.frames, self.size, self.sampling, self.window, rng, clip.start, clip.end
-            )
+            return decode_uint8(clip.video, self.frames, self.size, self.sampling, self.window, rng, clip.start,
+                                clip.end), 0.0
         except VideoError as e:
             log.warning("skipping clip (manifest line %d): %s", clip.line, e)
             return None
+
+    def _window(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, float] | None:
+        if self.windows is not None:
+            got = self.windows.window(i, self.frames, self.strides, rng, self.pad)
+            if got is None:
+                return None
+            rows, fps = got
+            if self.windows.array.dtype != np.uint8:  # latent rows: t 2 c h w -> 2 t c h w
+                return np.ascontiguousarray(self.windows.array[rows].swapaxes(0, 1)), fps
+            return self.windows.array[rows], fps  # t h w c
+        from t2v.data.windows import decode_clip, pick_window  # no cache: decode the whole clip for one window
+
+        clip = self.clips[i]
+        try:
+            u8, plan, shots = decode_clip(str(clip.video), self.size, self.rate, clip.start, clip.end)
+        except VideoError as e:
+            log.warning("skipping clip (manifest line %d): %s", clip.line, e)
+            return None
+        got = pick_window(len(u8), shots, self.frames, self.strides, rng, self.pad)
+        return None if got is None else (u8[got[0]], plan.fps / got[1])
 
     def __getitem__(self, item) -> dict:
         index, draw = (int(item), int(item)) if isinstance(item, (int, np.integer)) else map(int, item)
         n = len(self.clips)
         i = index % n
         for skipped in range(n):
-            u8 = self._frames(i, draw)
-            if u8 is not None:
+            got = self._frames(i, draw)
+            if got is not None:
+                u8, fps = got
                 break
             i = (i + 1) % n
         else:
             raise RuntimeError(f"none of the {n} clips could be decoded (first: {self.clips[0].video})")
         caption = pick_caption(self.clips[i].captions, self.seed, draw)
         text = self.embeddings.get(caption)
-        bad = 0 if self.cache is not None or self.latents is not None else skipped
-        if self.latents is not None:  # 2 t c h w: the posterior's mean and std, float16 on disk
-            return {"latent": torch.from_numpy(np.array(u8, dtype=np.float32)), "text": text, "caption": caption,
-                    "index": i, "bad": bad}
-        return {"video": to_model(u8), "text": text, "caption": caption, "index": i, "bad": bad}
+        # the caches reported their bad (and too short) clips when they were built: not counted again
+        bad = 0 if self.cache is not None or self.latents is not None or self.windows is not None else skipped
+        item = {"text": text, "caption": caption, "index": i, "bad": bad, "fps": torch.tensor(fps, dtype=torch.float32)}
+        if u8.dtype != np.uint8:  # 2 t c h w: the posterior's mean and std, float16 on disk
+            return {"latent": torch.from_numpy(np.array(u8, dtype=np.float32)), **item}
+        return {"video": to_model(u8), **item}

@@ -30,6 +30,8 @@ KINDS = (
     "missing_file",
     "unreadable_video",
     "too_short",
+    "no_frame_rate",
+    "repeats_frames",
 )
 MAX_LISTED = 20  # problems listed in an error message; a broken 10k-line manifest should not flood the log
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,10 @@ class VideoError(RuntimeError):
 
 class VideoTooShort(VideoError):
     """A readable video with fewer frames than requested."""
+
+
+class NoFrameRate(VideoError):
+    """A readable video that reports no frame rate and no timestamps: it cannot be sampled in seconds."""
 
 
 def frame_indices(
@@ -98,6 +104,37 @@ def _resize_u8(u8: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # t c h w -> t h w c
 
 
+def _open(path: str, size: int | None):
+    """A decord VideoReader, squashing frames to size x size (None: full size)."""
+    if size is None:
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    return decord.VideoReader(path, ctx=decord.cpu(0), width=size, height=size, num_threads=1)
+
+
+def _get_batch(vr, path: str, idx, size: int):
+    """Frames ``idx`` of an open reader as (T, size, size, 3) uint8."""
+    try:
+        return _to_numpy(vr.get_batch(idx))
+    except DECORDError as e:
+        # decord 0.6 cannot scale to some widths (8, 16, 24, 48, 72 among them: its row padding trips
+        # "DECORDArrayCopyFromTo: The size must exactly match"); decode full size and resize here.
+        if "DECORDArrayCopyFromTo" not in str(e):
+            raise
+        return _resize_u8(_to_numpy(_open(path, None).get_batch(idx)), size)
+
+
+def _checked_path(path) -> str:
+    if decord is None:
+        raise VideoError(path, "decord is not installed (pip install decord)")
+    if not Path(path).is_file():
+        raise VideoError(path, "file not found")
+    return str(path)
+
+
+def _decode_error(path: str, e: Exception) -> VideoError:
+    return VideoError(path, f"cannot decode: {str(e).strip().splitlines()[0][:300]}")
+
+
 def decode_uint8(
     path: str | os.PathLike,
     frames: int,
@@ -109,14 +146,10 @@ def decode_uint8(
     end: float | None = None,
 ) -> np.ndarray:
     """``frames`` frames of a video squashed to size x size (aspect ratio not kept): (T, H, W, 3) uint8."""
-    if decord is None:
-        raise VideoError(path, "decord is not installed (pip install decord)")
-    path = str(path)
-    if not Path(path).is_file():
-        raise VideoError(path, "file not found")
+    path = _checked_path(path)
     vr = None
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), width=size, height=size, num_threads=1)
+        vr = _open(path, size)
         n_total = len(vr)
         first, last = 0, n_total - 1
         if start is not None or end is not None:
@@ -128,24 +161,57 @@ def decode_uint8(
             where = f" between {start}s and {end}s" if start is not None or end is not None else ""
             raise VideoTooShort(path, f"too short: {max(last - first + 1, 0)} frames{where}, need {frames}")
         idx = frame_indices(n_total, frames, sampling, window, rng, first, last)
-        try:
-            u8 = _to_numpy(vr.get_batch(idx))
-        except DECORDError as e:
-            # decord 0.6 cannot scale to some widths (8, 16, 24, 48, 72 among them: its row padding trips
-            # "DECORDArrayCopyFromTo: The size must exactly match"); decode full size and resize here.
-            if "DECORDArrayCopyFromTo" not in str(e):
-                raise
-            vr = None
-            vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-            u8 = _resize_u8(_to_numpy(vr.get_batch(idx)), size)
+        u8 = _get_batch(vr, path, idx, size)
     except VideoError:
         raise
     except (RuntimeError, DECORDError, IndexError) as e:
-        raise VideoError(path, f"cannot decode: {str(e).strip().splitlines()[0][:300]}") from e
+        raise _decode_error(path, e) from e
     finally:
         vr = None  # close the file now, not at some later garbage collection
     if u8.shape != (frames, size, size, 3) or u8.dtype != np.uint8:
         raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected ({frames}, {size}, {size}, 3) uint8")
+    return u8
+
+
+@dataclass
+class Timeline:
+    """When each frame of a video is shown: ``starts`` (n,) seconds, from the container's timestamps (so a
+    variable frame rate is read as it is), and the average rate the video reports."""
+
+    starts: np.ndarray
+    avg_fps: float
+
+
+def read_timeline(path: str | os.PathLike) -> Timeline:
+    """Frame timestamps without decoding any frame (decord reads them from the container's index)."""
+    path = _checked_path(path)
+    vr = None
+    try:
+        vr = _open(path, 32)
+        n = len(vr)
+        fps = float(vr.get_avg_fps())
+        starts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64).reshape(n, 2)[:, 0] if n else \
+            np.zeros(0)
+    except (RuntimeError, DECORDError, IndexError) as e:
+        raise _decode_error(path, e) from e
+    finally:
+        vr = None
+    return Timeline(starts, fps)
+
+
+def decode_frames(path: str | os.PathLike, idx: np.ndarray, size: int) -> np.ndarray:
+    """Source frames ``idx`` (any order, repeats allowed) squashed to size x size: (len(idx), H, W, 3) uint8."""
+    path = _checked_path(path)
+    vr = None
+    try:
+        vr = _open(path, size)
+        u8 = _get_batch(vr, path, np.asarray(idx, dtype=np.int64), size)
+    except (RuntimeError, DECORDError, IndexError) as e:
+        raise _decode_error(path, e) from e
+    finally:
+        vr = None
+    if u8.shape != (len(idx), size, size, 3) or u8.dtype != np.uint8:
+        raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected ({len(idx)}, {size}, {size}, 3) uint8")
     return u8
 
 
@@ -160,14 +226,14 @@ def to_model(u8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.div_(127.5).sub_(1.0)
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 8) -> Path:
     """(T, H, W, 3) uint8 frames as H.264 yuv420p (mpeg4 if this FFmpeg lacks libx264), written atomically
     (t2v.files): the demo's clips and sampled videos alike."""
     import av  # PyAV: only the writers need it
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with atomic_path(path, fsync=False) as tmp, av.open(str(tmp), "w", format="mp4") as out:
-        stream = out.add_stream(codec, rate=fps)
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))  # 7.5 fps, 29.97 fps
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.thread_count = 1  # x264's output depends on its thread count
