@@ -186,6 +186,8 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
         if typ is tuple or typ == "tuple":
             if isinstance(value, str):
                 value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # data.strides=2 means (2,)
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"not a list: {value!r}")
             return tuple(value)

@@ -22,9 +22,9 @@ from t2v.table import text_table
 from t2v.vae import VAEError
 
 
-def print_table(problems: list[Problem], out=sys.stdout) -> None:
+def print_table(problems: list[Problem], out=None) -> None:
     rows = [(p.line, p.kind, p.message) for p in problems]
-    print(text_table(("line", "kind", "message"), rows, sep=" | ", rule=True, right=[0]), file=out)
+    print(text_table(("line", "kind", "message"), rows, sep=" | ", rule=True, right=[0]), file=out or sys.stdout)
 
 
 def cmd_check(args) -> int:
@@ -53,8 +53,12 @@ def cmd_check(args) -> int:
     summary = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
     bad_lines = len({p.line for p in problems})
     print(f"\n{manifest}: {bad_lines} bad line(s) out of {n_lines}: {summary}")
-    print("Fix them, or skip them in training with data.skip_bad_lines=true "
-          "(unreadable videos are skipped at train time).")
+    if cfg is not None and cfg.data.sampling == "window":
+        print("Training skips unreadable videos and, as data.short_clips says, skips or pads the too short ones; "
+              "lines that are not valid need fixing (or data.skip_bad_lines=true).")
+    else:
+        print("Fix them, or skip them in training with data.skip_bad_lines=true "
+              "(unreadable videos are skipped at train time).")
     return 1
 
 

@@ -114,7 +114,7 @@ def shot_starts(u8: np.ndarray, fps: float, threshold: float) -> list[int]:
     from scenedetect import ContentDetector
     from scenedetect.common import FrameTimecode
 
-    detector = ContentDetector(threshold=threshold, min_scene_len=1)
+    detector, fps = ContentDetector(threshold=threshold, min_scene_len=1), float(fps)
     cuts: list[int] = []
     for j, frame in enumerate(u8):
         tc = FrameTimecode(j, fps=fps)
