@@ -367,14 +367,18 @@ def test_two_task_ddp_job_is_preempted_and_resumes(cluster, demo):
     assert (run / "ckpt_000400.pt").is_file()
 
 
-def test_sharded_cache_build_on_slurm_equals_a_local_build(cluster, demo):
+@pytest.mark.parametrize("sampling", ["even", "window"])
+def test_sharded_cache_build_on_slurm_equals_a_local_build(cluster, demo, sampling):
     """make cache-submit SHARDS=3: a job array of 3 shards and a merge job after it, on the real test Slurm, write
-    the clip cache a single local process writes, byte for byte."""
+    the clip cache (or the window cache at 8 fps) a single local process writes, byte for byte."""
     from t2v.data.cache import build_cache, open_cache
     from t2v.data.manifest import read_manifest
+    from t2v.data.window_build import build_windows
+    from t2v.data.windows import Rate, open_windows
 
-    run, cache_dir = cluster / "cache-jobs", cluster / "sharded-cache"
-    args = f"data.manifest={demo / 'train.jsonl'} data.cache_dir={cache_dir}"
+    run, cache_dir = cluster / f"cache-jobs-{sampling}", cluster / f"sharded-cache-{sampling}"
+    args = f"data.manifest={demo / 'train.jsonl'} data.cache_dir={cache_dir}" + (
+        " data.sampling=window data.fps=8" if sampling == "window" else "")
     p = subprocess.run(["make", "-s", "cache-submit", "PROFILE=local", "CONFIG=configs/tiny.yaml", "SHARDS=3",
                         f"OUTDIR={run}", f"ARGS={args}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -384,7 +388,11 @@ def test_sharded_cache_build_on_slurm_equals_a_local_build(cluster, demo):
     assert info["JobState"] == "COMPLETED", logs
     assert len(list(run.glob(f"cache-{array_id}_*.out"))) == 3  # one log per array task
     clips = read_manifest(demo / "train.jsonl")
-    sharded = open_cache(clips, 4, 16, cache_dir)
-    local = build_cache(clips, 4, 16, cluster / "local-cache", progress=False)
+    if sampling == "window":
+        sharded = open_windows(clips, 16, Rate(fps=8.0), cache_dir)
+        local = build_windows(clips, 16, Rate(fps=8.0), cluster / "local-windows", progress=False)
+    else:
+        sharded = open_cache(clips, 4, 16, cache_dir)
+        local = build_cache(clips, 4, 16, cluster / "local-cache", progress=False)
     assert sharded is not None and sharded.npy.read_bytes() == local.npy.read_bytes()
     assert not list(cache_dir.glob("*.part*"))

@@ -17,8 +17,8 @@ from t2v.data import __main__ as data_cli
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import read_manifest
 from t2v.data.video import NoFrameRate, Timeline, VideoError
-from t2v.data.windows import (Rate, build_windows, build_windows_shard, decode_clip, merge_windows, open_windows,
-                              pick_window, plan, source_rate)
+from t2v.data.window_build import build_windows, build_windows_shard, merge_windows
+from t2v.data.windows import Rate, decode_clip, open_windows, pick_window, plan, source_rate
 from t2v.model import UNet3DCond
 from t2v.sample import save_gif, save_mp4
 from videos import frame_numbers, shot_frames, write_manifest, write_timed_video
@@ -218,7 +218,7 @@ def test_window_items_from_latents_are_posteriors_of_the_same_frames(videos, tmp
     clips = read_manifest(videos["manifest"])
     pixels = build_windows(clips, 16, Rate(fps=8.0), tmp_path, progress=False)
     vae = tiny_vae().eval()
-    build_latent_windows(clips, pixels, tmp_path, vae, "tiny", batch_frames=8, progress=False)
+    build_latent_windows(clips, 16, Rate(fps=8.0), tmp_path, vae, "tiny", batch_frames=8, progress=False)
     lat = open_latent_windows(clips, 16, Rate(fps=8.0), tmp_path, "tiny")
     assert lat.offsets.tolist() == pixels.offsets.tolist() and lat.shots == pixels.shots
     ds = ClipDataset(clips, Captions(), frames=4, size=16, seed=0, sampling="window", windows=lat)
@@ -274,3 +274,38 @@ def test_window_training_resumes_bit_exact_and_refuses_another_rate(shots_dir, t
     assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle moving right", "--steps", "2",
                         "--format", "mp4"]) == 0
     assert "| 8 fps (the rate it was trained at, window sampling)" in capsys.readouterr().out
+    assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle", "--fps", "0"]) == 2
+    assert "--fps must be > 0" in capsys.readouterr().err
+
+
+def test_latent_window_builds_shard_merge_and_resume_into_the_bytes_of_one_build(videos, tmp_path, monkeypatch):
+    from test_latent import tiny_vae
+    from t2v.data import latents as L
+    from t2v.data import window_build
+
+    clips, rate, vae = read_manifest(videos["manifest"]), Rate(fps=8.0), tiny_vae().eval()
+    one = L.build_latent_windows(clips, 16, rate, tmp_path / "one", vae, "tiny", batch_frames=8, progress=False)
+    for i in range(2):
+        L.build_latent_windows(clips, 16, rate, tmp_path / "sharded", vae, "tiny", 8, False, shard=(i, 2))
+    merged = L.build_latent_windows(clips, 16, rate, tmp_path / "sharded", vae, "tiny", 8, False, merge_shards=2)
+    assert merged.read_bytes() == one.read_bytes()
+    assert not list((tmp_path / "sharded").glob("*.part*"))  # the parts are gone once merged
+
+    # killed after the first clip: the rerun encodes only the two clips left, and writes the same bytes
+    real, calls = window_build._decode_job, []
+
+    def dies_on_the_second_clip(job):
+        calls.append(job[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would leave it: the partial file and the first clip's state
+        return real(job)
+
+    monkeypatch.setattr(window_build, "_decode_job", dies_on_the_second_clip)
+    with pytest.raises(KeyboardInterrupt):
+        L.build_latent_windows(clips, 16, rate, tmp_path / "killed", vae, "tiny", 8, False, save_every_s=0)
+    assert list((tmp_path / "killed").glob("*.partial.*"))
+    calls.clear()
+    monkeypatch.setattr(window_build, "_decode_job", lambda job: (calls.append(job[0]), real(job))[1])
+    resumed = L.build_latent_windows(clips, 16, rate, tmp_path / "killed", vae, "tiny", 8, False)
+    assert calls == [1, 2] and resumed.read_bytes() == one.read_bytes()
+    assert json.loads(resumed.with_suffix(".json").read_text()) == json.loads(one.with_suffix(".json").read_text())

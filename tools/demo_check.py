@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from t2v.data.demo import COLORS, MOTIONS, SHAPES  # noqa: E402
 from t2v.data.demo_judge import judge, score  # noqa: E402
 from t2v.eval import write_json  # noqa: E402
-from t2v.sample import embed_prompts, generate, load_ema, resolve_checkpoint, save_grid, to_uint8  # noqa: E402
+from t2v.sample import embed_prompts, generate, load_ema_and_rate, resolve_checkpoint, save_grid, to_uint8  # noqa: E402
 
 PROMPTS = [(c, s, m) for c, s, m in itertools.product(COLORS, SHAPES, MOTIONS)]
 RESULT = "demo_check.json"
@@ -34,13 +34,14 @@ def prompt_of(color: str, shape: str, motion: str) -> str:
 def check(ckpt, steps: int | None = None, guidance: float | None = None, seed: int = 0, out: Path | None = None) -> dict:
     """Judge samples of every demo prompt from a checkpoint (file or run folder); write out/demo_check.json."""
     path = resolve_checkpoint(ckpt)
-    cfg, model, step = load_ema(path)
+    cfg, model, step, fps = load_ema_and_rate(path)
     prompts = [prompt_of(*p) for p in PROMPTS]
     text, tokens, token_mask = embed_prompts(cfg, prompts)
     steps = cfg.train.sample_steps if steps is None else steps
     guidance = cfg.train.guidance if guidance is None else guidance
     start = time.time()
-    videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance, seed=seed)
+    videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance, seed=seed,
+                      fps=fps)
     verdicts = [judge(to_uint8(v)) for v in videos]
     result = {"step": step, "ckpt": str(path), **score(verdicts, PROMPTS), "ddim_steps": steps, "guidance": guidance,
               "seed": seed, "sample_seconds": round(time.time() - start, 1),
@@ -69,7 +70,8 @@ def _per(verdicts, field: str, i: int) -> dict:
 def summary(r: dict) -> str:
     return (f"demo check at step {r['step']} ({r['num']} prompts, DDIM {r['ddim_steps']}, guidance {r['guidance']:g}): "
             f"colour {r['color']:.0%} (chance 25%), shape {r['shape']:.0%} (chance 33%), motion {r['motion']:.0%} "
-            f"(chance 25%), all three {r['all']:.0%}; background brightness {r['background']:.3f} (black = 0)")
+            f"(chance 25%), steady {r['steady']:.0%} (right and never jumping back), all three {r['all']:.0%}; background "
+            f"brightness {r['background']:.3f} (black = 0)")
 
 
 def main(argv=None) -> int:

@@ -172,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no video of the annotations was found in {', '.join(map(str, folders))}; nothing written "
               f"(manifests already in {out} are kept)", file=sys.stderr)
         return 1
+    train = out / "train.jsonl"
+    print(f"next, at a real frame rate (windows of 8 frames at 8 fps inside one shot, docs/windows.md):\n"
+          f"  python -m t2v.data check --config configs/window.yaml data.manifest={train}\n"
+          f"  python -m t2v.data cache --config configs/window.yaml data.manifest={train}\n"
+          f"  python -m t2v.text embed --config configs/window.yaml data.manifest={train}\n"
+          f"  make submit CONFIG=configs/window.yaml MANIFEST={train} STEPS=5000")
     return 0
 
 

@@ -124,26 +124,21 @@ def cmd_cache(args) -> int:
 
 
 def _cache_windows(cfg, clips, args) -> int:
-    """The window cache of the training manifest and, for the validation loss, of the validation manifest."""
-    from t2v.data.manifest import read_manifest
-    from t2v.data.windows import Rate, build_windows, build_windows_shard, merge_windows
+    """The training manifest's window cache (the validation loss decodes its few clips itself)."""
+    from t2v.data.window_build import build_windows, build_windows_shard, merge_windows
+    from t2v.data.windows import Rate
 
-    rate = Rate.of(cfg.data)
-    manifests = [(cfg.data.manifest, clips)]
-    if val_manifest(cfg).is_file() and not args.shard and not args.merge:
-        manifests.append((val_manifest(cfg), read_manifest(val_manifest(cfg), cfg.data.video_root)))
-    for manifest, rows in manifests:
-        t0 = time.time()
-        if args.shard:
-            part = build_windows_shard(rows, cfg.data.size, rate, cache_dir(cfg), *args.shard, workers=args.workers)
-            print(f"window cache shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s); merge them "
-                  f"with `python -m t2v.data cache --merge {args.shard[1]}` and the same arguments")
-            continue
-        if args.merge:
-            cache = merge_windows(rows, cfg.data.size, rate, cache_dir(cfg), args.merge)
-        else:
-            cache = build_windows(rows, cfg.data.size, rate, cache_dir(cfg), progress=True, workers=args.workers)
-        print_window_cache(cfg, cache, rows, manifest, f"{time.time() - t0:.1f} s")
+    rate, t0 = Rate.of(cfg.data), time.time()
+    if args.shard:
+        part = build_windows_shard(clips, cfg.data.size, rate, cache_dir(cfg), *args.shard, workers=args.workers)
+        print(f"window cache shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s); merge them "
+              f"with `python -m t2v.data cache --merge {args.shard[1]}` and the same arguments")
+        return 0
+    if args.merge:
+        cache = merge_windows(clips, cfg.data.size, rate, cache_dir(cfg), args.merge)
+    else:
+        cache = build_windows(clips, cfg.data.size, rate, cache_dir(cfg), progress=True, workers=args.workers)
+    print_window_cache(cfg, cache, clips, cfg.data.manifest, f"{time.time() - t0:.1f} s")
     return 0
 
 
@@ -203,31 +198,19 @@ def cmd_latents(args) -> int:
 
 
 def _latent_windows(cfg, clips, manifest, vae, vae_id, args, device) -> None:
-    """data.sampling=window: every frame of the manifest's window cache (built here first if missing) encoded."""
-    from t2v.data.latents import build_latent_windows, merge_latent_windows, open_latent_windows
-    from t2v.data.windows import Rate, build_windows, cached_seconds_line, open_windows
+    """data.sampling=window: every clip decoded at data.fps, cut into shots and encoded (the latent window cache)."""
+    from t2v.data.latents import build_latent_windows, open_latent_windows
+    from t2v.data.windows import Rate, cached_seconds_line
 
     t0, rate = time.time(), Rate.of(cfg.data)
-    pixels = open_windows(clips, cfg.data.size, rate, cache_dir(cfg))
-    if pixels is None:
-        if args.shard or args.merge:  # every shard would decode the whole set: build it once, on CPUs
-            raise CacheError(f"{manifest}: no window cache at {cfg.data.size}x{cfg.data.size} and {rate.describe()} "
-                             "to encode; build it first: python -m t2v.data cache with the same --config and key=value "
-                             "arguments (make cache-submit KIND=clips for a job array)")
-        pixels = build_windows(clips, cfg.data.size, rate, cache_dir(cfg), progress=True)
-    common = (clips, pixels, cache_dir(cfg), vae, vae_id)
+    npy = build_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae, vae_id, cfg.vae.batch_size,
+                               shard=args.shard, merge_shards=args.merge)
     if args.shard:
-        part = build_latent_windows(*common, cfg.vae.batch_size, shard=args.shard)
-        print(f"latent window cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {part} "
-              f"({time.time() - t0:.1f} s)")
+        print(f"latent window cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {npy} ({time.time() - t0:.1f} s)")
         return
-    if args.merge:
-        merge_latent_windows(*common, args.merge)
-    else:
-        build_latent_windows(*common, cfg.vae.batch_size, progress=True)
     cache = open_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae_id)
     if cache is None:
-        raise CacheError(f"latent window cache of {manifest}: source videos changed during the build; run it again")
+        raise CacheError(f"latent window cache {npy}: source videos changed during the build; run it again")
     s = cache.space
     print(f"latent window cache: {cache.npy} ({manifest}, {s.channels}x{cfg.data.size // s.factor}x"
           f"{cfg.data.size // s.factor} latents of {cfg.vae.name} at {rate.describe()}: {cached_seconds_line(cache)}; "

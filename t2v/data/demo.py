@@ -68,16 +68,17 @@ def render(color: str, shape: str, motion: str, rng: np.random.Generator) -> np.
 
 
 def render_shots(color: str, shape: str, motion: str, rng: np.random.Generator) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of one "shots" clip: SHOTS_PER_CLIP shots at SHOTS_FPS, each a continuous slow
-    move in ``motion`` from a new position (a cut), so only frames from one shot show the motion."""
+    """(T, H, W, 3) uint8 frames of one "shots" clip: SHOTS_PER_CLIP shots at SHOTS_FPS, each the same slow move in
+    ``motion`` shown again from its beginning (as edits of one action are: replays, several takes), at another
+    position across it. Frames from inside one shot show the motion; frames spread over the clip see it jump back
+    at every cut."""
     r = SIZE * 0.2 * rng.uniform(0.9, 1.1)
     dx, dy = _DIRECTION[motion]
     shots = []
     for _ in range(SHOTS_PER_CLIP):
         n = int(round(rng.uniform(*SHOT_SECONDS) * SHOTS_FPS))
         travel = SPEED * SIZE * n / SHOTS_FPS
-        lo, hi = SIZE * 0.25, SIZE * 0.75 - travel  # the path stays in the frame's middle half
-        along = rng.uniform(lo, max(lo, hi))
+        along = SIZE * 0.25 + rng.uniform(0, 0.03) * SIZE  # from the start of the path: it stays in the middle half
         across = SIZE / 2 + rng.uniform(-0.15, 0.15) * SIZE
         x0 = (along if dx > 0 else SIZE - along) if dx else across
         y0 = (along if dy > 0 else SIZE - along) if dy else across

@@ -110,6 +110,7 @@ class Verdict:
     motion: str
     background: float  # mean brightness in [0, 1] away from the shape
     travel: float = 0.0  # how far the centroid moves over the clip, in frame widths (the demo's shapes: 0.4)
+    backstep: float = 0.0  # the largest frame-to-frame step against that motion, in frame widths (a jump back)
 
 
 def judge(video: np.ndarray) -> Verdict:
@@ -139,7 +140,7 @@ def judge(video: np.ndarray) -> Verdict:
     motion, travel = _direction(centres, w) if len(centres) >= 2 else ("none", 0.0)
     # frames without a shape count whole: their brightness is all background
     background = float(value[~near].mean()) if (~near).any() else 0.0
-    return Verdict(color, shape, motion, background, travel)
+    return Verdict(color, shape, motion, background, travel, _backstep(centres, motion, w))
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -164,9 +165,24 @@ def _direction(centres: list[tuple[int, float, float]], width: int) -> tuple[str
     return ("down" if dy > 0 else "up"), travel  # y grows downwards
 
 
+# A step back of more than this (frame widths) between two frames is a jump, not noise: the demo's shapes move 0.05
+# per frame at 8 frames, so a smooth move never steps back; frames spread over a clip with cuts jump back ~0.3.
+STEADY_TOLERANCE = 0.03
+_AXIS = {"right": (1, 1), "left": (1, -1), "down": (2, 1), "up": (2, -1)}  # (centre field, sign along it)
+
+
+def _backstep(centres: list[tuple[int, float, float]], motion: str, width: int) -> float:
+    """The largest step between consecutive seen frames against ``motion``, in frame widths (0: none)."""
+    if motion not in _AXIS or len(centres) < 2:
+        return 0.0
+    field, sign = _AXIS[motion]
+    along = np.array([c[field] for c in centres]) * sign
+    return float(max(0.0, -np.diff(along).min()) / width)
+
+
 def score(verdicts: list[Verdict], wanted: list[tuple[str, str, str]]) -> dict:
-    """Accuracies of colour, shape, motion (and all three at once) against (colour, shape, motion) triples,
-    and the mean background brightness."""
+    """Accuracies of colour, shape, motion (and all three at once) against (colour, shape, motion) triples, the
+    mean background brightness, and "steady": the motion is right and never jumps back (STEADY_TOLERANCE)."""
     n = len(wanted)
     hits = {k: [getattr(v, k) == w[i] for v, w in zip(verdicts, wanted)] for i, k in enumerate(("color", "shape", "motion"))}
     return {
@@ -174,6 +190,7 @@ def score(verdicts: list[Verdict], wanted: list[tuple[str, str, str]]) -> dict:
         "shape": sum(hits["shape"]) / n,
         "motion": sum(hits["motion"]) / n,
         "all": sum(all(h) for h in zip(*hits.values())) / n,
+        "steady": sum(m and v.backstep <= STEADY_TOLERANCE for m, v in zip(hits["motion"], verdicts)) / n,
         "background": float(np.mean([v.background for v in verdicts])),
         "num": n,
     }

@@ -30,7 +30,8 @@ from t2v.data.cache import (CacheError, ClipCache, MappedCache, assemble_parts, 
                             shard_rows)
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
-from t2v.data.windows import Rate, WindowCache, Windowed, read_index, window_key
+from t2v.data.window_build import Store, build, build_shard, merge
+from t2v.data.windows import Rate, Windowed, files, open_index, read_index, window_key
 from t2v.files import atomic_path, atomic_write, write_text
 from t2v.progress import progress as progress_counter
 from t2v.vae import LatentSpace, encode
@@ -258,131 +259,62 @@ def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir
     return cache
 
 
-# --- windows at a real frame rate (data.sampling=window): every frame of the window cache, encoded ---------------
+# --- windows at a real frame rate (data.sampling=window): every frame at the target rate, encoded -----------------
 
 @dataclass
 class LatentWindowCache(Windowed):
-    """Rows: (2, C, h, w) float16 per frame, the posterior's mean and std, in the order of the window cache they
-    were encoded from (same offsets, shots and rates): windows are cut from here at load time."""
+    """Rows: (2, C, h, w) float16 per frame, the posterior's mean and std, clip after clip (t2v.data.windows): windows
+    are cut from here at load time."""
 
     space: LatentSpace | None = None
 
 
-def _window_files(cache_dir: Path, clips, size: int, rate: Rate, vae_id: str) -> tuple[str, dict[str, Path]]:
-    blob = json.dumps({"version": VERSION, "windows": window_key(clips, size, rate), "vae": vae_id})
-    key = hashlib.sha256(blob.encode()).hexdigest()[:20]
-    stem = cache_dir / f"latwin_{key}"
-    return key, {"npy": stem.with_suffix(".npy"), "meta": stem.with_suffix(".json"),
-                 "partial": Path(f"{stem}.partial.npy"), "done": Path(f"{stem}.done.npy")}
+def latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, space: LatentSpace, vae=None,
+                 batch_frames: int = 16) -> Store:
+    """The latent window cache as the shared builder writes it: each clip's frames decoded at ``size`` and encoded
+    by the VAE, ``batch_frames`` at a time from the clip's first frame (the same groups in any build)."""
+    def encode_frames(u8: np.ndarray) -> np.ndarray:
+        mean, std = encode(vae, to_model(np.ascontiguousarray(u8)), batch_frames)  # t c h w each
+        return torch.stack([mean, std], dim=1).numpy()  # t 2 c h w
+
+    h = size // space.factor
+    return Store("latwin", window_key(clips, size, rate, vae_id), (2, space.channels, h, h), "float16",
+                 encode_frames if vae is not None else None, resumable=True, what="latent window cache")
 
 
 def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae_id: str):
     """The latent window cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
-    key, f = _window_files(Path(cache_dir), clips, size, rate, vae_id)
-    if not f["meta"].is_file():
-        return None
+    key = window_key(clips, size, rate, vae_id)
+    npy, meta_path = files(Path(cache_dir), "latwin", key)
     try:
-        meta = json.loads(f["meta"].read_text())
-        arr = np.load(f["npy"], mmap_mode="r")
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable latent window cache %s: %s", f["npy"], e)
+        space = LatentSpace(**json.loads(meta_path.read_text())["space"]) if meta_path.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        space = None
+    if space is None:
         return None
-    space, index = LatentSpace(**meta["space"]), read_index(meta)
     h = size // space.factor
-    if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]
-            or arr.shape != (int(index["offsets"][-1]), 2, space.channels, h, h) or arr.dtype != np.float16):
-        log.warning("ignoring latent window cache %s: it does not match these clips (shape %s)", f["npy"], arr.shape)
+    got = open_index(npy, meta_path, key, clips, (2, space.channels, h, h), np.float16, "latent window cache")
+    if got is None:
         return None
-    return LatentWindowCache(f["npy"], size, rate, meta["paths"], _array=arr, space=space, **index)
+    arr, meta = got
+    return LatentWindowCache(npy, size, rate, meta["paths"], _array=arr, space=space, **read_index(meta))
 
 
-def _frame_chunks(n_frames: int, batch_frames: int) -> list[range]:
-    """The fixed runs of frames the VAE encodes together: a resumed or sharded build encodes each as one build."""
-    return [range(s, min(s + batch_frames, n_frames)) for s in range(0, n_frames, batch_frames)]
-
-
-def _encode_frames(out: np.ndarray, offset: int, pixels: WindowCache, chunk: range, vae, batch_frames: int) -> None:
-    mean, std = encode(vae, to_model(np.ascontiguousarray(pixels.array[chunk.start:chunk.stop])), batch_frames)  # n c h w
-    out[chunk.start - offset:chunk.stop - offset, 0] = mean.numpy()
-    out[chunk.start - offset:chunk.stop - offset, 1] = std.numpy()
-
-
-def _window_meta(path: Path, key: str, vae_id: str, pixels: WindowCache, space: LatentSpace) -> None:
-    meta = json.loads(pixels.npy.with_suffix(".json").read_text())  # offsets, shots, rates, bad: the same clips
-    meta.update(key=key, vae=vae_id, windows=meta["key"],
-                space={"channels": space.channels, "factor": space.factor, "scaling_factor": space.scaling_factor})
-    write_text(path, json.dumps(meta))  # last: its presence means the .npy is complete
-
-
-def build_latent_windows(clips: Sequence[Clip], pixels: WindowCache, cache_dir, vae, vae_id: str,
-                         batch_frames: int = 16, progress: bool = True, save_every_s: float = 30.0,
-                         shard: tuple[int, int] | None = None) -> Path:
-    """Encode every frame of the window cache ``pixels`` (or, with ``shard`` (I, N), a contiguous run of its frame
-    chunks into a part file) in fixed chunks of ``batch_frames``. A killed full build resumes from its partial file
-    without re-encoding finished chunks. Returns the .npy written."""
+def build_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae, vae_id: str,
+                         batch_frames: int = 16, progress: bool = True, shard: tuple[int, int] | None = None,
+                         merge_shards: int = 0, workers: int = 1, save_every_s: float = 30.0) -> Path:
+    """Decode every clip at the target rate, find its cuts and encode its frames with the VAE into the latent window
+    cache (never a pixel cache in between: at 256 px that would be ~12x the latents). With ``shard`` (I, N) only
+    that contiguous run of clips, into a part; with ``merge_shards`` N the parts assembled. A killed full build
+    resumes without re-encoding the clips it finished. Returns the .npy written."""
     space = LatentSpace.of(vae)
-    size, rate = pixels.size, pixels.rate
     if size % space.factor:
         raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
-    cache_dir = Path(cache_dir)
-    key, f = _window_files(cache_dir, clips, size, rate, vae_id)
-    h = size // space.factor
-    chunks = _frame_chunks(int(pixels.offsets[-1]), batch_frames)
+    store = latent_store(clips, size, rate, vae_id, space, vae, batch_frames)
+    extra = {"vae": vae_id, "space": {"channels": space.channels, "factor": space.factor,
+                                      "scaling_factor": space.scaling_factor}}
     if shard is not None:
-        part_npy, part_meta = (Path(f"{f['npy'].with_suffix('')}.part{shard[0]:04d}-of-{shard[1]:04d}{e}")
-                               for e in (".npy", ".json"))
-        if part_meta.is_file() or f["meta"].is_file():
-            return part_npy
-        mine = [chunks[j] for j in shard_rows(len(chunks), *shard)]
-        start, stop = (mine[0].start, mine[-1].stop) if mine else (0, 0)
-        with atomic_path(part_npy) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(stop - start, 2, space.channels, h, h))
-            for chunk in progress_counter(mine, desc=f"encoding window latents, shard {shard[0]}/{shard[1]}",
-                                          unit="chunk", enabled=progress):
-                _encode_frames(out, start, pixels, chunk, vae, batch_frames)
-            out.flush()
-            del out
-        write_text(part_meta, json.dumps({"key": key, "rows": [start, stop], "bad": []}))
-        return part_npy
-    if f["meta"].is_file():
-        return f["npy"]
-    out, done = _resume_or_create(f, (int(pixels.offsets[-1]), 2, space.channels, h, h))
-    todo = [c for c in chunks if not done[c.start:c.stop].all()]
-    if len(todo) < len(chunks):
-        log.info("latent window cache: resuming %s, %d of %d frames already encoded", f["partial"], int(done.sum()),
-                 len(done))
-    last_save = time.time()
-    for chunk in progress_counter(todo, desc=f"encoding window latents to {cache_dir}", unit="chunk", enabled=progress):
-        _encode_frames(out, 0, pixels, chunk, vae, batch_frames)
-        done[chunk.start:chunk.stop] = True
-        if time.time() - last_save > save_every_s:
-            out.flush()  # the array first: the done mask never claims frames that are not on disk
-            _save_done(done, f["done"])
-            last_save = time.time()
-    out.flush()
-    del out
-    os.replace(f["partial"], f["npy"])
-    _window_meta(f["meta"], key, vae_id, pixels, space)
-    f["done"].unlink(missing_ok=True)
-    return f["npy"]
-
-
-def merge_latent_windows(clips: Sequence[Clip], pixels: WindowCache, cache_dir, vae, vae_id: str, shards: int) -> Path:
-    """The ``shards`` parts assembled into the file one build writes (the same bytes), atomically; parts removed."""
-    space = LatentSpace.of(vae)
-    key, f = _window_files(Path(cache_dir), clips, pixels.size, pixels.rate, vae_id)
-    if f["meta"].is_file():
-        return f["npy"]
-    parts = [tuple(Path(f"{f['npy'].with_suffix('')}.part{i:04d}-of-{shards:04d}{e}") for e in (".npy", ".json"))
-             for i in range(shards)]
-    check_parts(parts, "latent window cache")
-    h = pixels.size // space.factor
-    with atomic_path(f["npy"]) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                        shape=(int(pixels.offsets[-1]), 2, space.channels, h, h))
-        assemble_parts(parts, out, "latent window cache", " (were the shards built with another vae.batch_size?)")
-        out.flush()
-        del out
-    _window_meta(f["meta"], key, vae_id, pixels, space)
-    remove_parts(parts)
-    return f["npy"]
+        return build_shard(clips, size, rate, cache_dir, store, *shard, progress=progress, workers=workers)
+    if merge_shards:
+        return merge(clips, size, rate, cache_dir, store, merge_shards, **extra)
+    return build(clips, size, rate, cache_dir, store, progress, workers, save_every_s, **extra)

@@ -7,7 +7,8 @@ import numpy as np
 from t2v.config import Config, cache_dir
 from t2v.data.cache import CacheError
 from t2v.data.latents import open_latent_windows
-from t2v.data.windows import Rate, build_windows, open_windows, report_short
+from t2v.data.window_build import build_windows
+from t2v.data.windows import Rate, open_windows, report_short
 
 LATENTS_HINT = ("Run once: python -m t2v.data latents with this run's --config and key=value arguments (GPU if there is "
                 "one; training never runs the VAE encoder)")

@@ -28,10 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
-from t2v.data.cache import (CacheError, MappedCache, cache_key, check_parts, remove_parts, run_jobs, shard_rows)
+from t2v.data.cache import MappedCache, cache_key
 from t2v.data.manifest import Clip
 from t2v.data.video import NoFrameRate, Timeline, VideoError, decode_frames, read_timeline
-from t2v.files import atomic_path, write_text
 
 log = logging.getLogger("t2v.data")
 
@@ -57,8 +56,10 @@ class Rate:
         return f"{self.fps:g} fps" if self.fps else f"every {self.frame_interval}. source frame"
 
 
-def window_key(clips: Sequence[Clip], size: int, rate: Rate) -> str:
-    blob = json.dumps({"version": VERSION, "sources": cache_key(clips, 0, size), "size": size,
+def window_key(clips: Sequence[Clip], size: int, rate: Rate, store: str = "") -> str:
+    """The cache's name: every source (path, size, mtime, range), the frame size, the rate, and what is stored of
+    each frame (``store``: "" for pixels, the VAE's identity for latents)."""
+    blob = json.dumps({"version": VERSION, "sources": cache_key(clips, 0, size), "size": size, "store": store,
                        "rate": [rate.fps, rate.frame_interval, rate.max_seconds, rate.cuts, rate.cut_threshold]})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -209,8 +210,9 @@ class WindowCache(Windowed):
     """Rows: (H, W, 3) uint8 frames."""
 
 
-def _files(cache_dir: Path, key: str) -> tuple[Path, Path]:
-    return cache_dir / f"windows_{key}.npy", cache_dir / f"windows_{key}.json"
+def files(cache_dir: Path, prefix: str, key: str) -> tuple[Path, Path]:
+    """A window cache's array and index: ``<prefix>_<key>.npy`` and ``.json``."""
+    return cache_dir / f"{prefix}_{key}.npy", cache_dir / f"{prefix}_{key}.json"
 
 
 def read_index(meta: dict) -> dict:
@@ -220,82 +222,32 @@ def read_index(meta: dict) -> dict:
             "repeat": set(meta["repeat"]), "source_fps": np.asarray(meta["source_fps"], np.float64)}
 
 
-def open_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir) -> WindowCache | None:
-    """The window cache of exactly these clips and settings, or None if it is missing or incomplete."""
-    key = window_key(clips, size, rate)
-    npy, meta_path = _files(Path(cache_dir), key)
-    if not meta_path.is_file():
+def open_index(npy: Path, meta_path: Path, key: str, clips: Sequence[Clip], row: tuple, dtype, what: str):
+    """(array, index meta) of a complete window cache whose key, clips and row shape match, else None."""
+    if not meta_path.is_file():  # never built, or a build still running (the .json comes last)
         return None
     try:
         meta = json.loads(meta_path.read_text())
         arr = np.load(npy, mmap_mode="r")
     except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable window cache %s: %s", npy, e)
+        log.warning("ignoring unreadable %s %s: %s", what, npy, e)
         return None
-    index = read_index(meta)
     if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]
-            or arr.shape != (int(index["offsets"][-1]), size, size, 3) or arr.dtype != np.uint8):
-        log.warning("ignoring window cache %s: it does not match these clips (shape %s)", npy, arr.shape)
+            or arr.shape != (int(meta["offsets"][-1]), *row) or arr.dtype != np.dtype(dtype)):
+        log.warning("ignoring %s %s: it does not match these clips (shape %s)", what, npy, arr.shape)
         return None
-    return WindowCache(npy, size, rate, meta["paths"], _array=arr, **index)
+    return arr, meta
 
 
-def _decode_job(job: tuple):
-    """(index, frames or None, plan record, error): one clip, in a worker process or in this one."""
-    i, video, size, rate, indices, fps, src = job
-    try:
-        u8, _, shots = decode_clip(video, size, rate, p=Plan(np.asarray(indices, np.int64), fps, src))
-        return i, u8, shots, ""
-    except VideoError as e:
-        return i, None, [0], str(e)
-
-
-def _plans(clips: Sequence[Clip], rows: range, rate: Rate) -> dict[int, Plan | str]:
-    """Each clip's plan (its timestamps only: no frame is decoded), or the error that stops it."""
-    out: dict[int, Plan | str] = {}
-    for i in rows:
-        try:
-            out[i] = plan(read_timeline(clips[i].video), rate, str(clips[i].video), clips[i].start, clips[i].end)
-        except VideoError as e:
-            out[i] = str(e)
-    return out
-
-
-def _build_rows(out_path: Path, clips, rows: range, plans, size: int, rate: Rate, workers: int, progress: bool,
-                desc: str) -> dict:
-    """Decode ``rows`` (clip after clip, at their planned lengths) into a new .npy at out_path; the rows' table."""
-    lengths = [len(plans[i].indices) if isinstance(plans[i], Plan) else 0 for i in rows]
-    total = sum(lengths)
-    table = {"lengths": lengths, "shots": [], "fps": [], "source_fps": [], "repeat": [], "bad": []}
-    with atomic_path(out_path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, size, size, 3))
-        jobs = [(i, str(clips[i].video), size, rate, plans[i].indices.tolist(), plans[i].fps, plans[i].source_fps)
-                for i in rows if isinstance(plans[i], Plan)]
-        starts = dict(zip(rows, np.cumsum([0] + lengths[:-1]).tolist()))
-        results = {i: (u8, shots, err) for i, u8, shots, err in run_jobs(_decode_job, jobs, workers, progress, desc)}
-        for i in rows:
-            p = plans[i]
-            u8, shots, err = results.get(i, (None, [0], p if isinstance(p, str) else ""))
-            if u8 is not None:
-                out[starts[i]:starts[i] + len(u8)] = u8
-            else:
-                log.warning("window cache: line %d: %s", clips[i].line, err)
-                table["bad"].append({"index": i, "path": str(clips[i].video), "line": clips[i].line, "error": err})
-            table["shots"].append(shots)
-            table["fps"].append(p.fps if isinstance(p, Plan) else 0.0)
-            table["source_fps"].append(p.source_fps if isinstance(p, Plan) else 0.0)
-            table["repeat"].append(bool(isinstance(p, Plan) and p.repeat))
-        out.flush()
-        del out
-    return table
-
-
-def _write_meta(path: Path, key: str, clips, size: int, rate: Rate, table: dict) -> None:
-    offsets = np.concatenate([[0], np.cumsum(table["lengths"])]).astype(int).tolist()
-    meta = {"key": key, "version": VERSION, "size": size, "rate": rate.__dict__, "paths": [str(c.video) for c in clips],
-            "offsets": offsets, "shots": table["shots"], "fps": table["fps"], "source_fps": table["source_fps"],
-            "repeat": [i for i, r in enumerate(table["repeat"]) if r], "bad": table["bad"]}
-    write_text(path, json.dumps(meta))  # last: its presence means the .npy is complete
+def open_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir) -> WindowCache | None:
+    """The window cache of exactly these clips and settings, or None if it is missing or incomplete."""
+    key = window_key(clips, size, rate)
+    npy, meta_path = files(Path(cache_dir), "windows", key)
+    got = open_index(npy, meta_path, key, clips, (size, size, 3), np.uint8, "window cache")
+    if got is None:
+        return None
+    arr, meta = got
+    return WindowCache(npy, size, rate, meta["paths"], _array=arr, **read_index(meta))
 
 
 def size_line(n_clips: int, frames: int, bytes_per_frame: int) -> str:
@@ -308,87 +260,6 @@ def size_line(n_clips: int, frames: int, bytes_per_frame: int) -> str:
 def _bytes(n: float) -> str:
     unit = next((u for u in ("TiB", "GiB", "MiB", "KiB") if n >= 2 ** (10 * ("KMGT".index(u[0]) + 1))), "B")
     return f"{n:.0f} B" if unit == "B" else f"{n / 2 ** (10 * ('KMGT'.index(unit[0]) + 1)):.2f} {unit}"
-
-
-def build_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, progress: bool = True,
-                  workers: int = 1) -> WindowCache:
-    """Decode every clip at the target rate into the window cache (unless a valid one is there) with ``workers``
-    processes (the same bytes as one). Clips that cannot be read are recorded as bad (no rows) and skipped."""
-    cached = open_windows(clips, size, rate, cache_dir)
-    if cached is not None:
-        return cached
-    cache_dir = Path(cache_dir)
-    key = window_key(clips, size, rate)
-    npy, meta_path = _files(cache_dir, key)
-    rows = range(len(clips))
-    plans = _plans(clips, rows, rate)
-    planned = sum(len(p.indices) for p in plans.values() if isinstance(p, Plan))
-    log.info("window cache at %s: %s", rate.describe(), size_line(len(clips), planned, size * size * 3))
-    table = _build_rows(npy, clips, rows, plans, size, rate, workers, progress, f"caching windows to {cache_dir}")
-    _write_meta(meta_path, key, clips, size, rate, table)
-    cache = open_windows(clips, size, rate, cache_dir)
-    if cache is None:  # a source file changed while we decoded: the key moved on
-        raise CacheError(f"window cache {npy}: source videos changed during the build; run it again")
-    return cache
-
-
-def _part(cache_dir: Path, key: str, shard: int, shards: int) -> tuple[Path, Path]:
-    stem = cache_dir / f"windows_{key}.part{shard:04d}-of-{shards:04d}"
-    return Path(f"{stem}.npy"), Path(f"{stem}.json")
-
-
-def build_windows_shard(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, shard: int, shards: int,
-                        progress: bool = True, workers: int = 1) -> Path:
-    """Shard ``shard`` of ``shards`` (a contiguous run of clips) into its own part file; a finished one is kept."""
-    cache_dir = Path(cache_dir)
-    key = window_key(clips, size, rate)
-    part_npy, part_meta = _part(cache_dir, key, shard, shards)
-    if part_meta.is_file() or open_windows(clips, size, rate, cache_dir) is not None:
-        return part_npy
-    rows = shard_rows(len(clips), shard, shards)
-    table = _build_rows(part_npy, clips, rows, _plans(clips, rows, rate), size, rate, workers, progress,
-                        f"caching windows, shard {shard}/{shards}")
-    write_text(part_meta, json.dumps({"key": key, "rows": [rows.start, rows.stop], "table": table}))
-    return part_npy
-
-
-def merge_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, shards: int) -> WindowCache:
-    """The ``shards`` parts concatenated into the file one build writes (the same bytes), atomically."""
-    cached = open_windows(clips, size, rate, cache_dir)
-    if cached is not None:
-        return cached
-    cache_dir = Path(cache_dir)
-    key = window_key(clips, size, rate)
-    parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
-    check_parts(parts, "window cache")
-    metas = [json.loads(meta.read_text()) for _, meta in parts]
-    table: dict = {k: [] for k in ("lengths", "shots", "fps", "source_fps", "repeat", "bad")}
-    expect = 0
-    for (_, meta_path), meta in zip(parts, metas):
-        start, stop = meta["rows"]
-        if start != expect:
-            raise CacheError(f"window cache: {meta_path} covers clips {start}-{stop}, expected it to start at {expect}")
-        expect = stop
-        for k in table:
-            table[k] += meta["table"][k]
-    if expect != len(clips):
-        raise CacheError(f"window cache: the {shards} parts cover {expect} of {len(clips)} clips")
-    npy, meta_path = _files(cache_dir, key)
-    with atomic_path(npy) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(sum(table["lengths"]), size, size, 3))
-        row = 0
-        for part_npy, _ in parts:
-            part = np.load(part_npy, mmap_mode="r")
-            out[row:row + len(part)] = part
-            row += len(part)
-        out.flush()
-        del out
-    _write_meta(meta_path, key, clips, size, rate, table)
-    remove_parts(parts)
-    cache = open_windows(clips, size, rate, cache_dir)
-    if cache is None:
-        raise CacheError(f"window cache {npy}: source videos changed during the build; run it again")
-    return cache
 
 
 def report_short(cache: Windowed, clips: Sequence[Clip], manifest, frames: int, strides: Sequence[int],
