@@ -149,7 +149,8 @@ def compare_windows(manifest: Path, cache_dir: Path, decode_steps: int, cache_st
     decoded = ClipDataset(clips, emb, frames, size, seed=0, sampling="random_window", window=0.1, cache=None)
     # the cached window holds exactly what decord decodes for those frames
     rows, _ = windows.window(0, frames, (1,), np.random.default_rng(0))
-    idx = plan(read_timeline(clips[0].video), rate, str(clips[0].video)).indices[rows - windows.offsets[0]]
+    local = np.arange(len(windows.array))[rows] - windows.offsets[0]  # the window's rows within clip 0
+    idx = plan(read_timeline(clips[0].video), rate, str(clips[0].video)).indices[local]
     same = bool(np.array_equal(windows.array[rows], decode_frames(clips[0].video, idx, size)))
     with Threads(1, pin=True):
         times = alternate({"decord": loader_run(decoded, len(clips), batch, decode_steps),

@@ -14,7 +14,7 @@ import torch
 from runs import REPO
 from t2v import config as C
 from t2v.data import __main__ as data_cli
-from t2v.data.dataset import ClipDataset, StepSampler
+from t2v.data.dataset import ClipDataset
 from t2v.data.manifest import read_manifest
 from t2v.data.video import NoFrameRate, Timeline, VideoError
 from t2v.data.window_build import build_windows, build_windows_shard, merge_windows
@@ -309,3 +309,25 @@ def test_latent_window_builds_shard_merge_and_resume_into_the_bytes_of_one_build
     resumed = L.build_latent_windows(clips, 16, rate, tmp_path / "killed", vae, "tiny", 8, False)
     assert calls == [1, 2] and resumed.read_bytes() == one.read_bytes()
     assert json.loads(resumed.with_suffix(".json").read_text()) == json.loads(one.with_suffix(".json").read_text())
+
+
+def test_eval_scores_real_windows_against_samples_at_the_trained_rate(shots_dir, tmp_path, monkeypatch):
+    """t2v.eval on a window-trained model: its real clips are one fixed window each (as trained, not "even"),
+    its samples are asked for the trained rate."""
+    from test_eval import TOKENIZER_ARGS, TinyI3D, WordHashTokenizer, tiny_clip_model
+    from t2v import eval as E
+    from t2v import sample as S
+    from t2v import train as T
+    from t2v.data import windows as W
+
+    assert T.train(shots_config(shots_dir, tmp_path / "run", "train.steps=2", "train.val_every=0")) == 0
+    torch.jit.save(torch.jit.script(TinyI3D().eval()), str(tmp_path / "i3d.pt"))
+    scorer = E.ClipScorer(tiny_clip_model(), WordHashTokenizer(**TOKENIZER_ARGS), name="tiny-clip")
+    windows, rates = [], []
+    real_window = W.fixed_window
+    monkeypatch.setattr(W, "fixed_window", lambda *a: windows.append(a[3]) or real_window(*a))
+    real_gen = S.generate  # eval imports it where it runs
+    monkeypatch.setattr(S, "generate", lambda *a, **k: rates.append(k["fps"]) or real_gen(*a, **k))
+    r = E.evaluate(tmp_path / "run", shots_dir / "val.jsonl", 2, clip_model=scorer, i3d=str(tmp_path / "i3d.pt"),
+                   steps=2, write=False)
+    assert windows == [0, 1] and rates == [8.0] and np.isfinite(r["fvd"]) and r["frames"] == 4

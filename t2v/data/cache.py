@@ -92,18 +92,26 @@ def _files(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return cache_dir / f"clips_{key}.npy", cache_dir / f"clips_{key}.json"
 
 
+def read_mapped(npy: Path, meta_path: Path, what: str) -> tuple[np.ndarray, dict] | None:
+    """(memory-mapped array, its .json) of a finished cache, or None (never built, still building: the .json comes
+    last, or unreadable: logged). Every cache opens through here; each then checks that it fits."""
+    if not meta_path.is_file():
+        return None
+    try:
+        return np.load(npy, mmap_mode="r"), json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s %s: %s", what, npy, e)
+        return None
+
+
 def open_cache(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike) -> ClipCache | None:
     """The cache for exactly these clips and settings, or None if it is missing, stale or incomplete."""
     key = cache_key(clips, frames, size)
     npy, meta_path = _files(Path(cache_dir), key)
-    if not meta_path.is_file():  # never built, or a build still running (the .json comes last)
+    got = read_mapped(npy, meta_path, "clip cache")
+    if got is None:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        arr = np.load(npy, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable clip cache %s: %s", npy, e)
-        return None
+    arr, meta = got
     expected = (len(clips), frames, size, size, 3)
     if (
         meta.get("key") != key

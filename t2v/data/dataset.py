@@ -123,6 +123,8 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed must be >= 0 (numpy's SeedSequence takes no negative seeds), got {seed}")
         if sampling == "window" and windows is None and rate is None:
             raise ValueError("sampling='window' needs the window cache (windows=) or, to decode per sample, rate=")
+        if sampling == "window" and latents is not None:
+            raise ValueError("sampling='window' reads the latent window cache (windows=), not the 'even' latents=")
         if windows is not None and len(windows) != len(clips):
             raise ValueError(f"window cache {windows.npy} holds {len(windows)} clips, expected {len(clips)}")
         if cache is not None:
@@ -148,14 +150,14 @@ class ClipDataset(torch.utils.data.Dataset):
     def _frames(self, i: int, draw: int) -> tuple[np.ndarray, float] | None:
         """(frames, fps) of clip i at this draw: (T, H, W, 3) uint8, or in latent space its (2, T, C, h, w)
         posterior; fps 0 where the rate is unknown ("even" spreads frames over the clip). None if it is bad."""
-        # a stream separate from pick_caption's ([seed, draw]) so window and caption are independent
-        rng = np.random.default_rng([self.seed, draw, 1])
-        if self.sampling == "window":
-            return self._window(i, rng)
         if self.latents is not None:
             return None if i in self.latents.bad else (self.latents.get(i), 0.0)
         if self.cache is not None:
             return None if i in self.cache.bad else (self.cache.get(i), 0.0)
+        # a stream separate from pick_caption's ([seed, draw]) so window and caption are independent
+        rng = np.random.default_rng([self.seed, draw, 1])
+        if self.sampling == "window":
+            return self._window(i, rng)
         clip = self.clips[i]
         try:
             return decode_uint8(clip.video, self.frames, self.size, self.sampling, self.window, rng, clip.start,

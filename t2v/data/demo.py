@@ -77,8 +77,7 @@ def render_shots(color: str, shape: str, motion: str, rng: np.random.Generator) 
     shots = []
     for _ in range(SHOTS_PER_CLIP):
         n = int(round(rng.uniform(*SHOT_SECONDS) * SHOTS_FPS))
-        travel = SPEED * SIZE * n / SHOTS_FPS
-        along = SIZE * 0.25 + rng.uniform(0, 0.03) * SIZE  # from the start of the path: it stays in the middle half
+        along = SIZE * 0.25 + rng.uniform(0, 0.03) * SIZE  # from the start of the path (its centre ends by 0.86)
         across = SIZE / 2 + rng.uniform(-0.15, 0.15) * SIZE
         x0 = (along if dx > 0 else SIZE - along) if dx else across
         y0 = (along if dy > 0 else SIZE - along) if dy else across

@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2v.data.cache import (CacheError, ClipCache, MappedCache, assemble_parts, cache_key, check_parts, remove_parts,
-                            shard_rows)
+from t2v.data.cache import (CacheError, ClipCache, MappedCache, assemble_parts, cache_key, check_parts, read_mapped,
+                            remove_parts, shard_rows)
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
 from t2v.data.window_build import Store, build, build_shard, merge
@@ -70,14 +70,10 @@ def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
     """The latent cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
     key = latent_key(clips, frames, size, vae_id)
     f = _files(Path(cache_dir), key)
-    if not f["meta"].is_file():
+    got = read_mapped(f["npy"], f["meta"], "latent cache")
+    if got is None:
         return None
-    try:
-        meta = json.loads(f["meta"].read_text())
-        arr = np.load(f["npy"], mmap_mode="r")
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable latent cache %s: %s", f["npy"], e)
-        return None
+    arr, meta = got
     space = LatentSpace(**meta["space"])
     h = size // space.factor
     if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]

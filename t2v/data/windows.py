@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from t2v.data.cache import MappedCache, cache_key
+from t2v.data.cache import MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
 from t2v.data.video import NoFrameRate, Timeline, VideoError, decode_frames, read_timeline
 
@@ -187,14 +187,18 @@ class Windowed(MappedCache):
         return int(self.offsets[i + 1] - self.offsets[i])
 
     def window(self, i: int, frames: int, strides: Sequence[int], rng, pad: bool = False):
-        """(rows of the array, fps the window plays at) for clip i, or None if it has no room for a window."""
+        """(rows of the array: a slice, or an index array when padded; fps the window plays at) for clip i, or None
+        if it has no room for a window."""
         if i in self.bad:
             return None
         got = pick_window(self.length(i), self.shots[i], frames, strides, rng, pad)
         if got is None:
             return None
         rows, stride = got
-        return self.offsets[i] + rows, float(self.fps[i]) / stride
+        rows = self.offsets[i] + rows
+        if rows[-1] - rows[0] == stride * (len(rows) - 1):  # evenly spaced (not padded): a view, no gather
+            rows = slice(int(rows[0]), int(rows[-1]) + 1, stride)
+        return rows, float(self.fps[i]) / stride
 
     def too_short(self, frames: int, strides: Sequence[int]) -> list[int]:
         """Clips (not bad) with no room for one window of ``frames`` at the smallest stride."""
@@ -224,14 +228,10 @@ def read_index(meta: dict) -> dict:
 
 def open_index(npy: Path, meta_path: Path, key: str, clips: Sequence[Clip], row: tuple, dtype, what: str):
     """(array, index meta) of a complete window cache whose key, clips and row shape match, else None."""
-    if not meta_path.is_file():  # never built, or a build still running (the .json comes last)
+    got = read_mapped(npy, meta_path, what)
+    if got is None:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        arr = np.load(npy, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable %s %s: %s", what, npy, e)
-        return None
+    arr, meta = got
     if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]
             or arr.shape != (int(meta["offsets"][-1]), *row) or arr.dtype != np.dtype(dtype)):
         log.warning("ignoring %s %s: it does not match these clips (shape %s)", what, npy, arr.shape)
