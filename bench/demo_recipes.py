@@ -2,11 +2,11 @@
 
 Each recipe is configs/demo.yaml plus key=value overrides. It trains on the demo data (demo/data, made if
 absent), then samples all 48 prompts from the EMA weights of every K-th checkpoint with the recipe's own
-sampler settings and judges colour, shape, motion and background (tools/demo_check.py). The figure that
+sampler settings and judges colour, shape, motion and background (t2v/demo_eval.py). The figure that
 matters is training seconds until motion >= 90% with colour >= 95% and shape >= 75% (time-to-target), so
 recipes compete on learning per CPU-second, not on FLOP/s. Results go to
 bench/results/demo_recipes/<recipe>.json; `--table` prints the Markdown table of every result there
-(the README's ablation table).
+(the ablation table of docs/performance.md).
 
 Every recipe here runs one after the other in one process on the same machine; compare their rows within
 one table (machines differ up to 2x; the table names the machine's large-matmul GFLOP/s).
@@ -20,9 +20,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,7 +73,7 @@ def prepare(cfg) -> None:
     from t2v.data.demo import make_demo
     from t2v.data.manifest import read_manifest
     from t2v.text import EmbeddingCache, embed_captions, encoder_key
-    from tools.demo_check import PROMPTS, prompt_of
+    from t2v.demo_eval import PROMPTS, prompt_of
 
     make_demo(Path(cfg.data.manifest).parent)
     clips = read_manifest(cfg.data.manifest)
@@ -91,11 +88,15 @@ def prepare(cfg) -> None:
 
 def train_seconds(outdir: Path) -> dict[int, float]:
     """Cumulative seconds of training steps (previews and checkpoint writes excluded) at each logged step."""
-    from tools.reporting.parse import read_metrics  # metrics.jsonl as the report reads it (through t2v.runlog)
+    from t2v.runlog import read_records
 
-    steps = read_metrics(outdir / "metrics.jsonl")[0]
-    spans = steps["step"].diff().fillna(steps["step"].iloc[0])  # steps since the previous record
-    return dict(zip(steps["step"].astype(int), (steps["step_time"] * spans).cumsum()))
+    # an uninterrupted run: one record per logged step, each with the mean step time since the one before
+    records = [r for r in read_records(outdir) if "event" not in r and "step_time" in r]
+    out, total, last = {}, 0.0, 0
+    for r in records:
+        total += r["step_time"] * (r["step"] - last)
+        out[int(r["step"])], last = total, r["step"]
+    return out
 
 
 def run_recipe(name: str, overrides: list[str], steps: int, eval_every: int, work: Path) -> dict:
@@ -122,7 +123,7 @@ def run_recipe(name: str, overrides: list[str], steps: int, eval_every: int, wor
 
 
 def judged(name: str, step: int, work: Path) -> dict:
-    from tools.demo_check import check
+    from t2v.demo_eval import check
 
     r = check(work / name / f"ckpt_{step:06d}.pt")
     return {k: r[k] for k in ("color", "shape", "motion", "all", "background")}

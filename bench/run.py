@@ -23,7 +23,7 @@ against the shipped t2v code, in the same process. They and the remaining candid
 Every figure is a ratio of two things timed side by side in this process (alternating rounds, median), so
 that other work on a shared machine weighs on both sides. Results: a table on stdout,
 `<out>/<name>-<timestamp>.json` (machine, config, raw timings, ratios) and `<out>/latest.md` (Markdown for the
-README's Performance section). With --only, latest.md still holds the full table: the sections not run are
+docs/performance.md, "Latest figures"). With --only, latest.md still holds the full table: the sections not run are
 carried over from the newest earlier full-size result JSON in <out> that has them, marked with the run they come
 from (--no-carry: only this run's rows). `--quick` uses tiny sizes so the whole thing runs in seconds (tests/test_bench.py);
 its numbers mean nothing and its targets are not judged. Exit status: 1 if a section crashed (or, with
@@ -40,9 +40,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `bench` and `t2v` importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads: every model is built from a config
 
@@ -174,7 +171,7 @@ def carry_over(out: Path, missing: list[str]) -> tuple[list[SectionResult], dict
 def markdown(results, info, args, stamp, sources: dict[str, str] | None = None) -> str:
     gpu = info["gpu"]["name"] if info.get("gpu") else "no GPU"
     lines = [
-        f"<!-- written by bench/run.py on {stamp}; paste into README.md's Performance section -->",
+        f"<!-- written by bench/run.py on {stamp}; docs/performance.md (Latest figures) carries it -->",
         f"Measured {time.strftime('%Y-%m-%d', time.localtime())} on {info['cpu_count']} CPU cores "
         f"({info['cpu_model']}), {gpu}; torch {info['torch']}, diffusers {info['diffusers'] or 'not installed'}, "
         f"video-diffusion-pytorch {info.get('video_diffusion_pytorch') or 'not installed'}, "

@@ -22,8 +22,7 @@ from t2v.data.cache import build_cache, build_shard, merge_shards
 from t2v.data.manifest import read_manifest
 
 PEAK_MEMORY = """
-import json, resource, sys, torch
-sys.path.insert(0, {repo!r})
+import json, resource, sys, torch  # run with cwd = the repository: `bench` imports from it
 from bench.harness import Inputs, TrainStep, build_ours, forward_ours
 size, frames, pixels, batch, ckpt = {size!r}, {frames}, {pixels}, {batch}, {ckpt}
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,7 +39,7 @@ print(json.dumps({{"peak_bytes": peak, "before_steps_bytes": before * 1024, "dev
 
 
 def peak_memory(size: str, frames: int, pixels: int, batch: int, ckpt: bool) -> dict:
-    code = PEAK_MEMORY.format(repo=str(REPO), size=size, frames=frames, pixels=pixels, batch=batch, ckpt=ckpt)
+    code = PEAK_MEMORY.format(size=size, frames=frames, pixels=pixels, batch=batch, ckpt=ckpt)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

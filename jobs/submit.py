@@ -45,6 +45,30 @@ TRAIN_VARS = dict(C.ENV_VARS)
 PATH_KEYS = {"data.manifest", "train.outdir", "data.cache_dir", "text.cache_dir", "data.video_root"}
 TRUE = {"1", "true", "yes", "on"}
 
+# Every environment variable this command reads, as `--help` lists them (tests/test_render.py checks the list is
+# complete); the training ones are the baseline's (t2v.config.ENV_VARS).
+ENV_SETTINGS = {
+    **{var: f"training: {key}" for var, key in C.ENV_VARS.items()},
+    "CONFIG": "training: the YAML config file (copied into the run folder as job_config.yaml)",
+    "PROFILE": "the cluster profile (default $T2V_PROFILE, else zaratan)",
+    "T2V_PROFILE": "the default profile when PROFILE is not set",
+    "T2V_PROFILES": "more folders to find profiles in (before ~/.config/t2v/profiles and jobs/profiles)",
+    "PARTITION": "the Slurm partition (default: the profile's)",
+    "GPUS": "GPUs per node",
+    "NODES": "nodes (>= 1)",
+    "TASKS": "processes per node (default one per GPU; TASKS=2 on a CPU node runs 2 gloo ranks)",
+    "TIME": "the time limit, e.g. 08:00:00",
+    "ACCOUNT": "the Slurm account to charge",
+    "QOS": "the Slurm QOS",
+    "JOB_NAME": "the job's name and the run folder's prefix (default t2v)",
+    "DRY_RUN": "1: print the job script, submit nothing",
+    "EVAL": "1: queue an evaluation job after training (--dependency=afterok)",
+    "EVAL_MANIFEST": "the manifest the evaluation job scores against",
+    "EVAL_ARGS": "more arguments for python -m t2v.eval",
+    "T2V_HOME": "where runs.jsonl records each submission for make status (default ~/.t2v)",
+    "SLURM_CONF": "the Slurm configuration sbatch is run with (the test cluster sets it)",
+}
+
 
 class SubmitError(RuntimeError):
     pass
@@ -246,8 +270,11 @@ def submit(sub: Submission, env: Mapping[str, str] | None = None, out=None) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    width = max(map(len, ENV_SETTINGS))
     p = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.split("\n")[0],
-                                epilog="Settings are environment variables; see the module docstring.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="settings from the environment (make submit VAR=value ... passes them):\n" +
+                                "\n".join(f"  {var:<{width}}  {what}" for var, what in ENV_SETTINGS.items()))
     p.add_argument("--profile", default=None, help="cluster profile (default: $PROFILE, $T2V_PROFILE, zaratan)")
     p.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing (= DRY_RUN=1)")
     p.add_argument("--eval", action="store_true", help="queue an evaluation job after training (= EVAL=1)")

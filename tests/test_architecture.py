@@ -41,7 +41,7 @@ def test_jobs_use_only_the_torch_free_core_and_never_load_torch():
 
 
 def test_no_module_holds_several_concerns():
-    long = {str(p.relative_to(REPO)): n for part in ("t2v", "jobs", "tools") for p in _modules(part)
+    long = {str(p.relative_to(REPO)): n for part in ("t2v", "jobs", "tools", "bench") for p in _modules(part)
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
@@ -50,3 +50,58 @@ def test_requeue_exit_is_defined_once():
     hits = [str(p.relative_to(REPO)) for part in ("t2v", "jobs", "tools", "bench") for p in _modules(part)
             if "REQUEUE_EXIT = " in p.read_text()]
     assert hits == ["t2v/runlog.py"]
+
+
+def test_bench_measures_the_core_and_imports_no_jobs_or_tools():
+    for path in _modules("bench"):
+        bad = {m for m in _imports(path) if m.split(".")[0] in ("jobs", "tools")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_no_script_edits_sys_path():
+    """`make install` puts t2v, jobs, tools and bench on the path (an editable install); scripts never patch it."""
+    hits = [str(p.relative_to(REPO)) for part in ("t2v", "jobs", "tools", "bench") for p in _modules(part)
+            if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()]
+    assert not hits, hits
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports, `from pkg import module` included, and imports under
+    `if TYPE_CHECKING:` too: a circle for the type checker is a circle for the reader."""
+    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for part in ("t2v", "jobs", "tools", "bench") for p in _modules(part)}
+    graph = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for m in targets:
+                while m and m not in names:
+                    m = m.rpartition(".")[0]
+                if m and m != name and not name.startswith(m + "."):  # not the package a module is in
+                    found.add(m)
+        graph[name] = found
+    return graph
+
+
+def test_the_imports_form_no_circle():
+    graph, state, circles = _import_graph(), {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, f"import circles: {circles}"

@@ -360,3 +360,18 @@ def test_cache_submit_refuses_bad_shard_counts():
     for bad in ("", "0", "two"):
         with pytest.raises(SubmitError, match="SHARDS must be a whole number"):
             cache_submit.scripts({"PROFILE": "local", "SHARDS": bad, "T2V_PROFILES": ""})
+
+
+def test_submit_help_lists_every_setting_it_reads_from_the_environment(capsys):
+    """Every environment variable jobs/submit.py (and the profile lookup it calls) reads is in ENV_SETTINGS, and
+    `python -m jobs.submit --help` prints each with what it sets."""
+    import jobs.submit as submit_mod
+
+    source = "".join((REPO / "jobs" / f).read_text() for f in ("submit.py", "profile.py"))
+    read = set(re.findall(r'env(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', source))
+    read |= set(re.findall(r'_(?:int|opt)\(env, "([A-Z][A-Z0-9_]+)"\)', source)) | set(submit_mod.TRAIN_VARS)
+    assert read and read <= set(submit_mod.ENV_SETTINGS), sorted(read - set(submit_mod.ENV_SETTINGS))
+    with pytest.raises(SystemExit):
+        submit_mod.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(re.search(rf"^  {var} +\S", out, re.M) for var in submit_mod.ENV_SETTINGS), out

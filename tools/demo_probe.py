@@ -17,15 +17,12 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from t2v import diffusion as D  # noqa: E402
-from t2v.data.demo_judge import judge, score  # noqa: E402
-from t2v.data.manifest import read_manifest  # noqa: E402
-from t2v.data.video import decode_uint8, to_model  # noqa: E402
-from t2v.sample import embed_prompts, load_ema, resolve_checkpoint, to_uint8  # noqa: E402
-from tools.demo_check import PROMPTS, prompt_of  # noqa: E402
+from t2v import diffusion as D
+from t2v.data.demo_judge import judge, score
+from t2v.data.manifest import read_manifest
+from t2v.data.video import decode_uint8, to_model
+from t2v.sample import embed_prompts, load_ema, resolve_checkpoint, to_uint8
+from t2v.demo_eval import PROMPTS, prompt_of
 
 TIMESTEPS = (200, 500, 800, 900, 950, 990)
 

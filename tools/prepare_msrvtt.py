@@ -19,10 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # run as a script: make `t2v` importable from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from t2v.files import write_text  # noqa: E402
+from t2v.files import write_text
 
 SPLITS = {"train": "train", "validate": "val", "test": "test"}  # MSR-VTT split -> manifest name
 

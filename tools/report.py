@@ -28,20 +28,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):  # `python tools/report.py` from a checkout: `tools` and `t2v` from this checkout
-    _root = str(Path(__file__).resolve().parents[1])
-    if _root not in sys.path:
-        sys.path.insert(1, _root)
-
 # The names below were tools/report.py's own before the split; tests and bench/demo_recipes.py use them from here.
-from tools.reporting.inventory import INVENTORY_COLUMNS, _loss_near, inventory, read_evals  # noqa: E402
-from tools.reporting.markdown import _g, md_table, write_checkpoint_tables, write_compare, write_summary  # noqa: E402
-from tools.reporting.parse import (LOSS_COLUMNS, _frame, add_repeats, merge_losses, parse_log,  # noqa: E402
+from tools.reporting.inventory import INVENTORY_COLUMNS, _loss_near, inventory, read_evals
+from tools.reporting.markdown import _g, md_table, write_checkpoint_tables, write_compare, write_summary
+from tools.reporting.parse import (LOSS_COLUMNS, _frame, add_repeats, merge_losses, parse_log,
                                    read_metrics, scan_log)
-from tools.reporting.plots import plot_eval, plot_loss, plot_throughput, plot_val  # noqa: E402
-from tools.reporting.run import Run, load_run  # noqa: E402
-from tools.reporting.stats import (auto_smooth, effective, find_duplicates, restart_table,  # noqa: E402
-                                   segment_times, smooth, stats)
+from tools.reporting.plots import plot_eval, plot_loss, plot_throughput, plot_val
+from tools.reporting.run import Run, load_run
+from tools.reporting.parse import find_duplicates
+from tools.reporting.stats import auto_smooth, effective, restart_table, segment_times, smooth, stats
 
 __all__ = ["INVENTORY_COLUMNS", "LOSS_COLUMNS", "Run", "_frame", "_g", "_loss_near", "add_repeats", "auto_smooth",
            "effective", "find_duplicates", "inventory", "load_run", "main", "md_table", "merge_losses", "parse_log",

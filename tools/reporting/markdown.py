@@ -18,7 +18,8 @@ from t2v.files import write_text
 from t2v.table import markdown_table
 from tools.reporting.inventory import eval_metrics
 from tools.reporting.run import Run
-from tools.reporting.stats import AGREE_ATOL, AGREE_RTOL, restart_table, stats
+from tools.reporting.parse import AGREE_ATOL, AGREE_RTOL
+from tools.reporting.stats import restart_table, stats
 
 
 def _cell(v: Any) -> str:

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from t2v import runlog
@@ -286,3 +287,30 @@ def read_config(path: Path, notes: list[str]) -> dict | None:
     except Exception as e:  # a broken config must not stop the report
         notes.append(f"config.yaml: unreadable ({type(e).__name__})")
         return None
+
+
+# Two losses logged for the same step (before and after a resume) "agree" within this tolerance. The text
+# log prints 4 decimals, so the absolute part covers rounding; the relative part covers GPU nondeterminism.
+AGREE_RTOL, AGREE_ATOL = 1e-3, 1e-4
+
+
+def find_duplicates(losses: pd.DataFrame) -> pd.DataFrame:
+    """Steps logged more than once (after a resume from an older checkpoint): both losses and whether they
+    agree (within AGREE_RTOL/AGREE_ATOL). One row per repeat, compared with the first time the step was logged."""
+    cols = ["step", "repeat", "loss_first", "loss_again", "diff", "agree", "segment_first", "segment_again"]
+    if losses.empty or not (losses["repeat"] > 0).any():
+        return pd.DataFrame(columns=cols)
+    first = losses[losses["repeat"] == 0].drop_duplicates("step").set_index("step")
+    again = losses[losses["repeat"] > 0]
+    out = pd.DataFrame({
+        "step": again["step"].to_numpy(),
+        "repeat": again["repeat"].to_numpy(),
+        "loss_first": first.loc[again["step"], "loss"].to_numpy(),
+        "loss_again": again["loss"].to_numpy(),
+        "segment_first": first.loc[again["step"], "segment"].to_numpy(),
+        "segment_again": again["segment"].to_numpy(),
+    })
+    out["diff"] = out["loss_again"] - out["loss_first"]
+    out["agree"] = np.isclose(out["loss_again"], out["loss_first"], rtol=AGREE_RTOL, atol=AGREE_ATOL,
+                              equal_nan=True)
+    return out[cols].reset_index(drop=True)

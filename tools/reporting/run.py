@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from t2v import runlog
-from tools.reporting import inventory, parse, stats
+from tools.reporting import inventory, parse
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Run:
 
     @property
     def duplicates(self) -> pd.DataFrame:
-        return stats.find_duplicates(self.losses)
+        return parse.find_duplicates(self.losses)
 
     @property
     def latest_sample(self) -> Path | None:

@@ -1,5 +1,5 @@
-"""Numbers derived from a loaded run: duplicated steps, the effective loss history, smoothing, wall time per
-process segment, restarts, and the figures of the summary.
+"""Numbers derived from a loaded run: the effective loss history, smoothing, wall time per process segment,
+restarts, and the figures of the summary (steps logged twice are parse.find_duplicates, which Run offers).
 
 Kept apart from parsing so that each number has one definition, shared by summary.md, compare.md and the plots
 (the smoothed curve in loss.png is the `smoothed last` of the summary). Pure pandas: nothing is read here.
@@ -15,34 +15,8 @@ import pandas as pd
 
 from t2v import runlog
 
-if TYPE_CHECKING:  # Run holds a stats property; importing it at run time would be circular
+if TYPE_CHECKING:  # for the annotations only: stats work from a Run, which never imports this module
     from tools.reporting.run import Run
-
-# Two losses logged for the same step (before and after a resume) "agree" within this tolerance. The text
-# log prints 4 decimals, so the absolute part covers rounding; the relative part covers GPU nondeterminism.
-AGREE_RTOL, AGREE_ATOL = 1e-3, 1e-4
-
-
-def find_duplicates(losses: pd.DataFrame) -> pd.DataFrame:
-    """Steps logged more than once (after a resume from an older checkpoint): both losses and whether they
-    agree (within AGREE_RTOL/AGREE_ATOL). One row per repeat, compared with the first time the step was logged."""
-    cols = ["step", "repeat", "loss_first", "loss_again", "diff", "agree", "segment_first", "segment_again"]
-    if losses.empty or not (losses["repeat"] > 0).any():
-        return pd.DataFrame(columns=cols)
-    first = losses[losses["repeat"] == 0].drop_duplicates("step").set_index("step")
-    again = losses[losses["repeat"] > 0]
-    out = pd.DataFrame({
-        "step": again["step"].to_numpy(),
-        "repeat": again["repeat"].to_numpy(),
-        "loss_first": first.loc[again["step"], "loss"].to_numpy(),
-        "loss_again": again["loss"].to_numpy(),
-        "segment_first": first.loc[again["step"], "segment"].to_numpy(),
-        "segment_again": again["segment"].to_numpy(),
-    })
-    out["diff"] = out["loss_again"] - out["loss_first"]
-    out["agree"] = np.isclose(out["loss_again"], out["loss_first"], rtol=AGREE_RTOL, atol=AGREE_ATOL,
-                              equal_nan=True)
-    return out[cols].reset_index(drop=True)
 
 
 def effective(losses: pd.DataFrame) -> pd.DataFrame:
