@@ -35,7 +35,8 @@ from t2v import checkpoint as ckpt
 from t2v import config as C
 from t2v.model import build_model
 from t2v.runlog import RunLog
-from t2v.train import REQUEUE_EXIT, save
+from t2v.checkpointer import Checkpointer
+from t2v.train import REQUEUE_EXIT
 
 TARGET_LOST = 1
 TARGET_RESUME_S = 15.0
@@ -64,7 +65,9 @@ def clean_env(threads: int) -> dict:
 
 def save_state(cfg: C.Config, outdir: Path, step: int, model, ema, opt, scaler) -> float:
     t0 = time.perf_counter()
-    save(outdir, step, model, ema, opt, scaler, cfg, cfg.train.batch_size, 1, 0.5, RunLog(outdir, enabled=False))
+    checkpointer = Checkpointer(outdir, cfg, RunLog(outdir, enabled=False))
+    checkpointer.attach(model, ema, opt, scaler, cfg.train.batch_size)
+    checkpointer.save(step, 0.5)
     return time.perf_counter() - t0
 
 

@@ -25,6 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from t2v import checkpoint as ckpt
 from t2v.checkpoint import rng_state, set_rng_state  # noqa: F401 (t2v.train.rng_state: tests, tools)
+from t2v.checkpointer import (RESUME_MUST_MATCH, Checkpointer, TrainingError,  # noqa: F401 (names tests use here)
+                              incompatible_changes)
 from t2v import config as C
 from t2v import diffusion as D
 from t2v import distributed
@@ -46,10 +48,6 @@ from t2v.text import EmbeddingCache, EmbeddingCacheError, TextEncoderError, enco
 from t2v.validate import load_val_set, val_loss
 
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 class StopFlag:
@@ -80,32 +78,6 @@ def pick_precision(cfg: C.Config, device: torch.device) -> str:
     if device.type != "cuda":
         return "fp32"  # CPU autocast is slower than fp32 for convolutions and breaks bit-exact comparisons
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-# What a checkpoint's weights were trained for: resuming with another value would continue silently from
-# incompatible weights (another text space, noise schedule, target or clip shape).
-# The temporal settings are here too: a run that changed how far apart its frames are would mix two kinds of motion.
-RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.prediction", "diffusion.schedule",
-                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder",
-                     "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
-                     "data.max_seconds")
-
-
-# model settings that change how the step computes, not what the weights are: a resume may change them freely
-HOW_NOT_WHAT = ("model.checkpointing",)
-
-
-def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
-    """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
-    ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE)."""
-    a, b = C.to_dict(saved), C.to_dict(cfg)
-    keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
-    unused = {"text.name"} if cfg.text.encoder != "clip" else set()  # only CLIP reads it
-    if saved.model.space != "latent" and cfg.model.space != "latent":
-        unused |= {"vae.name", "vae.subfolder"}  # pixel space has no VAE
-    keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]
-    get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
-    return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
 
 
 def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
@@ -151,30 +123,6 @@ def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor,
             torch.stack([m for _, m in pairs]).to(device, non_blocking=True))
 
 
-def save(path_outdir: Path, step: int, model, ema, opt, scaler, cfg, global_batch, world, last_loss, log,
-         data: dict | None = None) -> Path:
-    """``data``: what the run's data adds to the checkpoint's data section (the VAE identity, the trained fps)."""
-    state = {
-        "format": ckpt.FORMAT_VERSION,
-        "step": step,
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        "config": C.to_dict(cfg),
-        "rng": rng_state(next(model.parameters()).device),
-        "data": {"position": step * global_batch, "global_batch": global_batch, "seed": cfg.train.seed,
-                 "world_size": world, "grad_accum": cfg.train.grad_accum, **(data or {})},
-        "metrics": {"loss": last_loss},
-        "time": time.time(),
-    }
-    path = ckpt.save_checkpoint(state, ckpt.ckpt_path(path_outdir, step))
-    ckpt.prune(path_outdir, cfg.train.keep_last)
-    log.line(f"saved {path}")
-    log.event(R.CHECKPOINT, step, path=str(path))
-    return path
-
-
 def preview(ema, cfg, emb, step, device, log, vae=None, fps: float | None = None) -> None:
     prompts = [p for p in cfg.train.sample_prompts if p in emb]
     if not prompts:
@@ -208,40 +156,16 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     stop = StopFlag()
     stop.install()
     log.line(f"{R.OUT_PREFIX}{outdir} | Device: {device}")
-    if dist.is_main:
-        ckpt.clean_temp_files(outdir)
     vae = vae_id = space = None
     if cfg.model.space == "latent":
         vae, vae_id, space = setup_latent_space(cfg, device)  # fills in model.in_channels
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
-    # Rank 0 alone picks the checkpoint (quarantining a corrupt newest one); the others load the file it picked,
-    # so no rank can resume from another step because of its own passing read error.
-    state, resumed_from = ckpt.load_latest(outdir) if dist.is_main else (None, None)
-    resumed_from = distributed.broadcast_object(resumed_from, dist)
-    if not dist.is_main and resumed_from is not None:
-        state = ckpt.load_checkpoint(resumed_from)
+    checkpointer = Checkpointer(outdir, cfg, log, dist)
+    state, resumed_from = checkpointer.latest()
     accum = cfg.train.grad_accum
     asked = cfg.train.batch_size * dist.world_size * accum  # BS x ranks x micro-batches per optimizer step
-    global_batch = asked
-    if state is not None:
-        changed = incompatible_changes(C.from_dict(state["config"]), cfg)
-        if changed:
-            raise TrainingError(f"{resumed_from}: this run's settings differ from the checkpoint's in what its weights "
-                                f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
-                                "checkpoint's values, or name the keys you mean to change in train.allow_changes=KEY,KEY")
-        if state["data"].get("vae") != vae_id and "vae.name" not in cfg.train.allow_changes:
-            raise TrainingError(f"{resumed_from}: trained on the latents of another VAE (its weights or config differ "
-                                f"from {cfg.vae.name}'s now); use the same VAE, a new OUTDIR, or "
-                                "train.allow_changes=vae.name")
-        global_batch = state["data"]["global_batch"]
-        if global_batch != asked:
-            log.line(f"global batch {global_batch} kept from the checkpoint (train.batch_size={cfg.train.batch_size} "
-                     f"x {dist.world_size} ranks{f' x {accum} micro-batches' if accum > 1 else ''} asks for {asked}): "
-                     "a resumed run keeps its data order")
-        if global_batch % dist.world_size:
-            raise TrainingError(f"{resumed_from}: global batch {global_batch} is not divisible by "
-                                f"{dist.world_size} ranks; resume with a world size that divides it")
+    global_batch = checkpointer.check_resume(state, resumed_from, asked, vae_id)
     per_rank_batch = global_batch // dist.world_size
     if per_rank_batch % accum:
         raise TrainingError(f"the per-rank batch {per_rank_batch} (global batch {global_batch} / {dist.world_size} ranks) "
@@ -253,7 +177,6 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                           window=cfg.data.window, cache=cache, latents=latents, windows=windows,
                           strides=cfg.data.strides, pad=cfg.data.short_clips == "pad", rate=Rate.of(cfg.data))
     fps = trained_fps(cfg, windows)
-    data_state = {"vae": vae_id, "fps": fps}  # what a checkpoint says of its data beyond the config
     valset = None
     if dist.is_main and cfg.train.val_every:
         valset, why_not = load_val_set(cfg, emb, vae_id)
@@ -274,26 +197,12 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
     sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
 
-    start_step = 0
+    checkpointer.attach(model, ema, opt, scaler, global_batch, data={"vae": vae_id, "fps": fps})
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-        except RuntimeError as e:  # only reachable through train.allow_changes=model.<key>
-            raise TrainingError(f"{resumed_from}: its weights do not fit this model "
-                                f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-        opt.load_state_dict(state["optimizer"])
-        if scaler.is_enabled() and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], device)
-        start_step = int(state["step"])
-        log.line(f"{R.RESUMED_PREFIX}{resumed_from} at step {start_step} (restart {restart})")
-        if state["data"].get("world_size", 1) != dist.world_size:
-            log.line(f"world size {state['data'].get('world_size', 1)} -> {dist.world_size}: global batch "
-                     f"{global_batch} kept, {per_rank_batch} per rank")
-        log.event(R.RESUME, start_step, path=str(resumed_from))
+        start_step = checkpointer.load_state_dict(state, resumed_from, restart)
         del state
     else:
+        start_step = 0
         log.event(R.START, 0)
     if dist.is_main:
         C.save_config(cfg, outdir / "config.yaml")
@@ -363,11 +272,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                         clips_per_s=window_steps * global_batch / max(elapsed, 1e-9),
                         step_time=elapsed / window_steps, world_size=dist.world_size)
             window_start, window_steps = time.time(), 0
-        saved = False
-        if done % cfg.train.ckpt_every == 0 or done == steps:
-            if dist.is_main:
-                save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, data_state)
-            saved = True
+        saved = checkpointer.due(done)
+        if saved:
+            checkpointer.save(done, last_loss)
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
             log_val_loss(ema, sched, valset, cfg, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
@@ -380,7 +287,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             if dist.is_main:
                 log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {R.REQUEUE_MARK}")
                 if not saved:
-                    save(outdir, done, model, ema, opt, scaler, cfg, global_batch, dist.world_size, last_loss, log, data_state)
+                    checkpointer.save(done, last_loss)
                 log.event(R.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
             distributed.shutdown(dist)

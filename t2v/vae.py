@@ -65,9 +65,10 @@ def setup_latent_space(cfg: C.Config, device: torch.device | str = "cpu"):
         raise VAEError(f"model.in_channels={cfg.model.in_channels}, but the VAE {cfg.vae.name} has "
                        f"{space.channels} latent channels (leave model.in_channels at 0)")
     cfg.model.in_channels = space.channels
-    if cfg.data.sampling != "even":
-        raise VAEError(f"data.sampling={cfg.data.sampling!r}: the latent cache holds 'even' frames only; "
-                       "use data.sampling=even in latent space")
+    if cfg.data.sampling == "random_window":  # decoded per sample: every draw would run the encoder
+        raise VAEError("data.sampling='random_window' cannot train in latent space (its frames are decoded per "
+                       "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "
+                       "whose latent window cache holds every frame, or data.sampling=even")
     try:
         halvings = len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1
     except ValueError as e:

@@ -331,3 +331,34 @@ def test_eval_scores_real_windows_against_samples_at_the_trained_rate(shots_dir,
     r = E.evaluate(tmp_path / "run", shots_dir / "val.jsonl", 2, clip_model=scorer, i3d=str(tmp_path / "i3d.pt"),
                    steps=2, write=False)
     assert windows == [0, 1] and rates == [8.0] and np.isfinite(r["fvd"]) and r["frames"] == 4
+
+
+def test_latent_space_trains_on_windows_from_the_latent_window_cache(shots_dir, tmp_path, capsys):
+    """model.space=latent with data.sampling=window: `t2v.data latents` encodes every frame at data.fps (train and
+    val manifests), training cuts its windows from there (resuming bit-exact) and samples decode at the rate."""
+    from runs import assert_states_equal, load
+    from test_latent import tiny_vae
+    from t2v import train as T
+    from t2v.runlog import REQUEUE_EXIT
+    from t2v.sample import main as sample_main
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    latent = ("model.space=latent", f"vae.name={tmp_path / 'vae'}", "vae.batch_size=8", "model.fps_cond=false",
+              "data.strides=1")
+    from t2v.data.cache import CacheError
+
+    with pytest.raises(CacheError, match=r"(?s)no latent window cache for these clips.*python -m t2v.data latents"):
+        T.train(shots_config(shots_dir, tmp_path / "first", *latent))
+    args = [f"data.manifest={shots_dir / 'train.jsonl'}", f"data.cache_dir={shots_dir / 'cache'}",
+            "data.sampling=window", "data.fps=8", *latent]
+    assert data_cli.main(["latents", "--config", str(REPO / "configs/tiny.yaml"), *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("latent window cache:") == 2 and "4x8x8 latents" in out and "18 cuts" in out  # 6 clips x 3
+    assert T.train(shots_config(shots_dir, tmp_path / "straight", *latent)) == 0
+    assert T.train(shots_config(shots_dir, tmp_path / "resumed", *latent), stop_at=5) == REQUEUE_EXIT
+    assert T.train(shots_config(shots_dir, tmp_path / "resumed", *latent)) == 0
+    assert_states_equal(load(tmp_path / "straight" / "ckpt_000012.pt"), load(tmp_path / "resumed" / "ckpt_000012.pt"))
+    assert "validation loss every 6 steps: 2 clips" in (tmp_path / "straight" / "train.log").read_text()
+    assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle moving right", "--steps", "2",
+                        "--format", "gif"]) == 0
+    assert "| 8 fps (the rate it was trained at" in capsys.readouterr().out

@@ -1,0 +1,172 @@
+"""The training state and its checkpoints, in one place: what a checkpoint holds (model, EMA, optimizer, grad
+scaler, every RNG, the data position, the config), what a resume must match, when to save and how many to keep.
+
+    ckpt = Checkpointer(outdir, cfg, log, dist)
+    state, path = ckpt.latest()                        # rank 0 picks, every rank loads that file
+    global_batch = ckpt.check_resume(state, path, asked, vae_id)
+    ckpt.attach(model, ema, opt, scaler, global_batch, data={"vae": vae_id, "fps": fps})
+    start = ckpt.load_state_dict(state, path) if state else 0
+    ...
+    if ckpt.due(step): ckpt.save(step, last_loss)
+
+t2v.checkpoint does the file I/O (atomic save, verified load, quarantine, keep-k); t2v.train is the loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2v import checkpoint as ckpt_io
+from t2v import config as C
+from t2v import distributed
+from t2v import runlog
+from t2v.checkpoint import rng_state, set_rng_state
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on as asked (settings, data, checkpoints): exit 2 with this message."""
+
+
+# What a checkpoint's weights were trained for: resuming with another value would continue silently from
+# incompatible weights (another text space, noise schedule, target or clip shape).
+# The temporal settings are here too: a run that changed how far apart its frames are would mix two kinds of motion.
+RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.prediction", "diffusion.schedule",
+                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder",
+                     "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
+                     "data.max_seconds")
+
+# model settings that change how the step computes, not what the weights are: a resume may change them freely
+HOW_NOT_WHAT = ("model.checkpointing",)
+
+
+def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
+    """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
+    ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE)."""
+    a, b = C.to_dict(saved), C.to_dict(cfg)
+    keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
+    unused = {"text.name"} if cfg.text.encoder != "clip" else set()  # only CLIP reads it
+    if saved.model.space != "latent" and cfg.model.space != "latent":
+        unused |= {"vae.name", "vae.subfolder"}  # pixel space has no VAE
+    keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]
+    get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
+    return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
+
+
+@dataclass
+class Checkpointer:
+    outdir: Path
+    cfg: C.Config
+    log: runlog.RunLog
+    dist: distributed.Dist = field(default_factory=distributed.Dist)
+    # the state it saves, from attach()
+    model: torch.nn.Module | None = None
+    ema: torch.nn.Module | None = None
+    opt: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    global_batch: int = 0
+    data: dict = field(default_factory=dict)  # what the run's data adds to the data section: VAE identity, fps
+
+    # --- resume ---------------------------------------------------------------------------------------------
+    def latest(self) -> tuple[dict | None, Path | None]:
+        """The newest valid checkpoint and its path (None, None for a fresh run). Rank 0 alone picks it
+        (quarantining a corrupt newest one); the others load the file it picked, so no rank can resume from
+        another step because of its own passing read error."""
+        if self.dist.is_main:
+            ckpt_io.clean_temp_files(self.outdir)
+        state, path = ckpt_io.load_latest(self.outdir) if self.dist.is_main else (None, None)
+        path = distributed.broadcast_object(path, self.dist)
+        if not self.dist.is_main and path is not None:
+            state = ckpt_io.load_checkpoint(path)
+        return state, path
+
+    def check_resume(self, state: dict | None, path: Path | None, asked: int, vae_id: str | None) -> int:
+        """The global batch the run goes on with (the checkpoint's, so its data order is kept), after refusing a
+        resume whose settings differ in what the weights were trained for."""
+        if state is None:
+            return asked
+        cfg, world = self.cfg, self.dist.world_size
+        changed = incompatible_changes(C.from_dict(state["config"]), cfg)
+        if changed:
+            raise TrainingError(f"{path}: this run's settings differ from the checkpoint's in what its weights "
+                                f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
+                                "checkpoint's values, or name the keys you mean to change in train.allow_changes=KEY,KEY")
+        if state["data"].get("vae") != vae_id and "vae.name" not in cfg.train.allow_changes:
+            raise TrainingError(f"{path}: trained on the latents of another VAE (its weights or config differ "
+                                f"from {cfg.vae.name}'s now); use the same VAE, a new OUTDIR, or "
+                                "train.allow_changes=vae.name")
+        global_batch = state["data"]["global_batch"]
+        if global_batch != asked:
+            accum = cfg.train.grad_accum
+            self.log.line(f"global batch {global_batch} kept from the checkpoint (train.batch_size="
+                          f"{cfg.train.batch_size} x {world} ranks{f' x {accum} micro-batches' if accum > 1 else ''} "
+                          f"asks for {asked}): a resumed run keeps its data order")
+        if global_batch % world:
+            raise TrainingError(f"{path}: global batch {global_batch} is not divisible by {world} ranks; resume with "
+                                "a world size that divides it")
+        return global_batch
+
+    def attach(self, model, ema, opt, scaler, global_batch: int, data: dict | None = None) -> None:
+        """The objects whose state a checkpoint holds (the un-wrapped model: DDP and compile wrap the same
+        parameters)."""
+        self.model, self.ema, self.opt, self.scaler = model, ema, opt, scaler
+        self.global_batch, self.data = global_batch, dict(data or {})
+
+    def load_state_dict(self, state: dict, path: Path, restart: int = 0) -> int:
+        """Model, EMA, optimizer, scaler and RNG back as saved; returns the step to go on from."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+        except RuntimeError as e:  # only reachable through train.allow_changes=model.<key>
+            lines = str(e).splitlines()
+            raise TrainingError(f"{path}: its weights do not fit this model "
+                                f"({lines[1].strip() if len(lines) > 1 else e})") from None
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], next(self.model.parameters()).device)
+        step = int(state["step"])
+        self.log.line(f"{runlog.RESUMED_PREFIX}{path} at step {step} (restart {restart})")
+        world = self.dist.world_size
+        if state["data"].get("world_size", 1) != world:
+            self.log.line(f"world size {state['data'].get('world_size', 1)} -> {world}: global batch "
+                          f"{self.global_batch} kept, {self.global_batch // world} per rank")
+        self.log.event(runlog.RESUME, step, path=str(path))
+        return step
+
+    # --- save -----------------------------------------------------------------------------------------------
+    def state_dict(self, step: int, last_loss: float) -> dict[str, Any]:
+        """Everything a run needs to go on at ``step`` exactly as if it had never stopped."""
+        cfg = self.cfg
+        return {
+            "format": ckpt_io.FORMAT_VERSION,
+            "step": step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "config": C.to_dict(cfg),
+            "rng": rng_state(next(self.model.parameters()).device),
+            "data": {"position": step * self.global_batch, "global_batch": self.global_batch, "seed": cfg.train.seed,
+                     "world_size": self.dist.world_size, "grad_accum": cfg.train.grad_accum, **self.data},
+            "metrics": {"loss": last_loss},
+            "time": time.time(),
+        }
+
+    def due(self, done: int) -> bool:
+        """A checkpoint every train.ckpt_every steps and at the last one."""
+        return done % self.cfg.train.ckpt_every == 0 or done == self.cfg.train.steps
+
+    def save(self, step: int, last_loss: float) -> Path | None:
+        """Rank 0 writes the checkpoint (atomically) and keeps the newest train.keep_last; the baseline's
+        `saved OUTDIR/ckpt_NNNNNN.pt` line and a checkpoint event. Other ranks return None."""
+        if not self.dist.is_main:
+            return None
+        path = ckpt_io.save_checkpoint(self.state_dict(step, last_loss), ckpt_io.ckpt_path(self.outdir, step))
+        ckpt_io.prune(self.outdir, self.cfg.train.keep_last)
+        self.log.line(f"saved {path}")
+        self.log.event(runlog.CHECKPOINT, step, path=str(path))
+        return path
