@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +20,15 @@ from typing import Sequence
 
 import numpy as np
 
+from t2v.cachebuild import (CacheError, Files, bad_of, build_part, check_parts, merge_parts,
+                            parse_shard, remove_parts, run_jobs, shard_argument, shard_count, shard_rows, write_array)
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8
-from t2v.files import atomic_path, write_text
-from t2v.progress import progress as progress_counter
+from t2v.files import write_text
 
 log = logging.getLogger("t2v.data")
 
 VERSION = 1  # bump when the decoding itself changes, so old caches are not reused
-
-
-class CacheError(RuntimeError):
-    pass
 
 
 def cache_key(clips: Sequence[Clip], frames: int, size: int) -> str:
@@ -88,8 +84,8 @@ class ClipCache(MappedCache):
     _array: np.ndarray | None = field(default=None, repr=False)
 
 
-def _files(cache_dir: Path, key: str) -> tuple[Path, Path]:
-    return cache_dir / f"clips_{key}.npy", cache_dir / f"clips_{key}.json"
+def _files(cache_dir: Path, key: str) -> Files:
+    return Files(cache_dir / f"clips_{key}")
 
 
 def read_mapped(npy: Path, meta_path: Path, what: str) -> tuple[np.ndarray, dict] | None:
@@ -107,8 +103,9 @@ def read_mapped(npy: Path, meta_path: Path, what: str) -> tuple[np.ndarray, dict
 def open_cache(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike) -> ClipCache | None:
     """The cache for exactly these clips and settings, or None if it is missing, stale or incomplete."""
     key = cache_key(clips, frames, size)
-    npy, meta_path = _files(Path(cache_dir), key)
-    got = read_mapped(npy, meta_path, "clip cache")
+    f = _files(Path(cache_dir), key)
+    npy = f.npy
+    got = read_mapped(npy, f.meta, "clip cache")
     if got is None:
         return None
     arr, meta = got
@@ -134,36 +131,13 @@ def _decode_one(job: tuple) -> tuple[int, np.ndarray | None, str]:
         return i, None, str(e)
 
 
-def run_jobs(fn, jobs: list, workers: int, progress: bool, desc: str):
-    """``fn(job)`` for every job, in order, in ``workers`` processes (a progress bar over the jobs). ``fn`` must be
-    a module-level function and deterministic, so any number of workers gives what one process gives."""
-    bar = progress_counter(total=len(jobs), desc=desc, unit="clip", enabled=progress)
-    if workers <= 1:
-        results = map(fn, jobs)
-    else:  # spawn: a fresh interpreter per worker, never a fork of a process that holds decoder state
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(fn, jobs, chunksize=4)
-    try:
-        for r in results:
-            bar.update(1)
-            yield r
-    finally:
-        bar.close()
-        if workers > 1:
-            pool.terminate()
-
-
-def _decoded(clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int, progress: bool, desc: str):
-    """(index, frames or None, error) for every clip in ``rows``, in order, decoded by ``workers`` processes."""
-    jobs = [(i, str(clips[i].video), frames, size, clips[i].start, clips[i].end) for i in rows]
-    return run_jobs(_decode_one, jobs, workers, progress, desc)
-
-
 def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int,
           progress: bool, desc: str) -> list[dict]:
-    """Decode ``rows`` into out[i - offset]; returns the bad clips (zeros in the array) in index order."""
+    """Decode ``rows`` (by ``workers`` processes) into out[i - offset]; returns the bad clips (zeros in the array)
+    in index order."""
+    jobs = [(i, str(clips[i].video), frames, size, clips[i].start, clips[i].end) for i in rows]
     bad = []
-    for i, u8, error in _decoded(clips, rows, frames, size, workers, progress, desc):
+    for i, u8, error in run_jobs(_decode_one, jobs, workers, progress, desc):
         if u8 is None:
             log.warning("clip cache: line %d: %s", clips[i].line, error)
             bad.append({"index": i, "path": str(clips[i].video), "error": error})
@@ -172,16 +146,24 @@ def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, fram
     return bad
 
 
-def _finish(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key: str, bad: list[dict]) -> ClipCache:
-    npy, meta_path = _files(cache_dir, key)
+def _finish(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key: str, bad: list[dict]) -> None:
     meta = {"key": key, "version": VERSION, "frames": frames, "size": size,
             "paths": [str(c.video) for c in clips], "bad": bad}
-    write_text(meta_path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
-    log.info("clip cache: %d clips (%d bad) in %s", len(clips), len(bad), npy)
+    f = _files(cache_dir, key)
+    write_text(f.meta, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
+    log.info("clip cache: %d clips (%d bad) in %s", len(clips), len(bad), f.npy)
+
+
+def _opened(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key: str) -> ClipCache:
     cache = open_cache(clips, frames, size, cache_dir)
     if cache is None:  # a source file changed while we decoded: the key moved on
-        raise CacheError(f"clip cache {npy}: source videos changed during the build; run it again")
+        raise CacheError(f"clip cache {_files(cache_dir, key).npy}: source videos changed during the build; "
+                         "run it again")
     return cache
+
+
+def _row(frames: int, size: int) -> tuple:
+    return frames, size, size, 3
 
 
 def build_cache(
@@ -200,58 +182,14 @@ def build_cache(
         return cached
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
-    npy, _ = _files(cache_dir, key)
-    with atomic_path(npy) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
-        bad = _fill(out, 0, clips, range(len(clips)), frames, size, workers, progress, f"caching clips to {cache_dir}")
-        out.flush()
-        del out
-    return _finish(clips, frames, size, cache_dir, key, bad)
+    bad = write_array(_files(cache_dir, key).npy, (len(clips), *_row(frames, size)), np.uint8,
+                      lambda out: _fill(out, 0, clips, range(len(clips)), frames, size, workers, progress,
+                                        f"caching clips to {cache_dir}"))
+    _finish(clips, frames, size, cache_dir, key, bad)
+    return _opened(clips, frames, size, cache_dir, key)
 
 
-# --- sharded builds: a deterministic slice per process (a Slurm array task), then one merge ----------------------
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``I/N`` (0 <= I < N), as `--shard` takes it and a Slurm array task passes it -> (I, N)."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard: expected I/N, e.g. 0/4, got {text!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: expected 0 <= I < N")
-    return i, n
-
-
-def shard_count(text: str) -> int:
-    """``--merge N`` for argparse: a whole number >= 1."""
-    import argparse
-
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected the number of shards (>= 1), got {text!r}")
-    return int(text)
-
-
-def shard_argument(text: str) -> tuple[int, int]:
-    """parse_shard for argparse (its error becomes a usage error naming the option)."""
-    import argparse
-
-    try:
-        return parse_shard(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def shard_rows(n: int, shard: int, shards: int) -> range:
-    """Shard ``shard`` of ``shards``: a contiguous slice, so the merge is a concatenation in order."""
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} of {shards}: expected 0 <= I < N")
-    return range(n * shard // shards, n * (shard + 1) // shards)
-
-
-def _part(cache_dir: Path, key: str, shard: int, shards: int) -> tuple[Path, Path]:
-    stem = cache_dir / f"clips_{key}.part{shard:04d}-of-{shards:04d}"
-    return Path(f"{stem}.npy"), Path(f"{stem}.json")
-
+# --- sharded builds (t2v.cachebuild): a deterministic slice per process (a Slurm array task), then one merge -------
 
 def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, shard: int, shards: int,
                 progress: bool = True, workers: int = 1) -> Path:
@@ -259,51 +197,16 @@ def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | 
     shards of a killed array job redoes only the unfinished ones). Returns the part's .npy."""
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
-    part_npy, part_meta = _part(cache_dir, key, shard, shards)
-    if part_meta.is_file() or open_cache(clips, frames, size, cache_dir) is not None:  # done, or already merged
-        return part_npy
     rows = shard_rows(len(clips), shard, shards)
-    with atomic_path(part_npy) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), frames, size, size, 3))
-        bad = _fill(out, rows.start, clips, rows, frames, size, workers, progress,
-                    f"caching shard {shard}/{shards} to {cache_dir}")
-        out.flush()
-        del out
-    write_text(part_meta, json.dumps({"key": key, "rows": [rows.start, rows.stop], "bad": bad}))
-    return part_npy
 
+    def write(part_npy: Path) -> tuple[range, dict]:
+        bad = write_array(part_npy, (len(rows), *_row(frames, size)), np.uint8,
+                          lambda out: _fill(out, rows.start, clips, rows, frames, size, workers, progress,
+                                            f"caching shard {shard}/{shards} to {cache_dir}"))
+        return rows, {"bad": bad}
 
-def check_parts(parts: list[tuple[Path, Path]], what: str) -> None:
-    """Every part's .json is there (it is written last), else CacheError naming the first that is not."""
-    missing = [str(meta) for _, meta in parts if not meta.is_file()]
-    if missing:
-        raise CacheError(f"{what}: {len(missing)} of {len(parts)} shards are not finished ({missing[0]} ...); "
-                         "rerun them (finished ones are kept), then merge")
-
-
-def assemble_parts(parts: list[tuple[Path, Path]], out: np.ndarray, what: str, hint: str = "") -> list[dict]:
-    """Copy each part's rows into ``out`` (one row per clip) and return the bad clips in index order. The parts
-    must tile the rows exactly, in order: parts of another split (or grouping) never merge into a wrong file."""
-    expect, bad = 0, []
-    for part_npy, part_meta in parts:
-        meta = json.loads(part_meta.read_text())
-        start, stop = meta["rows"]
-        if stop > start:  # an empty shard (more shards than rows) holds nothing
-            if start != expect:
-                raise CacheError(f"{what}: {part_meta} covers rows {start}-{stop}, expected it to start at "
-                                 f"{expect}{hint}")
-            out[start:stop] = np.load(part_npy, mmap_mode="r")
-            expect = stop
-        bad += meta["bad"]
-    if expect != len(out):
-        raise CacheError(f"{what}: the {len(parts)} parts cover {expect} of {len(out)} clips")
-    return bad
-
-
-def remove_parts(parts: list[tuple[Path, Path]]) -> None:
-    for part_npy, part_meta in parts:
-        part_npy.unlink(missing_ok=True)
-        part_meta.unlink(missing_ok=True)
+    return build_part(_files(cache_dir, key), key, shard, shards,
+                      lambda: open_cache(clips, frames, size, cache_dir) is not None, write)
 
 
 def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
@@ -315,14 +218,12 @@ def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
         return cached
     cache_dir = Path(cache_dir)
     key = cache_key(clips, frames, size)
-    parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
-    check_parts(parts, "clip cache")
-    npy, _ = _files(cache_dir, key)
-    with atomic_path(npy) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(clips), frames, size, size, 3))
-        bad = assemble_parts(parts, out, "clip cache")
-        out.flush()
-        del out
-    cache = _finish(clips, frames, size, cache_dir, key, bad)
-    remove_parts(parts)
-    return cache
+    merge_parts(_files(cache_dir, key), shards, len(clips), "clip cache", _row(frames, size), np.uint8,
+                lambda metas: _finish(clips, frames, size, cache_dir, key, bad_of(metas)))
+    return _opened(clips, frames, size, cache_dir, key)
+
+
+# the shared builder's error, planning and part helpers moved to t2v.cachebuild; they are still importable from here
+__all__ = ["CacheError", "ClipCache", "MappedCache", "build_cache", "build_shard", "cache_key",
+           "check_parts", "merge_shards", "open_cache", "parse_shard", "read_mapped", "remove_parts", "run_jobs",
+           "shard_argument", "shard_count", "shard_rows"]

@@ -15,10 +15,10 @@ VAE's identity (name, config, a digest of its weights): a changed setting, video
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,13 +26,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from t2v.data.cache import (CacheError, ClipCache, MappedCache, assemble_parts, cache_key, check_parts, read_mapped,
-                            remove_parts, shard_rows)
+from t2v.cachebuild import CacheError, Every, Files, Partial, bad_of, build_part, merge_parts, shard_rows, write_array
+from t2v.data.cache import ClipCache, MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
 from t2v.data.window_build import Store, build, build_shard, merge
 from t2v.data.windows import Rate, Windowed, files, open_index, read_index, window_key
-from t2v.files import atomic_path, atomic_write, write_text
+from t2v.files import write_text
 from t2v.progress import progress as progress_counter
 from t2v.vae import LatentSpace, encode
 
@@ -46,10 +46,8 @@ def latent_key(clips: Sequence[Clip], frames: int, size: int, vae_id: str) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _files(cache_dir: Path, key: str) -> dict[str, Path]:
-    stem = cache_dir / f"latents_{key}"
-    return {"npy": stem.with_suffix(".npy"), "meta": stem.with_suffix(".json"),
-            "partial": Path(f"{stem}.partial.npy"), "done": Path(f"{stem}.done.npy"), "bad": Path(f"{stem}.bad.json")}
+def _files(cache_dir: Path, key: str) -> Files:
+    return Files(cache_dir / f"latents_{key}")
 
 
 @dataclass
@@ -70,36 +68,56 @@ def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
     """The latent cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
     key = latent_key(clips, frames, size, vae_id)
     f = _files(Path(cache_dir), key)
-    got = read_mapped(f["npy"], f["meta"], "latent cache")
+    got = read_mapped(f.npy, f.meta, "latent cache")
     if got is None:
         return None
     arr, meta = got
     space = LatentSpace(**meta["space"])
-    h = size // space.factor
     if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]
-            or arr.shape != (len(clips), 2, frames, space.channels, h, h) or arr.dtype != np.float16):
-        log.warning("ignoring latent cache %s: it does not match these clips (shape %s)", f["npy"], arr.shape)
+            or arr.shape != (len(clips), *_row(frames, size, space)) or arr.dtype != np.float16):
+        log.warning("ignoring latent cache %s: it does not match these clips (shape %s)", f.npy, arr.shape)
         return None
-    return LatentCache(f["npy"], frames, size, space, meta["paths"], {int(b["index"]) for b in meta["bad"]}, arr)
+    return LatentCache(f.npy, frames, size, space, meta["paths"], {int(b["index"]) for b in meta["bad"]}, arr)
 
 
-def _resume_or_create(f: dict[str, Path], shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """The partial array and its done mask: those a killed build left (if they fit), else new ones."""
-    if f["partial"].is_file() and f["done"].is_file():
-        try:
-            out = np.lib.format.open_memmap(f["partial"], mode="r+")
-            done = np.load(f["done"])
-            if out.shape == shape and out.dtype == np.float16 and done.shape == (shape[0],):
-                return out, done.astype(bool)
-        except (OSError, ValueError):
-            pass
-        log.warning("latent cache: the partial build in %s does not fit; starting over", f["partial"])
-    return np.lib.format.open_memmap(f["partial"], mode="w+", dtype=np.float16, shape=shape), np.zeros(shape[0], bool)
+def _row(frames: int, size: int, space: LatentSpace) -> tuple:
+    """One clip's row: (2, T, C, h, w), the posterior's mean and std."""
+    h = size // space.factor
+    return 2, frames, space.channels, h, h
 
 
-def _save_done(done: np.ndarray, path: Path) -> None:
-    with atomic_write(path) as f:  # a file object: np.save adds no ".npy" to its name
-        np.save(f, done)
+def _space(vae, size: int) -> LatentSpace:
+    space = LatentSpace.of(vae)
+    if size % space.factor:
+        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+    return space
+
+
+def _opened(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, vae_id: str) -> LatentCache:
+    cache = open_latents(clips, frames, size, cache_dir, vae_id)
+    if cache is None:  # a source file changed while we encoded: the key moved on
+        npy = _files(cache_dir, latent_key(clips, frames, size, vae_id)).npy
+        raise CacheError(f"latent cache {npy}: source videos changed during the build; run it again")
+    return cache
+
+
+def _state_files(f: Files) -> tuple[Path, Path]:
+    """A partial build's state, in the order it is saved: the bad clips, then the done mask (last: a kill between
+    the two leaves bad clips of groups that are redone, never done groups whose bad clips are lost)."""
+    return f.beside("bad.json"), f.beside("done.npy")
+
+
+def _load_state(f: Files, n: int) -> tuple[list[dict], np.ndarray] | None:
+    done = np.load(_state_files(f)[1])
+    if done.shape != (n,):
+        return None
+    return json.loads(_state_files(f)[0].read_text()) if done.any() else [], done.astype(bool)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
 
 
 def _groups(n: int, frames: int, batch_frames: int) -> list[range]:
@@ -140,45 +158,33 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
     cached = open_latents(clips, frames, size, cache_dir, vae_id)
     if cached is not None:
         return cached
-    space = LatentSpace.of(vae)
-    if size % space.factor:
-        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+    space = _space(vae, size)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = latent_key(clips, frames, size, vae_id)
     f = _files(cache_dir, key)
-    h = size // space.factor
-    out, done = _resume_or_create(f, (len(clips), 2, frames, space.channels, h, h))
-    bad = json.loads(f["bad"].read_text()) if f["bad"].is_file() and done.any() else []
+    partial = Partial(f, (len(clips), *_row(frames, size, space)), np.float16, _state_files(f),
+                      lambda: _load_state(f, len(clips)))
+    bad, done = partial.state or ([], np.zeros(len(clips), bool))
     groups = _groups(len(clips), frames, batch_frames)
     todo = [g for g in groups if not done[g.start:g.stop].all()]
     if len(todo) < len(groups):
-        log.info("latent cache: resuming %s, %d of %d clips already encoded", f["partial"], int(done.sum()), len(clips))
-    last_save = time.time()
+        log.info("latent cache: resuming %s, %d of %d clips already encoded", partial.path, int(done.sum()), len(clips))
+    save_due = Every(save_every_s)
     bar = progress_counter(total=sum(len(g) for g in todo), desc=f"encoding latents to {cache_dir}", unit="clip",
                            enabled=progress)
     for group in todo:
-        failed = _encode_group(out, 0, clips, group, frames, size, vae, batch_frames, clip_cache)
+        failed = _encode_group(partial.out, 0, clips, group, frames, size, vae, batch_frames, clip_cache)
         bad = [b for b in bad if b["index"] not in group] + failed
         done[group.start:group.stop] = True
         bar.update(len(group))
-        if time.time() - last_save > save_every_s:
-            out.flush()  # the array first: the done mask never claims clips that are not on disk
-            _save_done(done, f["done"])
-            write_text(f["bad"], json.dumps(bad))
-            last_save = time.time()
+        if save_due():
+            partial.save([json.dumps(bad).encode(), _npy_bytes(done)])
     bar.close()
-    out.flush()
-    del out
-    os.replace(f["partial"], f["npy"])
-    _write_meta(f["meta"], key, vae_id, frames, size, space, clips, bad)
-    for p in (f["done"], f["bad"]):
-        p.unlink(missing_ok=True)
-    log.info("latent cache: %d clips (%d bad) in %s", len(clips), len(bad), f["npy"])
-    cache = open_latents(clips, frames, size, cache_dir, vae_id)
-    if cache is None:  # a source file changed while we encoded: the key moved on
-        raise CacheError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
-    return cache
+    partial.finish()
+    _write_meta(f.meta, key, vae_id, frames, size, space, clips, bad)
+    log.info("latent cache: %d clips (%d bad) in %s", len(clips), len(bad), f.npy)
+    return _opened(clips, frames, size, cache_dir, vae_id)
 
 
 def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: int, space: LatentSpace, clips, bad) -> None:
@@ -188,12 +194,7 @@ def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: int, space
     write_text(path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
 
 
-# --- sharded builds (one Slurm array task per shard, then one merge), as for the clip cache -----------------------
-
-def _part(cache_dir: Path, key: str, shard: int, shards: int) -> tuple[Path, Path]:
-    stem = cache_dir / f"latents_{key}.part{shard:04d}-of-{shards:04d}"
-    return Path(f"{stem}.npy"), Path(f"{stem}.json")
-
+# --- sharded builds (t2v.cachebuild: one Slurm array task per shard, then one merge), as for the clip cache ---------
 
 def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae, vae_id: str,
                        shard: int, shards: int, batch_frames: int = 16, clip_cache: ClipCache | None = None,
@@ -202,30 +203,28 @@ def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir:
     one build) into its own part file; a finished part is kept. Returns the part's .npy."""
     cache_dir = Path(cache_dir)
     key = latent_key(clips, frames, size, vae_id)
-    part_npy, part_meta = _part(cache_dir, key, shard, shards)
-    if part_meta.is_file() or open_latents(clips, frames, size, cache_dir, vae_id) is not None:  # done, or merged
-        return part_npy
-    space = LatentSpace.of(vae)
-    if size % space.factor:
-        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
-    groups = _groups(len(clips), frames, batch_frames)
-    mine = [groups[j] for j in shard_rows(len(groups), shard, shards)]
-    start, stop = (mine[0].start, mine[-1].stop) if mine else (0, 0)
-    h = size // space.factor
-    bad = []
-    with atomic_path(part_npy) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                        shape=(stop - start, 2, frames, space.channels, h, h))
-        bar = progress_counter(total=stop - start, desc=f"encoding latents, shard {shard}/{shards}", unit="clip",
-                               enabled=progress)
-        for group in mine:
-            bad += _encode_group(out, start, clips, group, frames, size, vae, batch_frames, clip_cache)
-            bar.update(len(group))
-        bar.close()
-        out.flush()
-        del out
-    write_text(part_meta, json.dumps({"key": key, "rows": [start, stop], "bad": bad}))
-    return part_npy
+
+    def write(part_npy: Path) -> tuple[range, dict]:
+        space = _space(vae, size)
+        groups = _groups(len(clips), frames, batch_frames)
+        mine = [groups[j] for j in shard_rows(len(groups), shard, shards)]
+        start, stop = (mine[0].start, mine[-1].stop) if mine else (0, 0)
+
+        def fill(out: np.ndarray) -> list[dict]:
+            bad = []
+            bar = progress_counter(total=stop - start, desc=f"encoding latents, shard {shard}/{shards}", unit="clip",
+                                   enabled=progress)
+            for group in mine:
+                bad += _encode_group(out, start, clips, group, frames, size, vae, batch_frames, clip_cache)
+                bar.update(len(group))
+            bar.close()
+            return bad
+
+        return range(start, stop), {"bad": write_array(part_npy, (stop - start, *_row(frames, size, space)),
+                                                       np.float16, fill)}
+
+    return build_part(_files(cache_dir, key), key, shard, shards,
+                      lambda: open_latents(clips, frames, size, cache_dir, vae_id) is not None, write)
 
 
 def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae,
@@ -236,23 +235,12 @@ def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir
         return cached
     cache_dir = Path(cache_dir)
     key = latent_key(clips, frames, size, vae_id)
-    parts = [_part(cache_dir, key, i, shards) for i in range(shards)]
-    check_parts(parts, "latent cache")
     space = LatentSpace.of(vae)
-    h = size // space.factor
     f = _files(cache_dir, key)
-    with atomic_path(f["npy"]) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                        shape=(len(clips), 2, frames, space.channels, h, h))
-        bad = assemble_parts(parts, out, "latent cache", " (were the shards built with another vae.batch_size?)")
-        out.flush()
-        del out
-    _write_meta(f["meta"], key, vae_id, frames, size, space, clips, bad)
-    remove_parts(parts)
-    cache = open_latents(clips, frames, size, cache_dir, vae_id)
-    if cache is None:
-        raise CacheError(f"latent cache {f['npy']}: source videos changed during the build; run it again")
-    return cache
+    merge_parts(f, shards, len(clips), "latent cache", _row(frames, size, space), np.float16,
+                lambda metas: _write_meta(f.meta, key, vae_id, frames, size, space, clips, bad_of(metas)),
+                " (were the shards built with another vae.batch_size?)")
+    return _opened(clips, frames, size, cache_dir, vae_id)
 
 
 # --- windows at a real frame rate (data.sampling=window): every frame at the target rate, encoded -----------------
@@ -303,9 +291,7 @@ def build_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir
     cache (never a pixel cache in between: at 256 px that would be ~12x the latents). With ``shard`` (I, N) only
     that contiguous run of clips, into a part; with ``merge_shards`` N the parts assembled. A killed full build
     resumes without re-encoding the clips it finished. Returns the .npy written."""
-    space = LatentSpace.of(vae)
-    if size % space.factor:
-        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+    space = _space(vae, size)
     store = latent_store(clips, size, rate, vae_id, space, vae, batch_frames)
     extra = {"vae": vae_id, "space": {"channels": space.channels, "factor": space.factor,
                                       "scaling_factor": space.scaling_factor}}

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
 from t2v import files
+from t2v.cachebuild import Every, check_parts, part_name, remove_parts, shard_rows
 from t2v.progress import progress as progress_counter
 from t2v.text.encoders import TextEncoder, TextEncoderError, build_encoder, encoder_key
 
@@ -286,15 +286,13 @@ def _part_path(cache: EmbeddingCache, batches: list, shard: int, shards: int) ->
     """A part's file, named by the plan it belongs to: shards planned against another state of the cache (or
     other captions, or another batch size) never mix in a merge."""
     plan = hashlib.sha256(json.dumps(batches).encode()).hexdigest()[:12]
-    return cache.path.with_name(f"{cache.path.stem}.{plan}.part{shard:04d}-of-{shards:04d}.pt")
+    return Path(f"{part_name(cache.path.with_suffix(f'.{plan}'), shard, shards)}.pt")
 
 
 def embed_shard(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLike, shard: int, shards: int,
                 batch_size: int = 64, device: str | torch.device = "cpu") -> Path:
     """Encode shard ``shard`` of ``shards`` of the missing captions (a contiguous run of the batches one process
     would encode, so every caption is encoded in the same batch) into its own part file; a finished part is kept."""
-    from t2v.data.cache import shard_rows
-
     cache, batches = _todo_batches(text_cfg, captions, cache_dir, batch_size)
     path = _part_path(cache, batches, shard, shards)
     if path.exists() or not batches:  # finished, or nothing left to embed (already merged)
@@ -320,12 +318,9 @@ def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | o
     cache, batches = _todo_batches(text_cfg, captions, cache_dir, batch_size)
     if not batches:
         return cache
-    paths = [_part_path(cache, batches, i, shards) for i in range(shards)]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise EmbeddingCacheError(f"{len(missing)} of {shards} caption-embedding shards are not finished "
-                                  f"({missing[0]} ...); rerun them (finished ones are kept), then merge")
-    for path in paths:
+    parts = [(_part_path(cache, batches, i, shards),) for i in range(shards)]  # one file each: the part is the .pt
+    check_parts(parts, "text cache", EmbeddingCacheError, "caption-embedding shards")
+    for (path,) in parts:
         part = EmbeddingCache.load_path(path, cache.key, int(text_cfg.dim))
         if len(part):
             cache.add(part.captions, part.pooled, *((part.tokens, part.mask) if part.has_tokens else ()))
@@ -334,8 +329,7 @@ def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | o
         raise EmbeddingCacheError(f"the merged shards leave {len(left)} captions without an embedding "
                                   f"(e.g. {left[0]!r}); rerun the shards")
     cache.save()
-    for path in paths:
-        path.unlink()
+    remove_parts(parts)
     return cache
 
 
@@ -367,14 +361,13 @@ def embed_captions(text_cfg, captions: Iterable[str], cache_dir: str | os.PathLi
     _check_dim(encoder, text_cfg)
     order = sorted(todo, key=lambda c: (len(c), c))
     bar = progress_counter(total=len(order), desc="embedding captions", unit="caption", enabled=progress)
-    last_save = time.time()
+    save_due = Every(save_every_s)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         _encode_into(cache, encoder, batch, want_tokens, token_length)
         bar.update(len(batch))
-        if time.time() - last_save > save_every_s:
+        if save_due():
             cache.save()
-            last_save = time.time()
     bar.close()
     cache.save()
     return cache

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from t2v.cachebuild import shard_argument, shard_count
 from t2v.data.manifest import row_captions
 from t2v.device import DeviceError, pick_device
-from t2v.data.cache import shard_argument, shard_count
 from t2v.text.cache import EmbeddingCacheError, embed_captions, embed_shard, merge_embedding_shards
 from t2v.text.encoders import TextEncoderError
 
