@@ -3,8 +3,8 @@ scaler, every RNG, the data position, the config), what a resume must match, whe
 
     ckpt = Checkpointer(outdir, cfg, log, dist)
     state, path = ckpt.latest()                        # rank 0 picks, every rank loads that file
-    global_batch = ckpt.check_resume(state, path, asked, vae_id)
-    ckpt.attach(model, ema, opt, scaler, global_batch, data={"vae": vae_id, "fps": fps})
+    global_batch = ckpt.check_resume(state, path, asked, space)     # space: t2v.space
+    ckpt.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps})
     start = ckpt.load_state_dict(state, path) if state else 0
     ...
     if ckpt.due(step): ckpt.save(step, last_loss)
@@ -25,10 +25,7 @@ from t2v import config as C
 from t2v import distributed
 from t2v import runlog
 from t2v.checkpoint import rng_state, set_rng_state
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on as asked (settings, data, checkpoints): exit 2 with this message."""
+from t2v.runlog import TrainingError
 
 
 # What a checkpoint's weights were trained for: resuming with another value would continue silently from
@@ -43,10 +40,13 @@ RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.predict
 HOW_NOT_WHAT = ("model.checkpointing",)
 
 
-def incompatible_changes(saved: C.Config, cfg: C.Config) -> list[str]:
+def incompatible_changes(saved: C.Config, cfg: C.Config, channels: int = 3) -> list[str]:
     """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
-    ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE)."""
+    ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE). model.in_channels is
+    compared as resolved (0: the space's ``channels``): older latent checkpoints hold the VAE's channels there."""
     a, b = C.to_dict(saved), C.to_dict(cfg)
+    for d in (a, b):
+        d["model"]["in_channels"] = d["model"]["in_channels"] or channels
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
     unused = {"text.name"} if cfg.text.encoder != "clip" else set()  # only CLIP reads it
     if saved.model.space != "latent" and cfg.model.space != "latent":
@@ -83,18 +83,18 @@ class Checkpointer:
             state = ckpt_io.load_checkpoint(path)
         return state, path
 
-    def check_resume(self, state: dict | None, path: Path | None, asked: int, vae_id: str | None) -> int:
+    def check_resume(self, state: dict | None, path: Path | None, asked: int, space) -> int:
         """The global batch the run goes on with (the checkpoint's, so its data order is kept), after refusing a
         resume whose settings differ in what the weights were trained for."""
         if state is None:
             return asked
         cfg, world = self.cfg, self.dist.world_size
-        changed = incompatible_changes(C.from_dict(state["config"]), cfg)
+        changed = incompatible_changes(C.from_dict(state["config"]), cfg, space.channels)
         if changed:
             raise TrainingError(f"{path}: this run's settings differ from the checkpoint's in what its weights "
                                 f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
                                 "checkpoint's values, or name the keys you mean to change in train.allow_changes=KEY,KEY")
-        if state["data"].get("vae") != vae_id and "vae.name" not in cfg.train.allow_changes:
+        if state["data"].get("vae") != space.identity and "vae.name" not in cfg.train.allow_changes:
             raise TrainingError(f"{path}: trained on the latents of another VAE (its weights or config differ "
                                 f"from {cfg.vae.name}'s now); use the same VAE, a new OUTDIR, or "
                                 "train.allow_changes=vae.name")

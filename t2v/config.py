@@ -74,7 +74,7 @@ class VAEConfig:
 class ModelConfig:
     size: str = "base"  # a name in t2v.model.SIZES: tiny, small, base, large
     space: str = "pixel"  # "pixel": the UNet denoises RGB frames; "latent": the VAE's latents (vae section)
-    in_channels: int = 0  # 0: 3 in pixel space, the VAE's latent channels in latent space (filled in at start)
+    in_channels: int = 0  # 0: 3 in pixel space, the VAE's latent channels in latent space (t2v.space)
     base_channels: int = 0  # 0 = taken from the size registry
     channel_mults: tuple = ()  # () = taken from the size registry
     temporal_attention: bool = False

@@ -43,7 +43,7 @@ from t2v import metrics as M
 from t2v.device import DeviceError, pick_device
 from t2v.hf import MIN_TOKENIZER_VOCAB, hf_tokenize
 from t2v.progress import progress as progress_counter
-from t2v.vae import VAEError, load_vae
+from t2v.vae import VAEError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -303,7 +303,7 @@ def evaluate(
     from t2v.data.manifest import read_manifest
     from t2v.data.video import decode_uint8
     from t2v.data.windows import fixed_window
-    from t2v.sample import embed_prompts, generate, load_ema_and_rate, resolve_checkpoint
+    from t2v.sample import embed_prompts, generate, load_ema_and_rate, resolve_checkpoint, space_for_sampling
 
     t0 = time.time()
     if not (clipsim or fvd):
@@ -334,7 +334,7 @@ def evaluate(
         clip_name = str(getattr(scorer, "name", type(scorer).__name__))
     ckpt_file = resolve_checkpoint(ckpt_path).resolve()
     cfg, model, step, fps = load_ema_and_rate(ckpt_file, device)
-    vae = load_vae(cfg.vae, device) if cfg.model.space == "latent" else None  # samples are decoded before scoring
+    space = space_for_sampling(cfg, device)  # samples are frames (a latent model's are decoded) before scoring
     frames, size = cfg.data.frames, cfg.data.size
     guidance = float(cfg.train.guidance if guidance is None else guidance)
     clips = read_manifest(manifest, video_root=video_root)
@@ -364,8 +364,8 @@ def evaluate(
     with _bar(num, f"generating ({steps} DDIM steps)", progress) as bar:
         for s in range(0, num, batch_size):
             tok = (tokens[s:s + batch_size], token_mask[s:s + batch_size]) if tokens is not None else (None, None)
-            videos = generate(model, cfg, text[s:s + batch_size], tokens=tok[0], token_mask=tok[1], steps=steps,
-                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim", vae=vae, fps=fps)
+            videos = generate(model, cfg, text[s:s + batch_size], tokens=tok[0], token_mask=tok[1], steps=steps, fps=fps,
+                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim", space=space)
             fake[s:s + videos.shape[0]] = _to_uint8(videos)
             bar.update(videos.shape[0])
     del model

@@ -334,12 +334,13 @@ def resolve_size(size: str, base_channels: int = 0, channel_mults: Sequence[int]
     return (base_channels or base), tuple(int(m) for m in (channel_mults or mults))
 
 
-def build_model(cfg) -> UNet3DCond:
-    """The model described by a t2v.config.Config (model section, conditioning dim from text.dim)."""
+def build_model(cfg, in_channels: int = 3) -> UNet3DCond:
+    """The model described by a t2v.config.Config (model section, conditioning dim from text.dim); ``in_channels``:
+    what its space gives it (t2v.space: 3 for RGB, the VAE's latent channels) unless model.in_channels says."""
     m = cfg.model
     base, mults = resolve_size(m.size, m.base_channels, m.channel_mults)
     return UNet3DCond(
-        in_channels=m.in_channels or 3,  # 0: RGB; latent space fills in the VAE's latent channels
+        in_channels=m.in_channels or in_channels,
         base_channels=base,
         channel_mults=mults,
         text_dim=cfg.text.dim,

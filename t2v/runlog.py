@@ -23,6 +23,10 @@ from typing import Iterable
 # --- exit codes ------------------------------------------------------------------------------------------------
 REQUEUE_EXIT = 75  # training saved a checkpoint and stopped: please requeue (EX_TEMPFAIL)
 USAGE_EXIT = 2  # a configuration or data error: fix it, resubmit; requeueing cannot help
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on as asked (settings, data, caches, checkpoints): USAGE_EXIT and this message."""
 CAP_EXIT = 3  # the job script: restart cap reached, not training / not requeueing
 
 # --- metrics.jsonl events --------------------------------------------------------------------------------------

@@ -20,17 +20,18 @@ from t2v.data.video import write_mp4
 from t2v.device import DeviceError, pick_device
 from t2v.files import slug
 from t2v.model import build_model
-from t2v.vae import LatentSpace, VAEError, decode, load_vae
+from t2v.space import build_space
+from t2v.vae import VAEError
 
 
 @torch.no_grad()
 def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
-             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, vae=None,
+             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, space=None,
              fps: float | None = None) -> torch.Tensor:
     """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
-    disturbs the training RNG (previews keep resume bit-exact). A latent-space model (model.space=latent) samples
-    latents and decodes them through ``vae`` (t2v.vae.load_vae; loaded once per process if not given). ``fps``: the
-    frame rate a model.fps_cond model is asked for."""
+    disturbs the training RNG (previews keep resume bit-exact). ``space`` (t2v.space; built from the config once per
+    process if not given) says what is sampled and how it becomes frames: a latent-space model's latents are decoded
+    through its VAE. ``fps``: the frame rate a model.fps_cond model is asked for."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -58,23 +59,26 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
         return D.cfg_combine(cond, uncond, guidance)
 
     g = torch.Generator(device=device).manual_seed(seed)
-    latent = cfg.model.space == "latent"
-    if latent and vae is None:
-        vae = _shared_vae(cfg.vae.name, cfg.vae.subfolder, str(device))
-    space = LatentSpace.of(vae) if latent else None
-    shape = ((b, cfg.data.frames, space.channels, cfg.data.size // space.factor, cfg.data.size // space.factor)
-             if latent else (b, cfg.data.frames, 3, cfg.data.size, cfg.data.size))  # b t c h w
-    # x0 is clipped to [-1, 1] at every step in pixel space only: latents are not bounded
-    x = D.sample_loop(denoise, shape, sched, method=method, steps=steps, prediction=cfg.diffusion.prediction,
-                      generator=g, device=device, eta=eta, progress=progress, clip=not latent)
+    space = space or _shared_space(cfg.model.space, cfg.vae.name, cfg.vae.subfolder, cfg.vae.batch_size, str(device))
+    # x0 is clipped to [-1, 1] at every step only where the space is bounded (pixels; latents are not)
+    x = D.sample_loop(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.size), sched, method=method,
+                      steps=steps, prediction=cfg.diffusion.prediction, generator=g, device=device, eta=eta,
+                      progress=progress, clip=space.bounded)
     model.train(was_training)
-    return decode(vae, x, space, cfg.vae.batch_size) if latent else x.clamp(-1, 1)
+    return space.to_frames(x)
 
 
 @functools.lru_cache(maxsize=2)
-def _shared_vae(name: str, subfolder: str, device: str):
-    """One loaded VAE per process for callers that sample again and again (previews, eval batches)."""
-    return load_vae(C.VAEConfig(name=name, subfolder=subfolder), device)
+def _shared_space(space: str, vae: str, subfolder: str, batch_size: int, device: str):
+    """One space (one loaded VAE) per process for callers that sample again and again (previews, eval batches)."""
+    cfg = C.Config(model=C.ModelConfig(space=space), vae=C.VAEConfig(name=vae, subfolder=subfolder,
+                                                                     batch_size=batch_size))
+    return space_for_sampling(cfg, device)
+
+
+def space_for_sampling(cfg: C.Config, device="cpu"):
+    """The space a checkpoint's model samples in (t2v.space.build_space without the training-data checks)."""
+    return build_space(cfg, device, training=False)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -150,7 +154,7 @@ def load_ema_and_rate(path: str | Path, device="cpu"):
     """load_ema's (config, model, step) and the frame rate it was trained at (None: unknown, "even" sampling)."""
     state = ckpt.load_checkpoint(resolve_checkpoint(path))
     cfg = C.from_dict(state["config"])
-    model = build_model(cfg)
+    model = build_model(cfg, state["data"].get("channels", 3))  # older checkpoints: model.in_channels says it
     model.load_state_dict(state["ema"])
     return cfg, model.to(device).eval(), int(state["step"]), state["data"].get("fps")
 
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
         cfg, model, step, trained = load_ema_and_rate(path, device)
         if args.fps is not None and not args.fps > 0:
             raise ValueError(f"--fps must be > 0, got {args.fps}")
-        vae = load_vae(cfg.vae, device) if cfg.model.space == "latent" else None  # decodes the sampled latents
+        space = space_for_sampling(cfg, device)  # a latent model's VAE decodes its samples
     except (ckpt.CheckpointError, DeviceError, VAEError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
     steps = cfg.diffusion.timesteps if args.method == "ddpm" else args.steps
     fps = args.fps or trained or DEFAULT_FPS
     videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance,
-                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True, vae=vae, fps=fps)
+                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True, space=space, fps=fps)
     grid = save_grid(videos, out / "grid.png", args.prompt)
     why = ("--fps" if args.fps else f"the rate it was trained at, {cfg.data.sampling} sampling" if trained else
            "the training rate is unknown: data.sampling=even spreads the frames over each clip")

@@ -30,9 +30,8 @@ from t2v.checkpointer import (RESUME_MUST_MATCH, Checkpointer, TrainingError,  #
 from t2v import config as C
 from t2v import diffusion as D
 from t2v import distributed
-from t2v.data.cache import CacheError, build_cache, open_cache
-from t2v.data.latents import open_latents
-from t2v.data.sources import LATENTS_HINT, open_training_windows, trained_fps
+from t2v.data.cache import CacheError
+from t2v.data.sources import trained_fps
 from t2v.data.windows import Rate
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
@@ -42,8 +41,9 @@ from t2v.model import build_model, count_params
 from t2v import runlog as R
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
-from t2v.step import Cond, StepState, draw_latents, train_step
-from t2v.vae import VAEError, setup_latent_space
+from t2v.step import Cond, StepState, train_step
+from t2v.space import build_space
+from t2v.vae import VAEError
 from t2v.text import EmbeddingCache, EmbeddingCacheError, TextEncoderError, encoder_key
 from t2v.validate import load_val_set, val_loss
 
@@ -80,29 +80,13 @@ def pick_precision(cfg: C.Config, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
-    """Manifest -> clips (+ clip cache, or in latent space the latent cache) and the caption-embedding cache;
-    fails with what to run if a cache is not built."""
+def load_data(cfg: C.Config, log: RunLog, space):
+    """Manifest -> clips, the caches ``space`` (t2v.space) reads of them, and the caption-embedding cache; fails
+    with what to run if a cache is not built."""
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
     if not clips:
         raise TrainingError(f"{cfg.data.manifest}: no usable clips")
-    cache = latents = windows = None
-    if cfg.data.sampling == "window":
-        windows = open_training_windows(cfg, clips, log, vae_id)
-    elif vae_id is not None:
-        latents = open_latents(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), vae_id)
-        if latents is None:
-            raise TrainingError(f"{cfg.data.manifest}: no latent cache for these clips at {cfg.data.frames}x"
-                                f"{cfg.data.size} and the VAE {cfg.vae.name} in {C.cache_dir(cfg, 'data')}.\n{LATENTS_HINT}")
-        if latents.bad:
-            log.warn(f"{len(latents.bad)} corrupt clips in the latent cache are skipped")
-    elif cfg.data.cache and cfg.data.sampling == "even":
-        cache = open_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"))
-        if cache is None:
-            log.line(f"building the clip cache in {C.cache_dir(cfg, 'data')} (once; `python -m t2v.data cache`)")
-            cache = build_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), progress=log.enabled)
-        if cache.bad:
-            log.warn(f"{len(cache.bad)} corrupt clips in the cache are skipped (see `python -m t2v.data check`)")
+    caches = space.open_training_caches(cfg, clips, log)  # ClipDataset's cache=, latents= or windows=
     emb = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
     if cfg.model.cross_attention and len(emb) and not emb.has_tokens:
         raise TrainingError("model.cross_attention needs per-token caption embeddings: set text.tokens=true and "
@@ -113,7 +97,7 @@ def load_data(cfg: C.Config, log: RunLog, vae_id: str | None = None):
             f"{len(missing)} captions of {cfg.data.manifest} have no cached embedding (e.g. {missing[0]!r}).\n"
             "Run once: python -m t2v.text embed with this run's --config and key=value arguments (the training "
             "process never runs the text encoder)")
-    return clips, cache, latents, windows, emb
+    return clips, caches, emb
 
 
 def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +107,14 @@ def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor,
             torch.stack([m for _, m in pairs]).to(device, non_blocking=True))
 
 
-def preview(ema, cfg, emb, step, device, log, vae=None, fps: float | None = None) -> None:
+def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = None) -> None:
     prompts = [p for p in cfg.train.sample_prompts if p in emb]
     if not prompts:
         return
     text = torch.stack([emb.get(p) for p in prompts]).to(device)
     tokens, mask = caption_tokens(emb, prompts, device) if cfg.model.cross_attention else (None, None)
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
-                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, vae=vae, fps=fps)
+                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, space=space, fps=fps)
     path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -156,30 +140,28 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     stop = StopFlag()
     stop.install()
     log.line(f"{R.OUT_PREFIX}{outdir} | Device: {device}")
-    vae = vae_id = space = None
-    if cfg.model.space == "latent":
-        vae, vae_id, space = setup_latent_space(cfg, device)  # fills in model.in_channels
+    space = build_space(cfg, device)  # pixels, or a frozen VAE's latents (loaded once, here)
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
     checkpointer = Checkpointer(outdir, cfg, log, dist)
     state, resumed_from = checkpointer.latest()
     accum = cfg.train.grad_accum
     asked = cfg.train.batch_size * dist.world_size * accum  # BS x ranks x micro-batches per optimizer step
-    global_batch = checkpointer.check_resume(state, resumed_from, asked, vae_id)
+    global_batch = checkpointer.check_resume(state, resumed_from, asked, space)
     per_rank_batch = global_batch // dist.world_size
     if per_rank_batch % accum:
         raise TrainingError(f"the per-rank batch {per_rank_batch} (global batch {global_batch} / {dist.world_size} ranks) "
                             f"does not split into train.grad_accum={accum} micro-batches; choose a divisor")
 
     # --- data: manifest -> cached clips + cached caption embeddings -------------------------------------
-    clips, cache, latents, windows, emb = load_data(cfg, log, vae_id)
+    clips, caches, emb = load_data(cfg, log, space)
     dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed, sampling=cfg.data.sampling,
-                          window=cfg.data.window, cache=cache, latents=latents, windows=windows,
-                          strides=cfg.data.strides, pad=cfg.data.short_clips == "pad", rate=Rate.of(cfg.data))
-    fps = trained_fps(cfg, windows)
+                          window=cfg.data.window, strides=cfg.data.strides, pad=cfg.data.short_clips == "pad",
+                          rate=Rate.of(cfg.data), **caches)
+    fps = trained_fps(cfg, caches.get("windows"))
     valset = None
     if dist.is_main and cfg.train.val_every:
-        valset, why_not = load_val_set(cfg, emb, vae_id)
+        valset, why_not = load_val_set(cfg, emb, space)
         log.line(why_not or f"validation loss every {cfg.train.val_every} steps: {valset.videos.shape[0]} clips of "
                             f"{valset.manifest} at t = {', '.join(map(str, valset.timesteps))}")
 
@@ -187,7 +169,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, space.channels).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -197,7 +179,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
     sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
 
-    checkpointer.attach(model, ema, opt, scaler, global_batch, data={"vae": vae_id, "fps": fps})
+    checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps})
     if state is not None:
         start_step = checkpointer.load_state_dict(state, resumed_from, restart)
         del state
@@ -240,11 +222,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         if bad_clips > cfg.data.max_bad_clips:
             raise TrainingError(f"{bad_clips} corrupt clips skipped (cap data.max_bad_clips="
                                 f"{cfg.data.max_bad_clips}); run `python -m t2v.data check {cfg.data.manifest}`")
-        if space is not None:  # the VAE posterior (b 2 t c h w) -> this step's latent draw, b t c h w
-            x0 = draw_latents(batch["latent"].to(device, non_blocking=True), space.scaling_factor, cfg.train.seed,
-                              step, dist.rank, global_batch)
-        else:
-            x0 = batch["video"].to(device, non_blocking=True)  # b t c h w, in [-1, 1]
+        x0 = space.model_input(batch, cfg.train.seed, step, dist.rank, global_batch, device)  # b t c h w
         text = batch["text"].to(device, non_blocking=True)  # b d
         tokens, token_mask = (caption_tokens(emb, batch["caption"], device) if cfg.model.cross_attention
                               else (None, None))  # b l d, b l
@@ -279,7 +257,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
             log_val_loss(ema, sched, valset, cfg, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
-                preview(ema, cfg, emb, done, device, log, vae, fps)
+                preview(ema, cfg, emb, done, device, log, space, fps)
             except Exception as e:  # a preview is a picture: it must never end a long run
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
                 log.event(R.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")

@@ -52,33 +52,6 @@ def load_vae(cfg: C.VAEConfig, device: torch.device | str = "cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def setup_latent_space(cfg: C.Config, device: torch.device | str = "cpu"):
-    """For training in latent space: the frozen VAE (previews decode through it; training never runs its
-    encoder), its identity (the latent cache's key, kept in checkpoints) and its latent space. Fills in
-    model.in_channels from the VAE before the resume check compares it, and refuses settings the latent cache
-    or the UNet cannot serve."""
-    from t2v.model import resolve_size
-
-    vae = load_vae(cfg.vae, device)
-    space = LatentSpace.of(vae)
-    if cfg.model.in_channels not in (0, space.channels):
-        raise VAEError(f"model.in_channels={cfg.model.in_channels}, but the VAE {cfg.vae.name} has "
-                       f"{space.channels} latent channels (leave model.in_channels at 0)")
-    cfg.model.in_channels = space.channels
-    if cfg.data.sampling == "random_window":  # decoded per sample: every draw would run the encoder
-        raise VAEError("data.sampling='random_window' cannot train in latent space (its frames are decoded per "
-                       "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "
-                       "whose latent window cache holds every frame, or data.sampling=even")
-    try:
-        halvings = len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1
-    except ValueError as e:
-        raise VAEError(str(e)) from None
-    if cfg.data.size % space.factor or (cfg.data.size // space.factor) % 2 ** halvings:
-        raise VAEError(f"data.size={cfg.data.size}: latent frames are SIZE/{space.factor} pixels, which the UNet "
-                       f"halves {halvings} times; use a multiple of {space.factor * 2 ** halvings}")
-    return vae, vae_identity(cfg.vae, vae), space
-
-
 def vae_identity(cfg: C.VAEConfig, vae) -> str:
     """What a latent cache depends on: the VAE's name, subfolder, full config and a digest of its weights (a
     fine-tuned VAE at the same path must not reuse another's latents)."""

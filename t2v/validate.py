@@ -34,9 +34,10 @@ class ValSet:
     fps: torch.Tensor | None = None  # n: each window's frame rate (data.sampling=window)
 
 
-def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet | None, str]:
-    """The fixed validation subset, or None and the reason it is skipped (no manifest, captions not cached). In
-    latent space (``vae_id``: t2v.vae.vae_identity) the clips are their cached posterior means, scaled."""
+def load_val_set(cfg: C.Config, emb, space=None) -> tuple[ValSet | None, str]:
+    """The fixed validation subset, or None and the reason it is skipped (no manifest, captions not cached). Its
+    clips are what ``space`` (t2v.space; None: pixels) makes of them: frames decoded here, or in latent space the
+    cached posterior means, scaled."""
     path = C.val_manifest(cfg)
     if not path.is_file():
         return None, f"no validation manifest {path} (data.val_manifest): validation loss off"
@@ -50,23 +51,9 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
     if missing:
         return None, (f"{len(missing)} captions of {path} have no cached embedding (e.g. {missing[0]!r}): validation "
                       "loss off; `python -m t2v.text embed` embeds them")
-    fps = None
-    if cfg.data.sampling == "window":
-        videos, fps, why_not = _window_x0(cfg, path, all_clips, len(clips), vae_id)
-        if why_not:
-            return None, why_not
-    elif vae_id is not None:
-        videos, why_not = _latent_x0(cfg, path, all_clips, len(clips), vae_id)
-        if why_not:
-            return None, why_not
-    else:
-        videos = []
-        for clip in clips:
-            try:
-                videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.size, start=clip.start,
-                                                    end=clip.end)))
-            except VideoError as e:
-                return None, f"{path}:{clip.line}: {e}: validation loss off"
+    videos, fps, why_not = (space.val_x0 if space is not None else pixel_x0)(cfg, path, all_clips, len(clips))
+    if why_not:
+        return None, why_not
     if not videos:
         return None, f"{path}: no clips: validation loss off"
     x0 = torch.stack(videos)  # n t c h w
@@ -81,7 +68,27 @@ def load_val_set(cfg: C.Config, emb, vae_id: str | None = None) -> tuple[ValSet 
                   None if fps is None else torch.tensor(fps, dtype=torch.float32)), ""
 
 
-def _window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str | None):
+def pixel_x0(cfg: C.Config, path: Path, all_clips: list, n: int) -> tuple[list, list | None, str]:
+    """(x0 per clip, fps per clip or None, why not) of the first n clips in pixel space: decoded here."""
+    if cfg.data.sampling == "window":
+        return window_x0(cfg, path, all_clips, n, None)
+    videos, why = decoded_x0(cfg, path, all_clips[:n])
+    return videos, None, why
+
+
+def decoded_x0(cfg: C.Config, path: Path, clips: list) -> tuple[list[torch.Tensor], str]:
+    """The clips' "even" frames (t c h w in [-1, 1]), decoded; or why validation is off."""
+    videos = []
+    for clip in clips:
+        try:
+            videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.size, start=clip.start,
+                                                end=clip.end)))
+        except VideoError as e:
+            return [], f"{path}:{clip.line}: {e}: validation loss off"
+    return videos, ""
+
+
+def window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, space=None):
     """(x0 list, fps list, why not): one fixed window per validation clip at the trained rate (the first stride),
     drawn from a generator of its own: pixels decoded here, latents from the manifest's latent window cache. A clip
     with no room for a window gives its longest shot, padded (data.short_clips=pad), so every clip counts."""
@@ -91,10 +98,10 @@ def _window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str |
 
     rate, d = Rate.of(cfg.data), cfg.data
     cache = None
-    if vae_id is not None:
-        from t2v.data.latents import open_latent_windows  # latent space only
+    if space is not None:  # latent space: its cached posterior means
+        from t2v.data.latents import open_latent_windows
 
-        cache = open_latent_windows(all_clips, d.size, rate, C.cache_dir(cfg, "data"), vae_id)
+        cache = open_latent_windows(all_clips, d.size, rate, C.cache_dir(cfg, "data"), space.identity)
         if cache is None:
             return [], [], f"no latent window cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     videos, fps = [], []
@@ -115,7 +122,7 @@ def _window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str |
     return videos, fps, ""
 
 
-def _latent_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
+def latent_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
     """The first n validation clips in latent space: their cached posterior means (t c h w), scaled like the
     training draws; fixed, so every evaluation measures the same x0."""
     from t2v.data.latents import open_latents  # latent space only

@@ -166,15 +166,15 @@ def test_bad_window_settings_fail_with_what_to_change(videos, overrides, message
 
 
 def test_a_video_shorter_than_every_window_fails_training_clearly(videos, tmp_path):
-    from t2v.data.cache import CacheError
     from t2v.data.sources import open_training_windows
+    from t2v.runlog import TrainingError
 
     clips = read_manifest(videos["manifest"])[2:]  # short.mp4 alone
 
     class Log:
         enabled, line, warn = False, print, print
 
-    with pytest.raises(CacheError, match="no clip has room for a window of 6 frames at 8 fps.*data.short_clips=pad"):
+    with pytest.raises(TrainingError, match="no clip has room for a window of 6 frames at 8 fps.*data.short_clips=pad"):
         open_training_windows(config(videos, "data.frames=6", f"data.cache_dir={tmp_path}"), clips, Log(), None)
 
 
@@ -345,9 +345,7 @@ def test_latent_space_trains_on_windows_from_the_latent_window_cache(shots_dir, 
     tiny_vae().save_pretrained(tmp_path / "vae")
     latent = ("model.space=latent", f"vae.name={tmp_path / 'vae'}", "vae.batch_size=8", "model.fps_cond=false",
               "data.strides=1")
-    from t2v.data.cache import CacheError
-
-    with pytest.raises(CacheError, match=r"(?s)no latent window cache for these clips.*python -m t2v.data latents"):
+    with pytest.raises(T.TrainingError, match=r"(?s)no latent window cache for these clips.*python -m t2v.data latents"):
         T.train(shots_config(shots_dir, tmp_path / "first", *latent))
     args = [f"data.manifest={shots_dir / 'train.jsonl'}", f"data.cache_dir={shots_dir / 'cache'}",
             "data.sampling=window", "data.fps=8", *latent]

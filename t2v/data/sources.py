@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from t2v.config import Config, cache_dir
-from t2v.data.cache import CacheError
+from t2v.runlog import TrainingError
 from t2v.data.latents import open_latent_windows
 from t2v.data.window_build import build_windows
 from t2v.data.windows import Rate, open_windows, report_short
@@ -21,8 +21,8 @@ def open_training_windows(cfg: Config, clips, log, vae_id: str | None):
     if vae_id is not None:
         windows = open_latent_windows(clips, cfg.data.size, rate, where, vae_id)
         if windows is None:
-            raise CacheError(f"{cfg.data.manifest}: no latent window cache for these clips at {cfg.data.size}x"
-                             f"{cfg.data.size}, {rate.describe()} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
+            raise TrainingError(f"{cfg.data.manifest}: no latent window cache for these clips at {cfg.data.size}x"
+                                f"{cfg.data.size}, {rate.describe()} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
     elif not cfg.data.cache:
         return None
     else:
@@ -38,8 +38,8 @@ def open_training_windows(cfg: Config, clips, log, vae_id: str | None):
                  f"{short[0] if short else sorted(windows.bad)[0]}); `python -m t2v.data check` lists them")
     if len(windows.too_short(cfg.data.frames, cfg.data.strides)) + len(windows.bad) == len(clips) and \
             cfg.data.short_clips == "skip":
-        raise CacheError(f"{cfg.data.manifest}: no clip has room for a window of {cfg.data.frames} frames at "
-                         f"{rate.describe()}: lower data.frames or data.fps, or set data.short_clips=pad")
+        raise TrainingError(f"{cfg.data.manifest}: no clip has room for a window of {cfg.data.frames} frames at "
+                            f"{rate.describe()}: lower data.frames or data.fps, or set data.short_clips=pad")
     return windows
 
 
