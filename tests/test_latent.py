@@ -147,6 +147,27 @@ def test_latent_training_resumes_bit_exact_and_samples_decoded_videos(data, tmp_
     assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
 
 
+def test_a_checkpoint_from_before_the_space_object_resumes_and_samples(data, tmp_path):
+    """Latent checkpoints written before t2v/space.py hold the VAE's channels in model.in_channels (training filled
+    them into the config) and no data.channels: they resume, and sample, as they did."""
+    import torch
+
+    from t2v.sample import main as sample_main
+
+    cfg = latent_config(data, tmp_path / "old", "train.steps=4")
+    build(cfg)
+    build(cfg, C.val_manifest(cfg))
+    assert T.train(cfg) == 0
+    path = tmp_path / "old" / "ckpt_000004.pt"
+    state = load(path)
+    state["config"]["model"]["in_channels"] = 4  # as the old code saved it
+    del state["data"]["channels"]
+    torch.save(state, path)
+    assert T.train(latent_config(data, tmp_path / "old", "train.steps=8")) == 0
+    assert "resumed from" in (tmp_path / "old" / "train.log").read_text()
+    assert sample_main(["--ckpt", str(path), "--prompt", "a red circle moving right", "--steps", "2"]) == 0
+
+
 def test_eval_scores_decoded_frames(data, tmp_path):
     """t2v.eval decodes latent samples before CLIPSIM: the scorer sees RGB frames at SIZE."""
     from t2v import eval as E
