@@ -28,7 +28,7 @@ import torch
 
 from bench.common import Row, SectionResult, Threads, alternate, fmt_rate, log, median, per_round_ratios
 from bench.previous import to_model_previous
-from t2v import config as C
+from t2v import config
 from t2v.data.cache import build_cache
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.demo import make_demo
@@ -90,8 +90,8 @@ def prepare(manifest: Path, frames: int, size: int, text_dim: int, cache_dir: Pa
     """What `python -m t2v.data cache` and `python -m t2v.text embed` (hash encoder) do before training."""
     clips = read_manifest(manifest)
     cache = build_cache(clips, frames, size, cache_dir, progress=False)
-    text_cfg = C.TextConfig(encoder="hash", dim=text_dim)
-    captions = [c for clip in clips for c in clip.captions] + list(C.TrainConfig().sample_prompts) + [""]
+    text_cfg = config.TextConfig(encoder="hash", dim=text_dim)
+    captions = [c for clip in clips for c in clip.captions] + list(config.TrainConfig().sample_prompts) + [""]
     emb = embed_captions(text_cfg, captions, cache_dir, progress=False)
     return clips, cache, emb
 

@@ -68,7 +68,7 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 
 def prepare(cfg) -> None:
     """The demo data, its clip cache and caption embeddings (what `make demo` does before training)."""
-    from t2v import config as C
+    from t2v import config
     from t2v.data.cache import build_cache, open_cache
     from t2v.data.demo import make_demo
     from t2v.data.manifest import read_manifest
@@ -77,13 +77,13 @@ def prepare(cfg) -> None:
 
     make_demo(Path(cfg.data.manifest).parent)
     clips = read_manifest(cfg.data.manifest)
-    if open_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data")) is None:
-        build_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), progress=False)
+    if open_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data")) is None:
+        build_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data"), progress=False)
     captions = sorted({c for clip in clips for c in clip.captions} | {prompt_of(*p) for p in PROMPTS}
                       | set(cfg.train.sample_prompts))
-    cache = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
+    cache = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))
     if cache.missing(captions) or (cfg.text.tokens and not cache.has_tokens):
-        embed_captions(cfg.text, captions, C.cache_dir(cfg, "text"), progress=False)
+        embed_captions(cfg.text, captions, config.cache_dir(cfg, "text"), progress=False)
 
 
 def train_seconds(outdir: Path) -> dict[int, float]:
@@ -100,12 +100,12 @@ def train_seconds(outdir: Path) -> dict[int, float]:
 
 
 def run_recipe(name: str, overrides: list[str], steps: int, eval_every: int, work: Path) -> dict:
-    from t2v import config as C
+    from t2v import config
     from t2v.train import train
 
     outdir = work / name
     shutil.rmtree(outdir, ignore_errors=True)
-    cfg = C.load_config(REPO / "configs" / "demo.yaml", [
+    cfg = config.load_config(REPO / "configs" / "demo.yaml", [
         *overrides, f"train.steps={steps}", f"train.ckpt_every={eval_every}", f"train.keep_last={steps // eval_every + 1}",
         "train.sample_every=0", "train.val_every=0", f"train.outdir={outdir}", "train.log_every=10"], env={})
     prepare(cfg)

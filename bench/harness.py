@@ -20,8 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from t2v import config as C
-from t2v import diffusion as D
+from t2v import config
+from t2v import diffusion
 from t2v.model import build_model, count_params
 from t2v.step import StepState, train_step
 
@@ -58,9 +58,9 @@ VDP_PEERS = {
 VDP_INSTALL = "pip install --no-deps video-diffusion-pytorch einops-exts rotary-embedding-torch"
 
 
-def our_config(size: str, text_dim: int = 512, cross_attention: bool = False, in_channels: int = 0) -> C.Config:
+def our_config(size: str, text_dim: int = 512, cross_attention: bool = False, in_channels: int = 0) -> config.Config:
     extra = ["model.cross_attention=true", "text.tokens=true"] if cross_attention else []
-    return C.load_config(None, [f"model.size={size}", f"text.dim={text_dim}", f"model.in_channels={in_channels}",
+    return config.load_config(None, [f"model.size={size}", f"text.dim={text_dim}", f"model.in_channels={in_channels}",
                                 *extra], env={})
 
 
@@ -246,10 +246,10 @@ class TrainStep:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), **kw)
         self.net = torch.compile(self.model) if compile else self.model
         self.x0, self.cond = x0, cond
-        cfg = C.Config()  # the baseline's diffusion and training settings, with this benchmark's few changes
+        cfg = config.Config()  # the baseline's diffusion and training settings, with this benchmark's few changes
         cfg.train.lr, cfg.train.grad_clip, cfg.train.ema_decay, cfg.train.seed = lr, grad_clip, ema_decay, seed
         cfg.diffusion.cond_dropout = cond_dropout
-        sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(self.device)
+        sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.state = StepState(self.net, self.model, self.ema, self.opt, scaler, sched, cfg.diffusion, cfg.train,
                                precision, self.device, forward=forward, grad_accum=grad_accum)
@@ -282,7 +282,7 @@ def count_train_flops(model: nn.Module, forward: Forward, x0: torch.Tensor, cond
     with FlopCounterMode(display=False) as fwd:
         with autocast:
             out = forward(model, x0, t, cond, keep)
-        loss = D.training_loss(out.float(), noise)
+        loss = diffusion.training_loss(out.float(), noise)
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
     model.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ from bench.common import REPO, Row, SectionResult, alternate, fmt_s, log, median
 from bench.data_load import demo_dataset, prepare
 from bench.previous import verify_state_previous
 from t2v import checkpoint as ckpt
-from t2v import config as C
+from t2v import config
 from t2v.model import build_model
 from t2v.runlog import RunLog
 from t2v.checkpointer import Checkpointer
@@ -55,7 +55,7 @@ def run_overrides(manifest: Path, cache_dir: Path, outdir: Path, quick: bool, st
 def clean_env(threads: int) -> dict:
     """The subprocess must see only our overrides: no CONFIG file, no baseline variables, no torchrun/Slurm
     ranks (which would make it wait for other ranks); and the benchmark's torch thread count."""
-    drop = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *C.ENV_VARS}
+    drop = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *config.ENV_VARS}
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = str(threads)
@@ -63,7 +63,7 @@ def clean_env(threads: int) -> dict:
     return env
 
 
-def save_state(cfg: C.Config, outdir: Path, step: int, model, ema, opt, scaler) -> float:
+def save_state(cfg: config.Config, outdir: Path, step: int, model, ema, opt, scaler) -> float:
     t0 = time.perf_counter()
     checkpointer = Checkpointer(outdir, cfg, RunLog(outdir, enabled=False))
     checkpointer.attach(model, ema, opt, scaler, cfg.train.batch_size)
@@ -71,7 +71,7 @@ def save_state(cfg: C.Config, outdir: Path, step: int, model, ema, opt, scaler) 
     return time.perf_counter() - t0
 
 
-def training_state(cfg: C.Config):
+def training_state(cfg: config.Config):
     """Model, EMA and an AdamW with its moments filled (one step), as they are mid-training."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
@@ -236,7 +236,7 @@ def bench_preempt(args) -> SectionResult:
     steps = start + 100000
     outdir = workdir / "preempt_run"
     overrides = run_overrides(manifest, cache_dir, outdir, args.quick, steps)
-    cfg = C.load_config(None, overrides, env={})
+    cfg = config.load_config(None, overrides, env={})
     prepare(manifest, cfg.data.frames, cfg.data.size, cfg.text.dim, cache_dir)
 
     # 1. save time (the same state each time; the last one is where the subprocess resumes)

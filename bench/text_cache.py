@@ -16,7 +16,7 @@ from bench.common import Row, SectionResult, alternate, fmt_s, log, median, per_
 from bench.data_load import demo_dataset
 from bench.harness import Inputs, TrainStep, build_ours, forward_ours
 from bench.train_bench import device_and_precision
-from t2v import config as C
+from t2v import config
 from t2v.data.manifest import read_manifest
 from t2v.text import build_clip_b32_random, build_tiny, embed_captions
 
@@ -35,7 +35,7 @@ def bench_text(args) -> SectionResult:
     enc_params = sum(p.numel() for p in encoder.model.parameters())
     clips = read_manifest(demo_dataset(args.workdir, 8 if args.quick else 48))
     captions = sorted({c for clip in clips for c in clip.captions})
-    text_cfg = C.TextConfig(encoder="clip", dim=encoder.dim, max_tokens=encoder.max_tokens)
+    text_cfg = config.TextConfig(encoder="clip", dim=encoder.dim, max_tokens=encoder.max_tokens)
     t0 = time.perf_counter()
     cache = embed_captions(text_cfg, captions, Path(args.workdir) / "text_cache", progress=False, encoder=encoder,
                            device=device)

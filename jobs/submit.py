@@ -35,20 +35,20 @@ from typing import Mapping, Sequence
 
 from jobs import render
 from jobs.profile import Profile, ProfileError, load_profile
-from t2v import config as C
+from t2v import config
 from t2v.files import slug
 
 REPO = Path(__file__).resolve().parent.parent
 
 # The baseline's training variables -> config keys (the same table as t2v.config.ENV_VARS).
-TRAIN_VARS = dict(C.ENV_VARS)
+TRAIN_VARS = dict(config.ENV_VARS)
 PATH_KEYS = {"data.manifest", "train.outdir", "data.cache_dir", "text.cache_dir", "data.video_root"}
 TRUE = {"1", "true", "yes", "on"}
 
 # Every environment variable this command reads, as `--help` lists them (tests/test_render.py checks the list is
 # complete); the training ones are the baseline's (t2v.config.ENV_VARS).
 ENV_SETTINGS = {
-    **{var: f"training: {key}" for var, key in C.ENV_VARS.items()},
+    **{var: f"training: {key}" for var, key in config.ENV_VARS.items()},
     "CONFIG": "training: the YAML config file (copied into the run folder as job_config.yaml)",
     "PROFILE": "the cluster profile (default $T2V_PROFILE, else zaratan)",
     "T2V_PROFILE": "the default profile when PROFILE is not set",
@@ -165,10 +165,10 @@ def resolve(env: Mapping[str, str], overrides: Sequence[str] = (), *, cwd: Path 
     # Validate now (unknown keys, bad values) with exactly what the job will pass; env={} so nothing leaks in.
     job_config = f"{run_dir}/job_config.yaml" if config_src else None
     try:
-        cfg = C.load_config(config_src, [*train_over, *extra], env={})
-    except C.ConfigError as e:
+        cfg = config.load_config(config_src, [*train_over, *extra], env={})
+    except config.ConfigError as e:
         raise SubmitError(f"config: {e}") from None
-    if prof.manifest and not env.get("MANIFEST", "").strip() and cfg.data.manifest == C.DataConfig().manifest:
+    if prof.manifest and not env.get("MANIFEST", "").strip() and cfg.data.manifest == config.DataConfig().manifest:
         train_over.append(f"data.manifest={yaml_value(prof.manifest)}")
 
     train_args = (*(("--config", job_config) if job_config else ()), *train_over, *extra)

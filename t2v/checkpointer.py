@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from t2v import checkpoint as ckpt_io
-from t2v import config as C
+from t2v import config
 from t2v import distributed
 from t2v import runlog
 from t2v.checkpoint import rng_state, set_rng_state
@@ -40,11 +40,11 @@ RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.predict
 HOW_NOT_WHAT = ("model.checkpointing",)
 
 
-def incompatible_changes(saved: C.Config, cfg: C.Config, channels: int = 3) -> list[str]:
+def incompatible_changes(saved: config.Config, cfg: config.Config, channels: int = 3) -> list[str]:
     """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
     ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE). model.in_channels is
     compared as resolved (0: the space's ``channels``): older latent checkpoints hold the VAE's channels there."""
-    a, b = C.to_dict(saved), C.to_dict(cfg)
+    a, b = config.to_dict(saved), config.to_dict(cfg)
     for d in (a, b):
         d["model"]["in_channels"] = d["model"]["in_channels"] or channels
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
@@ -59,7 +59,7 @@ def incompatible_changes(saved: C.Config, cfg: C.Config, channels: int = 3) -> l
 @dataclass
 class Checkpointer:
     outdir: Path
-    cfg: C.Config
+    cfg: config.Config
     log: runlog.RunLog
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     # the state it saves, from attach()
@@ -89,7 +89,7 @@ class Checkpointer:
         if state is None:
             return asked
         cfg, world = self.cfg, self.dist.world_size
-        changed = incompatible_changes(C.from_dict(state["config"]), cfg, space.channels)
+        changed = incompatible_changes(config.from_dict(state["config"]), cfg, space.channels)
         if changed:
             raise TrainingError(f"{path}: this run's settings differ from the checkpoint's in what its weights "
                                 f"were trained for ({'; '.join(changed)}); use a new OUTDIR (train.outdir), the "
@@ -148,7 +148,7 @@ class Checkpointer:
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "config": C.to_dict(cfg),
+            "config": config.to_dict(cfg),
             "rng": rng_state(next(self.model.parameters()).device),
             "data": {"position": step * self.global_batch, "global_batch": self.global_batch, "seed": cfg.train.seed,
                      "world_size": self.dist.world_size, "grad_accum": cfg.train.grad_accum, **self.data},

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from t2v import files, hf
-from t2v import metrics as M
+from t2v import metrics
 from t2v.device import DeviceError, pick_device
 from t2v.hf import MIN_TOKENIZER_VOCAB, hf_tokenize
 from t2v.progress import progress as progress_counter
@@ -376,7 +376,7 @@ def evaluate(
         scores = []
         with _bar(num, "CLIPSIM", progress) as bar:
             for s in range(0, num, batch_size):
-                scores.append(M.clip_scores(scorer.encode_images, scorer.encode_text,
+                scores.append(metrics.clip_scores(scorer.encode_images, scorer.encode_text,
                                             _to_float(fake[s:s + batch_size]), captions[s:s + batch_size]))
                 bar.update(min(batch_size, num - s))
         clip_value = float(torch.cat(scores).double().mean())  # every video has T frames: = mean over frames
@@ -386,7 +386,7 @@ def evaluate(
             for s in range(0, num, batch_size):
                 parts.append(i3d_features(detector, _to_float(fake[s:s + batch_size]), device))
                 bar.update(min(batch_size, num - s))
-        fvd_value = M.fvd_from_features(real_feats, np.concatenate(parts))
+        fvd_value = metrics.fvd_from_features(real_feats, np.concatenate(parts))
 
     record = {
         "step": step, "ckpt": str(ckpt_file), "num": num, "seed": seed, "ddim_steps": steps,

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from t2v import checkpoint as ckpt
-from t2v import config as C
-from t2v import diffusion as D
+from t2v import config
+from t2v import diffusion
 from t2v.data.video import write_mp4
 from t2v.device import DeviceError, pick_device
 from t2v.files import slug
@@ -25,7 +25,7 @@ from t2v.vae import VAEError
 
 
 @torch.no_grad()
-def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
+def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
              device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, space=None,
              fps: float | None = None) -> torch.Tensor:
     """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
@@ -36,7 +36,7 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
     was_training = model.training
     model.eval()
     b = text.shape[0]
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
+    sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
     text = text.to(device)
     if tokens is not None:
         tokens, token_mask = tokens.to(device), token_mask.to(device)
@@ -56,12 +56,12 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), text2, tokens=tokens2, token_mask=mask2,
                     cond_mask=cond_mask, fps=rate)  # (2b) t c h w
         cond, uncond = out.chunk(2)
-        return D.cfg_combine(cond, uncond, guidance)
+        return diffusion.cfg_combine(cond, uncond, guidance)
 
     g = torch.Generator(device=device).manual_seed(seed)
     space = space or _shared_space(cfg.model.space, cfg.vae.name, cfg.vae.subfolder, cfg.vae.batch_size, str(device))
     # x0 is clipped to [-1, 1] at every step only where the space is bounded (pixels; latents are not)
-    x = D.sample_loop(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.size), sched, method=method,
+    x = diffusion.sample_loop(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.size), sched, method=method,
                       steps=steps, prediction=cfg.diffusion.prediction, generator=g, device=device, eta=eta,
                       progress=progress, clip=space.bounded)
     model.train(was_training)
@@ -71,12 +71,12 @@ def generate(model, cfg: C.Config, text: torch.Tensor, tokens=None, token_mask=N
 @functools.lru_cache(maxsize=2)
 def _shared_space(space: str, vae: str, subfolder: str, batch_size: int, device: str):
     """One space (one loaded VAE) per process for callers that sample again and again (previews, eval batches)."""
-    cfg = C.Config(model=C.ModelConfig(space=space), vae=C.VAEConfig(name=vae, subfolder=subfolder,
+    cfg = config.Config(model=config.ModelConfig(space=space), vae=config.VAEConfig(name=vae, subfolder=subfolder,
                                                                      batch_size=batch_size))
     return space_for_sampling(cfg, device)
 
 
-def space_for_sampling(cfg: C.Config, device="cpu"):
+def space_for_sampling(cfg: config.Config, device="cpu"):
     """The space a checkpoint's model samples in (t2v.space.build_space without the training-data checks)."""
     return build_space(cfg, device, training=False)
 
@@ -153,20 +153,20 @@ def load_ema(path: str | Path, device="cpu"):
 def load_ema_and_rate(path: str | Path, device="cpu"):
     """load_ema's (config, model, step) and the frame rate it was trained at (None: unknown, "even" sampling)."""
     state = ckpt.load_checkpoint(resolve_checkpoint(path))
-    cfg = C.from_dict(state["config"])
+    cfg = config.from_dict(state["config"])
     model = build_model(cfg, state["data"].get("channels", 3))  # older checkpoints: model.in_channels says it
     model.load_state_dict(state["ema"])
     return cfg, model.to(device).eval(), int(state["step"]), state["data"].get("fps")
 
 
-def embed_prompts(cfg: C.Config, prompts: list[str]):
+def embed_prompts(cfg: config.Config, prompts: list[str]):
     """(pooled b d, tokens b l d | None, mask b l | None): cached embeddings where present, the frozen
     encoder only for prompts never seen before. Tokens only for models with cross-attention."""
     from t2v.text import EmbeddingCache, build_encoder, embed_captions, encoder_key
 
-    cache = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
+    cache = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))
     if cache.missing(prompts) or (cfg.model.cross_attention and not cache.has_tokens):
-        cache_dir = C.cache_dir(cfg, "text")
+        cache_dir = config.cache_dir(cfg, "text")
         try:
             cache = embed_captions(cfg.text, prompts, cache_dir, progress=False)
         except OSError:  # a read-only cache folder: encode without keeping them

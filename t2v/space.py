@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from t2v import config as C
+from t2v import config
 from t2v import validate
 from t2v.data.cache import build_cache, open_cache
 from t2v.data.latents import open_latents
@@ -51,14 +51,14 @@ class PixelSpace:
     def checkpoint_data(self) -> dict:
         return {"vae": None, "channels": self.channels}
 
-    def open_training_caches(self, cfg: C.Config, clips, log) -> dict:
+    def open_training_caches(self, cfg: config.Config, clips, log) -> dict:
         """The ClipDataset arguments: the window cache (data.sampling=window) or the "even" clip cache, built here
         if missing; neither with data.cache=false (decoded per draw)."""
         if cfg.data.sampling == "window":
             return {"windows": open_training_windows(cfg, clips, log, None)}
         if not (cfg.data.cache and cfg.data.sampling == "even"):
             return {}
-        where = C.cache_dir(cfg, "data")
+        where = config.cache_dir(cfg, "data")
         cache = open_cache(clips, cfg.data.frames, cfg.data.size, where)
         if cache is None:
             log.line(f"building the clip cache in {where} (once; `python -m t2v.data cache`)")
@@ -67,7 +67,7 @@ class PixelSpace:
             log.warn(f"{len(cache.bad)} corrupt clips in the cache are skipped (see `python -m t2v.data check`)")
         return {"cache": cache}
 
-    def val_x0(self, cfg: C.Config, path, all_clips: list, n: int) -> tuple[list, list | None, str]:
+    def val_x0(self, cfg: config.Config, path, all_clips: list, n: int) -> tuple[list, list | None, str]:
         """(x0 per clip, fps per clip or None, why not) of the first n validation clips, decoded."""
         return validate.pixel_x0(cfg, path, all_clips, n)
 
@@ -103,12 +103,12 @@ class VAESpace:
     def checkpoint_data(self) -> dict:
         return {"vae": self.identity, "channels": self.channels}
 
-    def open_training_caches(self, cfg: C.Config, clips, log) -> dict:
+    def open_training_caches(self, cfg: config.Config, clips, log) -> dict:
         """The latent cache ("even") or the latent window cache; both must have been encoded ahead of time."""
 
         if cfg.data.sampling == "window":
             return {"windows": open_training_windows(cfg, clips, log, self.identity)}
-        where = C.cache_dir(cfg, "data")
+        where = config.cache_dir(cfg, "data")
         latents = open_latents(clips, cfg.data.frames, cfg.data.size, where, self.identity)
         if latents is None:
             raise TrainingError(f"{cfg.data.manifest}: no latent cache for these clips at {cfg.data.frames}x"
@@ -117,7 +117,7 @@ class VAESpace:
             log.warn(f"{len(latents.bad)} corrupt clips in the latent cache are skipped")
         return {"latents": latents}
 
-    def val_x0(self, cfg: C.Config, path, all_clips: list, n: int) -> tuple[list, list | None, str]:
+    def val_x0(self, cfg: config.Config, path, all_clips: list, n: int) -> tuple[list, list | None, str]:
         """The first n validation clips' cached posterior means, scaled like the training draws."""
         if cfg.data.sampling == "window":
             return validate.window_x0(cfg, path, all_clips, n, self)
@@ -125,7 +125,7 @@ class VAESpace:
         return videos, None, why
 
 
-def build_space(cfg: C.Config, device: torch.device | str = "cpu", vae=None,
+def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None,
                 training: bool = True) -> PixelSpace | VAESpace:
     """The space cfg.model.space names. Latent space loads the frozen VAE (``vae``: one already loaded); for
     training it refuses settings its caches or the UNet cannot serve, before any data is read."""

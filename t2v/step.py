@@ -19,12 +19,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from t2v import config as C
-from t2v import diffusion as D
+from t2v import config
+from t2v import diffusion
 from t2v import distributed
 
 
-def lr_at(step: int, cfg: C.TrainConfig) -> float:
+def lr_at(step: int, cfg: config.TrainConfig) -> float:
     """Linear warmup, then constant (the baseline trained at a constant 1e-4)."""
     if cfg.warmup > 0 and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -101,9 +101,9 @@ class StepState:
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sched: D.Schedule
-    diffusion: C.DiffusionConfig
-    train: C.TrainConfig  # seed, lr and warmup, grad_clip, ema_decay
+    sched: diffusion.Schedule
+    diffusion: config.DiffusionConfig
+    train: config.TrainConfig  # seed, lr and warmup, grad_clip, ema_decay
     precision: str  # fp32 | bf16 | fp16
     device: torch.device
     dist: distributed.Dist = field(default_factory=distributed.Dist)
@@ -150,16 +150,16 @@ def train_step(s: StepState, step: int, x0: torch.Tensor, cond: Any, stop_reques
     m = b // k
     for i in range(k):
         mb = slice(i * m, (i + 1) * m)
-        x_t = D.q_sample(s.sched, x0[mb], t[mb], noise[mb])
-        target = D.training_target(s.sched, x0[mb], noise[mb], t[mb], s.diffusion.prediction)
+        x_t = diffusion.q_sample(s.sched, x0[mb], t[mb], noise[mb])
+        target = diffusion.training_target(s.sched, x0[mb], noise[mb], t[mb], s.diffusion.prediction)
         # DDP all-reduces gradients in the last micro-batch's backward only (forward and backward under no_sync)
         sync = i == k - 1 or not hasattr(s.net, "no_sync")
         with nullcontext() if sync else s.net.no_sync():
             with autocast(s.device, s.precision):
                 out = s.forward(s.net, x_t, t[mb], _rows(cond, mb), keep[mb])
-            weight = (D.min_snr_weight(s.sched, t[mb], s.diffusion.snr_gamma, s.diffusion.prediction)
+            weight = (diffusion.min_snr_weight(s.sched, t[mb], s.diffusion.snr_gamma, s.diffusion.prediction)
                       if s.diffusion.snr_gamma > 0 else None)  # m
-            loss = D.training_loss(out.float(), target, weight) / k
+            loss = diffusion.training_loss(out.float(), target, weight) / k
             s.scaler.scale(loss).backward()
         total = total + loss.detach()
     # One host sync per step: the mean loss over ranks and "did any rank get a signal".

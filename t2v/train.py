@@ -27,8 +27,8 @@ from t2v import checkpoint as ckpt
 from t2v.checkpoint import rng_state, set_rng_state  # noqa: F401 (t2v.train.rng_state: tests, tools)
 from t2v.checkpointer import (RESUME_MUST_MATCH, Checkpointer, TrainingError,  # noqa: F401 (names tests use here)
                               incompatible_changes)
-from t2v import config as C
-from t2v import diffusion as D
+from t2v import config
+from t2v import diffusion
 from t2v import distributed
 from t2v.data.cache import CacheError
 from t2v.data.sources import trained_fps
@@ -38,7 +38,7 @@ from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
 from t2v.model import build_model, count_params
-from t2v import runlog as R
+from t2v import runlog
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
 from t2v.step import Cond, StepState, train_step
@@ -72,7 +72,7 @@ def _ignore_signals_in_worker(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def pick_precision(cfg: C.Config, device: torch.device) -> str:
+def pick_precision(cfg: config.Config, device: torch.device) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
     if device.type != "cuda":
@@ -80,14 +80,14 @@ def pick_precision(cfg: C.Config, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def load_data(cfg: C.Config, log: RunLog, space):
+def load_data(cfg: config.Config, log: RunLog, space):
     """Manifest -> clips, the caches ``space`` (t2v.space) reads of them, and the caption-embedding cache; fails
     with what to run if a cache is not built."""
     clips = read_manifest(cfg.data.manifest, cfg.data.video_root, skip_bad=cfg.data.skip_bad_lines)
     if not clips:
         raise TrainingError(f"{cfg.data.manifest}: no usable clips")
     caches = space.open_training_caches(cfg, clips, log)  # ClipDataset's cache=, latents= or windows=
-    emb = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
+    emb = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))
     if cfg.model.cross_attention and len(emb) and not emb.has_tokens:
         raise TrainingError("model.cross_attention needs per-token caption embeddings: set text.tokens=true and "
                             "rerun `python -m t2v.text embed` with the same arguments")
@@ -124,10 +124,10 @@ def log_val_loss(ema, sched, valset, cfg, step, device, log) -> None:
     losses = val_loss(ema, sched, valset, cfg.diffusion.prediction, device)
     mean = sum(losses.values()) / len(losses)
     log.line(f"val step {step:06d} | " + " ".join(f"t{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}")
-    log.event(R.VAL, step, val_loss=mean, **{f"val_loss_t{t}": v for t, v in losses.items()})
+    log.event(runlog.VAL, step, val_loss=mean, **{f"val_loss_t{t}": v for t, v in losses.items()})
 
 
-def train(cfg: C.Config, stop_at: int | None = None) -> int:
+def train(cfg: config.Config, stop_at: int | None = None) -> int:
     """Train to cfg.train.steps, resuming from OUTDIR if it holds checkpoints. Returns the exit code:
     0 when all steps are done, REQUEUE_EXIT when a signal (or `stop_at`, for tests) stopped it after saving."""
     # --- process, device, precision ---------------------------------------------------------------------
@@ -139,7 +139,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     log = RunLog(outdir, enabled=dist.is_main, restart=restart)
     stop = StopFlag()
     stop.install()
-    log.line(f"{R.OUT_PREFIX}{outdir} | Device: {device}")
+    log.line(f"{runlog.OUT_PREFIX}{outdir} | Device: {device}")
     space = build_space(cfg, device)  # pixels, or a frozen VAE's latents (loaded once, here)
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
@@ -177,7 +177,7 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
+    sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
 
     checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps})
     if state is not None:
@@ -185,9 +185,9 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
         del state
     else:
         start_step = 0
-        log.event(R.START, 0)
+        log.event(runlog.START, 0)
     if dist.is_main:
-        C.save_config(cfg, outdir / "config.yaml")
+        config.save_config(cfg, outdir / "config.yaml")
         if start_step == 0:
             log.line(f"model {cfg.model.size}: {count_params(model) / 1e6:.2f}M parameters | precision {precision} | "
                      f"global batch {global_batch} = {dist.world_size} x {per_rank_batch}"
@@ -260,19 +260,19 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
                 preview(ema, cfg, emb, done, device, log, space, fps)
             except Exception as e:  # a preview is a picture: it must never end a long run
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
-                log.event(R.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
+                log.event(runlog.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
         if (stop_now or done == stop_at) and done < steps:
             if dist.is_main:
-                log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {R.REQUEUE_MARK}")
+                log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {runlog.REQUEUE_MARK}")
                 if not saved:
                     checkpointer.save(done, last_loss)
-                log.event(R.PREEMPT, done, signal=stop.signame or "stop_at")
+                log.event(runlog.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
             distributed.shutdown(dist)
             log.close()
             return REQUEUE_EXIT
-    log.event(R.DONE, steps)
-    log.line(f"{R.DONE_PREFIX}{steps} steps in {outdir}")
+    log.event(runlog.DONE, steps)
+    log.line(f"{runlog.DONE_PREFIX}{steps} steps in {outdir}")
     distributed.barrier(dist)
     distributed.shutdown(dist)
     log.close()
@@ -281,18 +281,18 @@ def train(cfg: C.Config, stop_at: int | None = None) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2v.train", description=__doc__.split("\n")[0])
-    C.add_config_args(p)
+    config.add_config_args(p)
     args = p.parse_args(argv)
     cfg = None
     try:
-        cfg = C.load_config(args.config, args.overrides)
+        cfg = config.load_config(args.config, args.overrides)
         return train(cfg)
-    except (C.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError, DeviceError,
+    except (config.ConfigError, TrainingError, ckpt.CheckpointError, ManifestError, VideoError, DeviceError,
             EmbeddingCacheError, TextEncoderError, VAEError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         if cfg is not None and distributed.detect().is_main:
-            R.log_error(cfg.train.outdir, str(e))
-        return R.USAGE_EXIT
+            runlog.log_error(cfg.train.outdir, str(e))
+        return runlog.USAGE_EXIT
     finally:
         # Python puts the default handlers back while it shuts down, so a late USR1 (a time-limit warning)
         # would kill a process that has already saved or finished. Ignored signals stay ignored.

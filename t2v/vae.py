@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from t2v import config as C
+from t2v import config
 from t2v import hf
 
 
@@ -39,7 +39,7 @@ class LatentSpace:
                            float(cfg.scaling_factor))
 
 
-def load_vae(cfg: C.VAEConfig, device: torch.device | str = "cpu"):
+def load_vae(cfg: config.VAEConfig, device: torch.device | str = "cpu"):
     """The AutoencoderKL ``vae.name`` names (hub name or local folder), frozen, in eval mode, on ``device``."""
     try:
         from diffusers import AutoencoderKL
@@ -52,7 +52,7 @@ def load_vae(cfg: C.VAEConfig, device: torch.device | str = "cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_identity(cfg: C.VAEConfig, vae) -> str:
+def vae_identity(cfg: config.VAEConfig, vae) -> str:
     """What a latent cache depends on: the VAE's name, subfolder, full config and a digest of its weights (a
     fine-tuned VAE at the same path must not reuse another's latents)."""
     weights = hashlib.sha256()

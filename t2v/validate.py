@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from t2v import config as C
-from t2v import diffusion as D
+from t2v import config
+from t2v import diffusion
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError, decode_uint8, to_model
 
@@ -34,11 +34,11 @@ class ValSet:
     fps: torch.Tensor | None = None  # n: each window's frame rate (data.sampling=window)
 
 
-def load_val_set(cfg: C.Config, emb, space=None) -> tuple[ValSet | None, str]:
+def load_val_set(cfg: config.Config, emb, space=None) -> tuple[ValSet | None, str]:
     """The fixed validation subset, or None and the reason it is skipped (no manifest, captions not cached). Its
     clips are what ``space`` (t2v.space; None: pixels) makes of them: frames decoded here, or in latent space the
     cached posterior means, scaled."""
-    path = C.val_manifest(cfg)
+    path = config.val_manifest(cfg)
     if not path.is_file():
         return None, f"no validation manifest {path} (data.val_manifest): validation loss off"
     try:
@@ -68,7 +68,7 @@ def load_val_set(cfg: C.Config, emb, space=None) -> tuple[ValSet | None, str]:
                   None if fps is None else torch.tensor(fps, dtype=torch.float32)), ""
 
 
-def pixel_x0(cfg: C.Config, path: Path, all_clips: list, n: int) -> tuple[list, list | None, str]:
+def pixel_x0(cfg: config.Config, path: Path, all_clips: list, n: int) -> tuple[list, list | None, str]:
     """(x0 per clip, fps per clip or None, why not) of the first n clips in pixel space: decoded here."""
     if cfg.data.sampling == "window":
         return window_x0(cfg, path, all_clips, n, None)
@@ -76,7 +76,7 @@ def pixel_x0(cfg: C.Config, path: Path, all_clips: list, n: int) -> tuple[list, 
     return videos, None, why
 
 
-def decoded_x0(cfg: C.Config, path: Path, clips: list) -> tuple[list[torch.Tensor], str]:
+def decoded_x0(cfg: config.Config, path: Path, clips: list) -> tuple[list[torch.Tensor], str]:
     """The clips' "even" frames (t c h w in [-1, 1]), decoded; or why validation is off."""
     videos = []
     for clip in clips:
@@ -88,7 +88,7 @@ def decoded_x0(cfg: C.Config, path: Path, clips: list) -> tuple[list[torch.Tenso
     return videos, ""
 
 
-def window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, space=None):
+def window_x0(cfg: config.Config, path: Path, all_clips: list, n: int, space=None):
     """(x0 list, fps list, why not): one fixed window per validation clip at the trained rate (the first stride),
     drawn from a generator of its own: pixels decoded here, latents from the manifest's latent window cache. A clip
     with no room for a window gives its longest shot, padded (data.short_clips=pad), so every clip counts."""
@@ -101,7 +101,7 @@ def window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, space=None):
     if space is not None:  # latent space: its cached posterior means
         from t2v.data.latents import open_latent_windows
 
-        cache = open_latent_windows(all_clips, d.size, rate, C.cache_dir(cfg, "data"), space.identity)
+        cache = open_latent_windows(all_clips, d.size, rate, config.cache_dir(cfg, "data"), space.identity)
         if cache is None:
             return [], [], f"no latent window cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     videos, fps = [], []
@@ -122,13 +122,13 @@ def window_x0(cfg: C.Config, path: Path, all_clips: list, n: int, space=None):
     return videos, fps, ""
 
 
-def latent_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
+def latent_x0(cfg: config.Config, path: Path, all_clips: list, n: int, vae_id: str) -> tuple[list[torch.Tensor], str]:
     """The first n validation clips in latent space: their cached posterior means (t c h w), scaled like the
     training draws; fixed, so every evaluation measures the same x0."""
     from t2v.data.latents import open_latents  # latent space only
 
     # the cache is keyed by every clip of the manifest, of which the first n are used
-    cache = open_latents(all_clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), vae_id)
+    cache = open_latents(all_clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data"), vae_id)
     if cache is None:
         return [], f"no latent cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     if cache.bad & set(range(n)):
@@ -137,7 +137,7 @@ def latent_x0(cfg: C.Config, path: Path, all_clips: list, n: int, vae_id: str) -
 
 
 @torch.no_grad()
-def val_loss(model, sched: D.Schedule, valset: ValSet, prediction: str, device, batch_size: int = 16) -> dict[int, float]:
+def val_loss(model, sched: diffusion.Schedule, valset: ValSet, prediction: str, device, batch_size: int = 16) -> dict[int, float]:
     """{timestep: MSE of the model's target} over the validation subset, conditional on the captions."""
     was_training = model.training
     model.eval()
@@ -153,9 +153,9 @@ def val_loss(model, sched: D.Schedule, valset: ValSet, prediction: str, device, 
             tokens = valset.tokens[rows].to(device) if valset.tokens is not None else None
             mask = valset.token_mask[rows].to(device) if valset.token_mask is not None else None
             fps = valset.fps[rows].to(device) if valset.fps is not None else None
-            pred = model(D.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens, token_mask=mask,
+            pred = model(diffusion.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens, token_mask=mask,
                          fps=fps)
-            target = D.training_target(sched, x0, noise, t, prediction)
+            target = diffusion.training_target(sched, x0, noise, t, prediction)
             total += float((pred.float() - target.float()).pow(2).sum())
         out[t_int] = total / valset.noise[k].numel()
     model.train(was_training)
