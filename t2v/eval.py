@@ -377,7 +377,7 @@ def evaluate(
         with _bar(num, "CLIPSIM", progress) as bar:
             for s in range(0, num, batch_size):
                 scores.append(metrics.clip_scores(scorer.encode_images, scorer.encode_text,
-                                            _to_float(fake[s:s + batch_size]), captions[s:s + batch_size]))
+                                                  _to_float(fake[s:s + batch_size]), captions[s:s + batch_size]))
                 bar.update(min(batch_size, num - s))
         clip_value = float(torch.cat(scores).double().mean())  # every video has T frames: = mean over frames
     if fvd:

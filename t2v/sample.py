@@ -62,8 +62,8 @@ def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_m
     space = space or _shared_space(cfg.model.space, cfg.vae.name, cfg.vae.subfolder, cfg.vae.batch_size, str(device))
     # x0 is clipped to [-1, 1] at every step only where the space is bounded (pixels; latents are not)
     x = diffusion.sample_loop(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.size), sched, method=method,
-                      steps=steps, prediction=cfg.diffusion.prediction, generator=g, device=device, eta=eta,
-                      progress=progress, clip=space.bounded)
+                              steps=steps, prediction=cfg.diffusion.prediction, generator=g, device=device, eta=eta,
+                              progress=progress, clip=space.bounded)
     model.train(was_training)
     return space.to_frames(x)
 
@@ -71,8 +71,8 @@ def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_m
 @functools.lru_cache(maxsize=2)
 def _shared_space(space: str, vae: str, subfolder: str, batch_size: int, device: str):
     """One space (one loaded VAE) per process for callers that sample again and again (previews, eval batches)."""
-    cfg = config.Config(model=config.ModelConfig(space=space), vae=config.VAEConfig(name=vae, subfolder=subfolder,
-                                                                     batch_size=batch_size))
+    cfg = config.Config(model=config.ModelConfig(space=space),
+                        vae=config.VAEConfig(name=vae, subfolder=subfolder, batch_size=batch_size))
     return space_for_sampling(cfg, device)
 
 

@@ -153,8 +153,8 @@ def val_loss(model, sched: diffusion.Schedule, valset: ValSet, prediction: str, 
             tokens = valset.tokens[rows].to(device) if valset.tokens is not None else None
             mask = valset.token_mask[rows].to(device) if valset.token_mask is not None else None
             fps = valset.fps[rows].to(device) if valset.fps is not None else None
-            pred = model(diffusion.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens, token_mask=mask,
-                         fps=fps)
+            pred = model(diffusion.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens,
+                         token_mask=mask, fps=fps)
             target = diffusion.training_target(sched, x0, noise, t, prediction)
             total += float((pred.float() - target.float()).pow(2).sum())
         out[t_int] = total / valset.noise[k].numel()
