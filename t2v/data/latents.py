@@ -269,7 +269,8 @@ def latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, spac
 def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae_id: str):
     """The latent window cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
     key = window_key(clips, size, rate, vae_id)
-    npy, meta_path = files(Path(cache_dir), "latwin", key)
+    f = files(cache_dir, "latwin", key)
+    npy, meta_path = f.npy, f.meta
     try:
         space = LatentSpace(**json.loads(meta_path.read_text())["space"]) if meta_path.is_file() else None
     except (OSError, ValueError, KeyError, TypeError):

@@ -20,7 +20,8 @@ import numpy as np
 from t2v.cachebuild import CacheError, Every, Files, Partial, build_part, merge_parts, run_jobs, shard_rows, write_array
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, read_timeline
-from t2v.data.windows import VERSION, Plan, Rate, WindowCache, decode_clip, open_windows, plan, size_line, window_key
+from t2v.data.windows import (VERSION, Plan, Rate, WindowCache, decode_clip, files, open_windows, plan, size_line,
+                              window_key)
 from t2v.files import write_text
 
 log = logging.getLogger("t2v.data")
@@ -131,7 +132,7 @@ def write_index(path: Path, key: str, clips, size: int, rate: Rate, table: dict,
 
 
 def _files(cache_dir: Path, store: Store) -> Files:
-    return Files(cache_dir / f"{store.prefix}_{store.key}")  # as t2v.data.windows.files names them
+    return files(cache_dir, store.prefix, store.key)
 
 
 def build(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store, progress: bool = True,

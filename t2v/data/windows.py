@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from t2v.cachebuild import Files
 from t2v.data.cache import MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
 from t2v.data.video import NoFrameRate, Timeline, VideoError, decode_frames, read_timeline
@@ -214,9 +215,9 @@ class WindowCache(Windowed):
     """Rows: (H, W, 3) uint8 frames."""
 
 
-def files(cache_dir: Path, prefix: str, key: str) -> tuple[Path, Path]:
-    """A window cache's array and index: ``<prefix>_<key>.npy`` and ``.json``."""
-    return cache_dir / f"{prefix}_{key}.npy", cache_dir / f"{prefix}_{key}.json"
+def files(cache_dir: Path, prefix: str, key: str) -> Files:
+    """A window cache's files (t2v.cachebuild.Files): ``<prefix>_<key>.npy``, its ``.json`` index, parts."""
+    return Files(Path(cache_dir) / f"{prefix}_{key}")
 
 
 def read_index(meta: dict) -> dict:
@@ -242,7 +243,8 @@ def open_index(npy: Path, meta_path: Path, key: str, clips: Sequence[Clip], row:
 def open_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir) -> WindowCache | None:
     """The window cache of exactly these clips and settings, or None if it is missing or incomplete."""
     key = window_key(clips, size, rate)
-    npy, meta_path = files(Path(cache_dir), "windows", key)
+    f = files(cache_dir, "windows", key)
+    npy, meta_path = f.npy, f.meta
     got = open_index(npy, meta_path, key, clips, (size, size, 3), np.uint8, "window cache")
     if got is None:
         return None
