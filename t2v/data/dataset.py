@@ -17,6 +17,7 @@ import torch
 from t2v.data.cache import ClipCache
 from t2v.data.manifest import Clip, pick_caption
 from t2v.data.video import VideoError, decode_uint8, to_model
+from t2v.data.windows import decode_clip, pick_window
 
 log = logging.getLogger("t2v.data")
 
@@ -175,8 +176,6 @@ class ClipDataset(torch.utils.data.Dataset):
             if self.windows.array.dtype != np.uint8:  # latent rows: t 2 c h w -> 2 t c h w
                 return np.ascontiguousarray(self.windows.array[rows].swapaxes(0, 1)), fps
             return self.windows.array[rows], fps  # t h w c
-        from t2v.data.windows import decode_clip, pick_window  # no cache: decode the whole clip for one window
-
         clip = self.clips[i]
         try:
             u8, plan, shots = decode_clip(str(clip.video), self.size, self.rate, clip.start, clip.end)
