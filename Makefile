@@ -96,11 +96,11 @@ bench: install ## benchmarks: throughput vs diffusers and video-diffusion-pytorc
 gpu-check: install ## on a GPU node: bf16/fp16 training, SIGUSR1 + resume, compile, sampling, GPU bench (< 8 min)
 	$(PYTHON) tools/gpu_check.py $(ARGS)
 
-slurm-up: slurm-deps ## start the single-node test Slurm (tests/slurm/testbed.sh)
-	bash tests/slurm/testbed.sh up
+slurm-up: slurm-deps ## start the test Slurm (tests/slurm/testbed.sh): one node, or NODES=2 for tn1 + tn2 (root)
+	NODES=$(or $(NODES),1) bash tests/slurm/testbed.sh up
 
-slurm-down: ## stop the test Slurm
-	bash tests/slurm/testbed.sh down
+slurm-down: ## stop the test Slurm (NODES=2: the two-node one)
+	NODES=$(or $(NODES),1) bash tests/slurm/testbed.sh down
 
 clean: ## remove caches and build leftovers (keeps .venv, runs and demo data)
 	rm -rf .pytest_cache build *.egg-info

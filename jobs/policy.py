@@ -11,6 +11,9 @@ Inputs, as the job sees them once training has exited:
   reason      Slurm's Reason for the job (``TimeLimit`` when the time limit ended it)
   preempting  Slurm has set a PreemptTime: the job is being preempted
   restart     SLURM_RESTART_COUNT; ``max_restarts`` is train.max_restarts
+  requeueing  Slurm is requeueing the job itself: its Restarts count is ahead of this run's (scontrol requeue,
+              a node failure; for these Slurm sends TERM, so `stopping` is set too)
+  lost_nodes  the job's nodes that Slurm sees as not responding or down ("tn2"; "" when all answer)
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class Stop:
     preempting: bool = False
     restart: int = 0
     max_restarts: int = 20
+    requeueing: bool = False
+    lost_nodes: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,17 +49,34 @@ def normalise_rc(rc: int, outcome: str) -> int:
     return rc
 
 
+def ending(s: Stop) -> str:
+    """Why Slurm is ending a job whose shell got SIGTERM, as the job log says it."""
+    if s.lost_nodes:
+        return f"node failure: {s.lost_nodes} not responding; Slurm requeues it"
+    if s.reason == "TimeLimit":
+        return "time limit"
+    if s.preempting:
+        return "preemption: Slurm requeues it"
+    if s.requeueing:
+        return "scontrol requeue: Slurm requeues it"
+    return "cancelled"
+
+
 def decide(s: Stop) -> Decision:
     if s.rc == 0:
         return Decision("finish", 0, "training finished")
     if s.stopping:
         if s.reason != "TimeLimit":
-            # Cancelled (scancel), or the end of a preemption grace time: Slurm requeues a preempted job itself.
-            who = "preemption: Slurm requeues it" if s.preempting else "cancelled"
-            return Decision("stop", s.rc, f"Slurm is ending this job ({who}); training exited with code {s.rc}")
+            # Cancelled (scancel), or Slurm requeues the job itself: the end of a preemption grace time,
+            # scontrol requeue, a node that stopped responding (NODE_FAIL, with --requeue and JobRequeue=1).
+            return Decision("stop", s.rc, f"Slurm is ending this job ({ending(s)}); training exited with code {s.rc}")
         why = f"time limit reached (training exited with code {s.rc})"
     elif s.rc == REQUEUE_EXIT:
         why = "checkpoint saved"
+    elif s.lost_nodes:
+        # A rank lost its peers on a node Slurm already sees as gone: not our code's fault, so it may run again
+        # (resuming from the last checkpoint) once Slurm has other nodes. A crash with every node up does not.
+        why = f"training exited with code {s.rc} after node(s) {s.lost_nodes} stopped responding"
     elif s.preempting:
         # Preempted while training could not save (e.g. still starting). Slurm does not requeue a job that ends
         # within its grace time, so the job requeues itself; training resumes from its last checkpoint.
@@ -80,6 +102,12 @@ CASES = [
     ("time limit, training killed", Stop(137, stopping=True, reason="TimeLimit", restart=1), "requeue", 0),
     ("cancelled with scancel", Stop(REQUEUE_EXIT, stopping=True, reason="None"), "stop", REQUEUE_EXIT),
     ("end of a preemption grace time", Stop(143, stopping=True, preempting=True), "stop", 143),
+    ("scontrol requeue", Stop(REQUEUE_EXIT, stopping=True, reason="None", requeueing=True), "stop", REQUEUE_EXIT),
+    ("node failure (NODE_FAIL: Slurm requeues)", Stop(137, stopping=True, requeueing=True, lost_nodes="tn2"),
+     "stop", 137),
+    ("a rank lost its peers on a node Slurm sees down", Stop(1, lost_nodes="tn2", restart=1), "requeue", 0),
+    ("lost a node at the restart cap", Stop(1, lost_nodes="tn2", restart=3, max_restarts=3), "stop", CAP_EXIT),
+    ("a rank crashed or hung, every node up", Stop(1, restart=1), "stop", 1),
     ("training failed", Stop(1), "stop", 1),
     ("bad config or data", Stop(2, restart=4), "stop", 2),
     ("killed by the OOM killer", Stop(normalise_rc(137, "")), "stop", 137),
@@ -87,23 +115,33 @@ CASES = [
 
 
 def bash_decide() -> str:
-    """``decide`` as a bash function for the job script: `decide RC STOPPING REASON PREEMPTING RESTART MAX` sets
-    $action, $code and $why. STOPPING and PREEMPTING are empty for false."""
-    return f"""decide() {{
-  local rc=$1 stopping=$2 reason=$3 preempting=$4 restart=$5 max=$6
+    """``ending`` and ``decide`` as bash functions for the job script: `decide RC STOPPING REASON PREEMPTING RESTART
+    MAX REQUEUEING LOST_NODES` sets $action, $code and $why; `ending REASON PREEMPTING REQUEUEING LOST_NODES`
+    prints why Slurm is ending the job. STOPPING, PREEMPTING and REQUEUEING are empty for false."""
+    return f"""ending() {{
+  local reason=$1 preempting=$2 requeueing=$3 lost=$4
+  if [ -n "$lost" ]; then echo "node failure: $lost not responding; Slurm requeues it"
+  elif [ "$reason" = TimeLimit ]; then echo "time limit"
+  elif [ -n "$preempting" ]; then echo "preemption: Slurm requeues it"
+  elif [ -n "$requeueing" ]; then echo "scontrol requeue: Slurm requeues it"
+  else echo cancelled; fi
+}}
+decide() {{
+  local rc=$1 stopping=$2 reason=$3 preempting=$4 restart=$5 max=$6 requeueing=${{7:-}} lost=${{8:-}}
   action=requeue; code=0
   if [ "$rc" = 0 ]; then
     action=finish; why="training finished"; return 0
   elif [ -n "$stopping" ]; then
     if [ "$reason" != TimeLimit ]; then
-      local who=cancelled
-      [ -n "$preempting" ] && who="preemption: Slurm requeues it"
-      action=stop; code=$rc; why="Slurm is ending this job ($who); training exited with code $rc"
+      action=stop; code=$rc
+      why="Slurm is ending this job ($(ending "$reason" "$preempting" "$requeueing" "$lost")); training exited with code $rc"
       return 0
     fi
     why="time limit reached (training exited with code $rc)"
   elif [ "$rc" = {REQUEUE_EXIT} ]; then
     why="checkpoint saved"
+  elif [ -n "$lost" ]; then
+    why="training exited with code $rc after node(s) $lost stopped responding"
   elif [ -n "$preempting" ]; then
     why="training exited with code $rc while the job is being preempted"
   else

@@ -49,7 +49,6 @@ class Profile:
     env: Mapping[str, str] = field(default_factory=dict)  # exported in the job (values quoted)
     sbatch_extra: tuple = ()  # more #SBATCH options, each one "--key=value"
     setup: tuple = ()  # shell lines run before training, verbatim (module loads); the profile is trusted code
-    master_port_base: int = 20000  # MASTER_PORT = base + job id % 10000
     ready_timeout_s: int = 600  # signals wait for training's first log line at most this long
     eval_time: str = "01:00:00"
     cache_partition: str = ""  # `make cache-submit` (CPU decoding): this partition; empty = partition

@@ -208,7 +208,6 @@ def render_train(profile: Profile, s: JobSettings, template: str | None = None) 
         "srun_args": _srun_args(r, r.tasks_per_node, r.nodes),
         "env": _env_lines(profile),
         "setup": _setup_lines(profile),
-        "master_port_base": str(int(profile.master_port_base)),
         "ready_timeout_s": str(int(profile.ready_timeout_s)),
         # the run contract (t2v/runlog.py) and the requeue policy (jobs/policy.py), never copies of them
         **{name: sh(pattern) for name, pattern in runlog.MARKERS.items()},

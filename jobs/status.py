@@ -1,6 +1,7 @@
 """`make status` / `make logs` / `make cancel`: my runs, as one table.
 
-  python -m jobs.status                 # job id, Slurm state, restarts, last logged step and loss, run folder
+  python -m jobs.status                 # job id, Slurm state, restarts, last logged step and loss, run folder,
+                                        # then how each job that is not running stopped last, in its log's words
   python -m jobs.status --all           # every recorded run, not only the latest 20
   python -m jobs.status --follow RUN    # follow a run's job log across requeues (RUN: job id or run folder)
   python -m jobs.status --cancel RUN    # scancel the run's job (and its evaluation job)
@@ -31,7 +32,7 @@ from t2v import runlog
 from t2v.table import text_table
 
 STEP_RE = re.compile(rf"^{re.escape(runlog.STEP_PREFIX)}(\d+) \| loss ([-+0-9.eEnaif]+)")  # train.log's step lines
-RESTART_RE = re.compile(r"^t2v-job: \[[^]]*\] job \S+ restart (\d+):")
+RESTART_RE = re.compile(r"^t2v-job: \[[^]]*\] job \S+ restart (\d+): ?(.*)$")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "SPECIAL_EXIT"}
 
@@ -142,6 +143,47 @@ def table(recs: list[dict], infos: Mapping[str, JobInfo]) -> str:
     return text_table(("JOB", "STATE", "RESTARTS", "STEP", "LOSS", "RUN"), rows)
 
 
+def last_word(log: str | Path) -> str:
+    """The job script's last line in the job log ("restart 1: Slurm is ending this job: node failure ..."), or ""."""
+    p = Path(log)
+    if not p.is_file():
+        return ""
+    last = ""
+    for line in p.read_text(errors="replace").splitlines():
+        if m := RESTART_RE.match(line):
+            last = f"restart {m.group(1)}: {m.group(2)}"
+    return last
+
+
+def training_error(run_dir: str | Path) -> str:
+    """The error that stopped training, when it is the last line of train.log ("error: ...")."""
+    log = Path(run_dir) / "train.log"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines and lines[-1].startswith("error: ") else ""
+
+
+def stopped(recs: list[dict], infos: Mapping[str, JobInfo]) -> list[str]:
+    """How each job that is not running or done stopped last: the job script's words, training's error and, for a
+    job Slurm holds, Slurm's reason (a node failure requeues the job, which then waits for nodes)."""
+    out = []
+    for r in recs:
+        info = infos.get(r["job_id"], JobInfo())
+        word = last_word(r.get("log", ""))
+        starting = word.partition(": ")[2].startswith("starting on ")
+        if info.state in ("RUNNING", "COMPLETED") or not word or (starting and info.state not in ENDED):
+            continue
+        if starting:  # the job script was killed before it could say anything
+            word += " ... then ended without a word from the job script (killed; Slurm's log says why)"
+        out.append(f"  job {r['job_id']} ({info.state}): {word}")
+        err = training_error(r["run_dir"])
+        if err and info.state in ENDED:
+            out.append(f"    {err}")
+    return ["how the jobs that are not running stopped last:", *out] if out else []
+
+
 def find_run(run: str, env: Mapping[str, str] | None = None) -> dict:
     """A job id or a run folder -> its newest record (or a record made up from the folder)."""
     recs = records(env)
@@ -239,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     recs = recs if args.all else recs[-20:]
     infos = query(r["job_id"] for r in recs)
     print(table(recs, infos))
+    for line in stopped(recs, infos):
+        print(line)
     return 0
 
 

@@ -247,7 +247,14 @@ def submit(sub: Submission, env: Mapping[str, str] | None = None, out=None) -> d
     if sub.config_src:
         shutil.copyfile(sub.config_src, run / "job_config.yaml")
     Path(s.script_path).write_text(script)
-    job_id = _sbatch(render.sbatch_command(s.script_path))
+    try:
+        job_id = _sbatch(render.sbatch_command(s.script_path))
+    except SubmitError as e:
+        r = render.resources(sub.profile, s)
+        if "Node count specification invalid" in str(e) and r.nodes > 1:
+            raise SubmitError(f"{e}\n  NODES={r.nodes} asks for more nodes than partition {r.partition or '(default)'} "
+                              f"has, or allows one job: `sinfo -p {r.partition or '<partition>'}` lists them") from None
+        raise
     eval_id = None
     if eval_script:
         Path(eval_path).write_text(eval_script)

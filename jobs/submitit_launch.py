@@ -92,7 +92,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         self._started = time.time()
         # USR1/USR2/TERM stay ignored in the child until Python installs its handlers (SIG_IGN survives exec).
         self._child = subprocess.Popen(["bash", "-c", 'trap "" USR1 USR2 TERM; exec "$@"', "t2v-task", *cmd],
-                                       cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+                                       cwd=self.workdir, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                              **rendezvous(), **self.env})
         # killed by a signal: one during Python's exit can hit a run that had finished or saved
         rc = policy.normalise_rc(self._child.wait(), runlog.outcome(self._since_start()))
         # jobs/policy.py's table, as the job script applies it. Submitit ignores SIGTERM, so this worker never
@@ -158,6 +159,14 @@ class TrainTask(submitit.helpers.Checkpointable):
         if self._train_log() is None or time.time() - self._started > self.ready_timeout_s:
             return True
         return any(runlog.is_ready_line(line) for line in self._since_start())
+
+
+def rendezvous() -> dict[str, str]:
+    """MASTER_ADDR/MASTER_PORT for a job of several tasks, as the job script sets them: rank 0 on the job's first
+    node, on a port it picks itself and passes on through the run folder (t2v/distributed.py)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    return {"MASTER_ADDR": submitit.JobEnvironment().hostnames[0], "MASTER_PORT": "0"}
 
 
 def _exit_code(child: subprocess.Popen) -> int | None:

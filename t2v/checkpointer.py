@@ -115,8 +115,9 @@ class Checkpointer:
         self.model, self.ema, self.opt, self.scaler = model, ema, opt, scaler
         self.global_batch, self.data = global_batch, dict(data or {})
 
-    def load_state_dict(self, state: dict, path: Path, restart: int = 0) -> int:
-        """Model, EMA, optimizer, scaler and RNG back as saved; returns the step to go on from."""
+    def load_state_dict(self, state: dict, path: Path, restart: int = 0, nodes: list[str] | None = None) -> int:
+        """Model, EMA, optimizer, scaler and RNG back as saved; returns the step to go on from. ``nodes`` (each
+        rank's node) goes into the resume record of metrics.jsonl."""
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -134,7 +135,7 @@ class Checkpointer:
         if state["data"].get("world_size", 1) != world:
             self.log.line(f"world size {state['data'].get('world_size', 1)} -> {world}: global batch "
                           f"{self.global_batch} kept, {self.global_batch // world} per rank")
-        self.log.event(runlog.RESUME, step, path=str(path))
+        self.log.event(runlog.RESUME, step, path=str(path), world_size=world, **({"nodes": nodes} if nodes else {}))
         return step
 
     # --- save -----------------------------------------------------------------------------------------------

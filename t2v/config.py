@@ -127,6 +127,9 @@ class TrainConfig:
     )
     max_nan_steps: int = 20
     max_restarts: int = 20  # the job script stops requeueing after this many restarts
+    # How long a rank waits in a collective (gloo and NCCL) before it gives up on the others: longer than the
+    # cluster's SlurmdTimeout, so that Slurm declares a lost node first and requeues (docs/multinode.md).
+    dist_timeout_s: float = 600.0
     compile: bool = False
     channels_last: bool = False
     allow_changes: tuple = ()  # keys a resume may change although the checkpoint's weights were trained for them
@@ -344,6 +347,7 @@ def validate(cfg: Config) -> None:
         (t.guidance >= 0, "train.guidance must be >= 0 (1 = no guidance)"),
         (t.max_nan_steps >= 0, "train.max_nan_steps must be >= 0"),
         (t.max_restarts >= 0, "train.max_restarts must be >= 0"),
+        (t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds a collective waits for the other ranks)"),
         (cfg.data.frames >= 1, "data.frames must be >= 1"),
         (cfg.data.size >= 8 and cfg.data.size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)"),
         (cfg.data.sampling in SAMPLINGS, f"data.sampling must be one of {', '.join(SAMPLINGS)}"),

@@ -132,7 +132,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     0 when all steps are done, REQUEUE_EXIT when a signal (or `stop_at`, for tests) stopped it after saving."""
     # --- process, device, precision ---------------------------------------------------------------------
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
-    dist = distributed.init(device.type)
+    dist = distributed.init(device.type, cfg.train.dist_timeout_s, cfg.train.outdir)
     precision = pick_precision(cfg, device)
     outdir = Path(cfg.train.outdir)
     restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
@@ -140,6 +140,10 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     stop = StopFlag()
     stop.install()
     log.line(f"{runlog.OUT_PREFIX}{outdir} | Device: {device}")
+    nodes = distributed.rank_nodes(dist)  # every (re)start: a requeued job may land on other nodes
+    if dist.enabled:
+        log.line(f"ranks: {dist.world_size} ({distributed.describe_nodes(nodes)}) | rendezvous "
+                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} | collective timeout {cfg.train.dist_timeout_s:g} s")
     space = build_space(cfg, device)  # pixels, or a frozen VAE's latents (loaded once, here)
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
@@ -181,11 +185,11 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
 
     checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps})
     if state is not None:
-        start_step = checkpointer.load_state_dict(state, resumed_from, restart)
+        start_step = checkpointer.load_state_dict(state, resumed_from, restart, nodes)
         del state
     else:
         start_step = 0
-        log.event(runlog.START, 0)
+        log.event(runlog.START, 0, world_size=dist.world_size, nodes=nodes)
     if dist.is_main:
         config.save_config(cfg, outdir / "config.yaml")
         if start_step == 0:
@@ -196,7 +200,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     steps = cfg.train.steps
     if start_step >= steps:
         log.line(f"nothing to do: {outdir} is already at step {start_step} of {steps}")
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, outdir)
         return 0
 
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
@@ -268,13 +272,13 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
                     checkpointer.save(done, last_loss)
                 log.event(runlog.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
-            distributed.shutdown(dist)
+            distributed.shutdown(dist, outdir)
             log.close()
             return REQUEUE_EXIT
     log.event(runlog.DONE, steps)
     log.line(f"{runlog.DONE_PREFIX}{steps} steps in {outdir}")
     distributed.barrier(dist)
-    distributed.shutdown(dist)
+    distributed.shutdown(dist, outdir)
     log.close()
     return 0
 
@@ -293,6 +297,14 @@ def main(argv=None) -> int:
         if cfg is not None and distributed.detect().is_main:
             runlog.log_error(cfg.train.outdir, str(e))
         return runlog.USAGE_EXIT
+    except RuntimeError as e:  # ranks that could not meet, or a collective that timed out or lost a peer
+        lost = distributed.lost_ranks(e, distributed.detect(), cfg.train.dist_timeout_s) if cfg else None
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        if distributed.detect().is_main:
+            runlog.log_error(cfg.train.outdir, str(lost))
+        return 1
     finally:
         # Python puts the default handlers back while it shuts down, so a late USR1 (a time-limit warning)
         # would kill a process that has already saved or finished. Ignored signals stay ignored.

@@ -18,3 +18,11 @@ def no_network(monkeypatch) -> None:
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture(scope="session")
+def slurm_demo(tmp_path_factory):
+    """The demo data for the Slurm tests of both clusters, made once per session by the documented commands."""
+    from slurmtest import make_demo
+
+    return make_demo(tmp_path_factory.mktemp("slurm-demo"))

@@ -69,6 +69,7 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("arg,message", [
     ("train.log_every=0", "train.log_every must be >= 1"),
     ("train.grad_clip=0", "train.grad_clip must be > 0"),
+    ("train.dist_timeout_s=0", "train.dist_timeout_s must be > 0"),
     ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("train.warmup=-5", "train.warmup must be >= 0"),

@@ -15,7 +15,7 @@ from t2v import runlog
 def bash(stop: policy.Stop) -> policy.Decision:
     script = policy.bash_decide() + '\ndecide "$@"; printf "%s\\n%s\\n%s" "$action" "$code" "$why"'
     args = [str(stop.rc), "1" if stop.stopping else "", stop.reason, "2026-12-01T10:00:00" if stop.preempting else "",
-            str(stop.restart), str(stop.max_restarts)]
+            str(stop.restart), str(stop.max_restarts), "1" if stop.requeueing else "", stop.lost_nodes]
     out = subprocess.run(["bash", "-c", script, "decide", *args], capture_output=True, text=True, check=True).stdout
     action, code, why = out.split("\n", 2)
     return policy.Decision(action, int(code), why)
@@ -33,7 +33,8 @@ def test_the_table_covers_every_outcome():
     assert {("finish", 0), ("requeue", 0), ("stop", runlog.CAP_EXIT), ("stop", runlog.REQUEUE_EXIT)} <= outcomes
     whys = " / ".join(policy.decide(c[1]).why for c in policy.CASES)
     for words in ("training finished", "checkpoint saved", "restart cap", "being preempted", "time limit",
-                  "cancelled", "preemption: Slurm requeues it", "training failed"):
+                  "cancelled", "preemption: Slurm requeues it", "training failed", "node failure: tn2 not responding",
+                  "scontrol requeue: Slurm requeues it", "after node(s) tn2 stopped responding"):
         assert words in whys
 
 

@@ -173,7 +173,7 @@ def test_multi_node_directives_and_rendezvous():
     assert not any(l.startswith("#SBATCH --gpus=") for l in lines)
     assert "SRUN=(srun --nodes=2 --ntasks-per-node=4 --cpus-per-task=8 --kill-on-bad-exit=1 --unbuffered)" in lines
     assert any(l.startswith("MASTER_ADDR=$(scontrol show hostnames") for l in lines)
-    assert any(l.startswith("export MASTER_PORT=") for l in lines)
+    assert "export MASTER_PORT=0" in lines  # rank 0 picks the port (t2v/distributed.py)
     # one node, one GPU: what Zaratan users write
     one = render.render_train(*_sub({"PROFILE": "zaratan"})).splitlines()
     assert "#SBATCH --gpus=a100:1" in one and "#SBATCH --nodes=1" in one
@@ -299,6 +299,40 @@ def test_status_parsers(tmp_path):
     assert status.restarts_from_log(rec["log"]) == 1
     t = status.table([rec], {"7": jobs["7"]})
     assert re.search(r"^7\s+PENDING \(BeginTime\)\s+2\s+10\s+0.2500\s+" + re.escape(str(run)), t, re.M)
+
+
+def test_status_says_how_each_job_that_is_not_running_stopped(tmp_path):
+    def rec(jid, log_lines, train_lines=()):
+        run = tmp_path / f"run{jid}"
+        run.mkdir()
+        (run / f"slurm-{jid}.out").write_text("".join(f"t2v-job: [2026-12-03 10:00:00] job {jid} {l}\n"
+                                                      for l in log_lines) + "srun: error: noise\n")
+        (run / "train.log").write_text("".join(f"{l}\n" for l in ("Out: x", *train_lines)))
+        return {"job_id": jid, "run_dir": str(run), "log": str(run / f"slurm-{jid}.out")}
+    recs = [
+        rec("1", ["restart 0: starting on tn[1-2] in x", "restart 0: training finished"]),
+        rec("2", ["restart 0: starting on tn[1-2] in x"]),
+        rec("3", ["restart 0: starting on tn[1-2] in x",
+                  "restart 0: training failed with exit code 137; not requeueing. Fix the cause, then resume with: s"],
+            ["step 000010 | loss 0.5000", "error: rank 0 on tn1: another rank closed its connection"]),
+        rec("4", ["restart 0: starting on tn[1-2] in x",
+                  "restart 0: Slurm is ending this job: node failure: tn2 not responding; Slurm requeues it"]),
+        rec("5", ["restart 0: starting on tn[1-2] in x"]),
+    ]
+    infos = {"1": status.JobInfo("COMPLETED", 0), "2": status.JobInfo("RUNNING", 0),
+             "3": status.JobInfo("FAILED", 0), "4": status.JobInfo("PENDING", 1, "Nodes_required_for_job_are_DOWN"),
+             "5": status.JobInfo("NODE_FAIL", 0)}
+    lines = status.stopped(recs, infos)
+    assert lines == [
+        "how the jobs that are not running stopped last:",
+        "  job 3 (FAILED): restart 0: training failed with exit code 137; not requeueing. Fix the cause, then resume "
+        "with: s",
+        "    error: rank 0 on tn1: another rank closed its connection",
+        "  job 4 (PENDING): restart 0: Slurm is ending this job: node failure: tn2 not responding; Slurm requeues it",
+        "  job 5 (NODE_FAIL): restart 0: starting on tn[1-2] in x ... then ended without a word from the job script "
+        "(killed; Slurm's log says why)",
+    ]
+    assert status.stopped(recs[:2], infos) == []  # running and completed jobs need no explanation
 
 
 def test_runs_are_recorded_for_status(tmp_path, monkeypatch):
