@@ -13,7 +13,7 @@ Inputs, as the job sees them once training has exited:
   restart     SLURM_RESTART_COUNT; ``max_restarts`` is train.max_restarts
   requeueing  Slurm is requeueing the job itself: its Restarts count is ahead of this run's (scontrol requeue,
               a node failure; for these Slurm sends TERM, so `stopping` is set too)
-  lost_nodes  the job's nodes that Slurm sees as not responding or down ("tn2"; "" when all answer)
+  lost_nodes  the job's nodes that Slurm sees as not responding, down or failed ("tn2"; "" when all answer)
 """
 from __future__ import annotations
 
