@@ -15,7 +15,7 @@ DEMO_CONFIG ?= configs/demo.yaml
 export CONFIG
 
 .PHONY: help install test test-fast test-slow demo-data demo embed cache train sample submit status logs cancel \
-        report bench gpu-check cache-submit slurm-deps slurm-up slurm-down clean
+        report bench gpu-check cache-submit slurm-deps browser-deps slurm-up slurm-down clean
 
 help: ## list every target with one line each
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -34,13 +34,19 @@ slurm-deps: ## install Slurm + munge from Debian (root; used by the Slurm integr
 	    --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; \
 	  else echo "slurm-deps: not root; Slurm integration tests will be skipped"; fi; }
 
-test: install slurm-deps ## run the whole suite: fast unit tests and slow end-to-end tests (CPU training, real Slurm)
+browser-deps: ## install Debian's chromium + chromedriver (root; the run page's real-browser test)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else echo "browser-deps: not root; the run page's browser test will be skipped"; fi; }
+
+test: install slurm-deps browser-deps ## run the whole suite: fast unit tests and slow end-to-end tests (CPU training, real Slurm)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
 
 test-fast: install ## run the fast unit tests only
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
-test-slow: install slurm-deps ## run the slow end-to-end tests only
+test-slow: install slurm-deps browser-deps ## run the slow end-to-end tests only
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m slow $(ARGS)
 
 demo-data: install ## write the synthetic demo dataset to demo/data (offline, deterministic)

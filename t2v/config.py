@@ -130,6 +130,7 @@ class TrainConfig:
     # How long a rank waits in a collective (gloo and NCCL) before it gives up on the others: longer than the
     # cluster's SlurmdTimeout, so that Slurm declares a lost node first and requeues (docs/multinode.md).
     dist_timeout_s: float = 600.0
+    tensorboard: bool = True  # rank 0 writes OUTDIR/tensorboard: `tensorboard --logdir runs/` (docs/reports.md)
     compile: bool = False
     channels_last: bool = False
     allow_changes: tuple = ()  # keys a resume may change although the checkpoint's weights were trained for them
@@ -391,8 +392,12 @@ def from_dict(d: Mapping) -> Config:
     return cfg
 
 
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, to_yaml(cfg))
 
 
 def cache_dir(cfg: Config, kind: str = "data") -> Path:

@@ -144,6 +144,7 @@ class RunLog:
         self.outdir = Path(outdir)
         self.enabled = enabled
         self.restart = restart
+        self._sinks: list = []
         if enabled:
             self.outdir.mkdir(parents=True, exist_ok=True)
             self._text = _open_appending(self.outdir / "train.log")
@@ -159,11 +160,22 @@ class RunLog:
             print(msg, flush=True)
             self._text.write(msg + "\n")
 
+    def add_sink(self, sink) -> None:
+        """A tracker (t2v.tracking) that receives every record metrics.jsonl receives, and the preview images."""
+        if self.enabled:
+            self._sinks.append(sink)
+
     def metrics(self, **record) -> None:
         if self.enabled:
             record.setdefault("time", time.time())
             record.setdefault("restart", self.restart)
             self._metrics.write(json.dumps(record) + "\n")
+            for sink in self._sinks:
+                sink.record(record)
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        for sink in self._sinks if self.enabled else ():
+            sink.image(tag, path, step)
 
     def event(self, name: str, step: int, **extra) -> None:
         self.metrics(event=name, step=step, **extra)
@@ -178,3 +190,6 @@ class RunLog:
             logging.getLogger("t2v").removeHandler(self._warnings)
             self._text.close()
             self._metrics.close()
+            for sink in self._sinks:
+                sink.close()
+            self._sinks.clear()

@@ -39,6 +39,7 @@ from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
 from t2v.model import build_model, count_params
 from t2v import runlog
+from t2v import tracking
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
 from t2v.step import Cond, StepState, train_step
@@ -118,6 +119,7 @@ def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = No
     path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
+    log.image("preview", path, step)
 
 
 def log_val_loss(ema, sched, valset, cfg, step, device, log) -> None:
@@ -149,6 +151,9 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     # --- resume state (before anything that depends on the global batch) -------------------------------
     checkpointer = Checkpointer(outdir, cfg, log, dist)
     state, resumed_from = checkpointer.latest()
+    if cfg.train.tensorboard and dist.is_main:  # the records metrics.jsonl gets, also as TensorBoard events
+        log.add_sink(tracking.TensorBoard(outdir / "tensorboard", None if state is None else int(state["step"]),
+                                          config.to_yaml(cfg)))
     accum = cfg.train.grad_accum
     asked = cfg.train.batch_size * dist.world_size * accum  # BS x ranks x micro-batches per optimizer step
     global_batch = checkpointer.check_resume(state, resumed_from, asked, space)
@@ -201,6 +206,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     if start_step >= steps:
         log.line(f"nothing to do: {outdir} is already at step {start_step} of {steps}")
         distributed.shutdown(dist, outdir)
+        log.close()
         return 0
 
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model

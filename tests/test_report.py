@@ -458,9 +458,17 @@ def test_two_runs_overlay(tmp_path):
 def test_empty_and_missing_run_folders(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert R.main([str(empty)]) == 0
-    assert image_size(empty / "report" / "loss.png")[0] > 300
-    assert "steps done: 0" in (empty / "report" / "summary.md").read_text()
+    (empty / "job_config.yaml").write_text("train: {}\n")  # a submitted job that has not started yet
+    assert R.main([str(empty)]) == 2
+    assert f"report: {empty}: no metrics.jsonl and no train.log or slurm-*.out: nothing to report" in \
+        capsys.readouterr().err
+    assert not (empty / "report").exists()  # nothing written
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "train.log").write_text("Out: x | Device: cpu\n")  # training started, no step logged yet
+    assert R.main([str(started)]) == 0
+    assert image_size(started / "report" / "loss.png")[0] > 300
+    assert "steps done: 0" in (started / "report" / "summary.md").read_text()
     assert R.main([str(tmp_path / "missing")]) == 2
 
 

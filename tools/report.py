@@ -13,8 +13,9 @@ What it reads (the contract with training, t2v/runlog.py; everything else in the
   ckpt_*.pt, ckpt_*.pt.corrupt, samples/preview_step*.png, eval/step_*.json, eval/demo_check.json, config.yaml
 
 What it writes: RUN_DIR/report/ only (loss.png, throughput.png, val.png, eval.png, checkpoints.csv,
-checkpoints.md, summary.md). With several runs it also writes loss_overlay.png and compare.md into --out (default: the
-first run's report folder). It never renames, deletes or rewrites anything else in a run folder: in
+checkpoints.md, summary.md, and index.html: the same summary as one self-contained page with every preview). With
+several runs it also writes loss_overlay.png, compare.md and compare.html (with the configs' differences) into --out
+(default: the first run's report folder). It never renames, deletes or rewrites anything else in a run folder: in
 particular it does not call t2v.checkpoint.load_latest (which quarantines broken checkpoints).
 
 The log/metrics part needs only pandas + matplotlib; torch is imported lazily by the checkpoint inventory,
@@ -33,6 +34,7 @@ from tools.reporting.inventory import INVENTORY_COLUMNS, _loss_near, inventory, 
 from tools.reporting.markdown import _g, md_table, write_checkpoint_tables, write_compare, write_summary
 from tools.reporting.parse import (LOSS_COLUMNS, _frame, add_repeats, merge_losses, parse_log,
                                    read_metrics, scan_log)
+from tools.reporting.html import write_compare_page, write_run_page
 from tools.reporting.plots import plot_eval, plot_loss, plot_throughput, plot_val
 from tools.reporting.run import Run, load_run
 from tools.reporting.parse import find_duplicates
@@ -54,7 +56,9 @@ def report_run(run: Run, out_dir: Path, log_scale: bool = False, smooth_span: in
                "eval": plot_eval(run, out_dir / "eval.png")}
     inv = inventory(run.path, run.losses, load=load)
     write_checkpoint_tables(inv, out_dir)
-    return write_summary(run, out_dir, inv, smooth_span, figures)
+    summary = write_summary(run, out_dir, inv, smooth_span, figures)
+    write_run_page(run, out_dir, summary)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,12 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = report_run(run, out, a.log_scale, a.smooth, load=not a.no_load)
         if run.losses.empty:
             print(f"report: warning: {run.path}: no loss records found", file=sys.stderr)
-        print(f"{run.name}: {summary}")
+        print(f"{run.name}: {summary} (page: {summary.with_name('index.html')})")
     if len(runs) > 1:
         out = a.out or runs[0].path / "report"
         out.mkdir(parents=True, exist_ok=True)
         overlay = plot_loss(runs, out / "loss_overlay.png", a.log_scale, a.smooth)
-        print(f"overlay: {overlay}\ncompare: {write_compare(runs, out, a.smooth, overlay)}")
+        compare = write_compare(runs, out, a.smooth, overlay)
+        print(f"overlay: {overlay}\ncompare: {compare} (page: {write_compare_page(runs, out, compare)})")
     return 0
 
 

@@ -52,6 +52,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     notes: list[str] = []
     sources: list[str] = []
     log_steps, log_events, log_files = parse.read_logs(run_dir)
+    if not log_files and not (run_dir / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl and no train.log or slurm-*.out: nothing to report "
+                                "(training writes them from its first line; is this the run folder, OUTDIR?)")
     met_steps, met_events = parse.empty_frames()
     val = parse.val_frame([])
     if (run_dir / "metrics.jsonl").is_file():
