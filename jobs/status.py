@@ -166,8 +166,8 @@ def training_error(run_dir: str | Path) -> str:
 
 
 def stopped(recs: list[dict], infos: Mapping[str, JobInfo]) -> list[str]:
-    """How each job that is not running or done stopped last: the job script's words, training's error and, for a
-    job Slurm holds, Slurm's reason (a node failure requeues the job, which then waits for nodes)."""
+    """How each job that is not running or done stopped last: the job script's words and training's last error.
+    (A job waiting again after a node failure shows Slurm's reason in the table's STATE.)"""
     out = []
     for r in recs:
         info = infos.get(r["job_id"], JobInfo())
