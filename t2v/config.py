@@ -210,12 +210,13 @@ def set_key(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(sub, name, _convert(value, hints[name], key, where))
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: {'train': {'lr': 1}} -> {'train.lr': 1}."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -262,7 +263,7 @@ def load_config(
             raise ConfigError(f"config file not found: {p}")
         data = read_yaml_mapping(p, ConfigError, "sections (data:, train:, ...)")
         lines = _yaml_lines(p)
-        for key, value in _flatten(data).items():
+        for key, value in flatten(data).items():
             set_key(cfg, key, value, f"{p}:{lines.get(key, 1)}")
     for var, key in ENV_VARS.items():
         if env.get(var, "") != "":
@@ -387,7 +388,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(d: Mapping) -> Config:
     cfg = Config()
-    for key, value in _flatten(d).items():
+    for key, value in flatten(d).items():
         set_key(cfg, key, value, "checkpoint config")
     return cfg
 

@@ -174,7 +174,7 @@ class RunLog:
                 sink.record(record)
 
     def image(self, tag: str, path: Path, step: int) -> None:
-        for sink in self._sinks if self.enabled else ():
+        for sink in self._sinks:  # empty unless enabled (add_sink)
             sink.image(tag, path, step)
 
     def event(self, name: str, step: int, **extra) -> None:

@@ -49,3 +49,10 @@ def assert_states_equal(a: dict, b: dict, keys=("model", "ema")) -> None:
     for i in oa:
         for name in oa[i]:
             assert torch.equal(torch.as_tensor(oa[i][name]), torch.as_tensor(ob[i][name])), f"optimizer {i}.{name}"
+
+
+def assert_close(a: dict, b: dict, keys=("model", "ema")) -> None:
+    """Weights and EMA agree to float tolerance: what N ranks with batch b and one process with batch N x b reach."""
+    for k in keys:
+        for name in a[k]:
+            torch.testing.assert_close(a[k][name], b[k][name], rtol=1e-4, atol=1e-5, msg=f"{k}.{name}")

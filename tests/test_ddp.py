@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from runs import REPO, load, prepare, tiny_config
+from runs import REPO, assert_close, load, prepare, tiny_config
 from t2v.train import REQUEUE_EXIT
 
 pytestmark = pytest.mark.slow
@@ -49,12 +48,6 @@ def launch(data_dir, outdir, world: int, *args: str) -> list[subprocess.Popen]:
 
 def finish(procs, timeout=300) -> list[tuple[int, str]]:
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
-
-
-def assert_close(a: dict, b: dict):
-    for k in ("model", "ema"):
-        for name in a[k]:
-            torch.testing.assert_close(a[k][name], b[k][name], rtol=1e-4, atol=1e-5, msg=f"{k}.{name}")
 
 
 def test_two_ranks_match_one_process_with_double_batch(data_dir, tmp_path):

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import slurmtest
+from runs import assert_close, load
 from slurmtest import (PY, REPO, assert_bit_identical, data_args, job, losses_consistent, make_submit, progressed,
                        resume_step, resumes, run_testbed, squeue_ids, wait_ended, wait_for)
 
@@ -111,11 +111,7 @@ def test_make_submit_trains_with_a_rank_on_each_node_like_one_process(straight):
     assert "restart 0: starting on tn[1-2]" in job_log(run, jid)
     assert not list(run.glob(".rendezvous-*"))  # rank 0's port file is gone once the run is done
     # two nodes at a global batch of 4 train what one process does with a batch of 4, to float tolerance
-    a = torch.load(run / f"ckpt_{STEPS:06d}.pt", map_location="cpu", weights_only=True)
-    b = torch.load(one / f"ckpt_{STEPS:06d}.pt", map_location="cpu", weights_only=True)
-    for k in ("model", "ema"):
-        for name in a[k]:
-            torch.testing.assert_close(a[k][name], b[k][name], rtol=1e-4, atol=1e-5, msg=f"{k}.{name}")
+    assert_close(load(run / f"ckpt_{STEPS:06d}.pt"), load(one / f"ckpt_{STEPS:06d}.pt"))
 
 
 def test_preempted_then_scontrol_requeued_resumes_on_both_nodes_bit_exact(cluster2, demo, straight):

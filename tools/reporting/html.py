@@ -16,6 +16,7 @@ from typing import Sequence
 
 import markdown
 
+from t2v.config import flatten
 from t2v.files import write_text
 from tools.reporting.inventory import SAMPLE_RE
 from tools.reporting.run import Run
@@ -89,19 +90,9 @@ def write_run_page(run: Run, out_dir: Path, summary: Path) -> Path:
     return write_text(out_dir / "index.html", _page(f"t2v run {run.name}", body))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     """(header, rows): each config key whose value differs between the runs (or that some run lacks)."""
-    flat = [_flatten(r.config or {}) for r in runs]
+    flat = [flatten(r.config or {}) for r in runs]
     keys = sorted({k for f in flat for k in f})
     rows = [[k, *("(not set)" if k not in f else str(f[k]) for f in flat)]
             for k in keys if len({repr(f.get(k, "\0missing")) for f in flat}) > 1]
