@@ -134,7 +134,10 @@ class TrainTask(submitit.helpers.Checkpointable):
             while _exit_code(child) is None and time.time() < deadline:
                 time.sleep(0.2)
         if child is not None:  # also when training, signalled by Slurm too, had already saved and exited
-            _log(f"training exited with code {_exit_code(child)} after the checkpoint signal")
+            # Popen.wait() in __call__ may have reaped it just before this handler ran, its status not yet stored
+            # (_exit_code gives -1): then the log says whether it saved, as for any exit we cannot read.
+            rc = policy.normalise_rc(_exit_code(child), runlog.outcome(self._since_start()))
+            _log(f"training exited with code {rc} after the checkpoint signal")
         if restart >= self.max_restarts:
             _log(f"restart cap {self.max_restarts} reached; not requeueing")
             return None  # submitit then ends the job with "checkpoint function returned None"
