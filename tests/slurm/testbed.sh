@@ -319,26 +319,26 @@ up() {
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 
-start_node() {  # NODE: its slurmd, in its own UTS namespace, until the node is idle
+start_node() {  # NODE [STATES]: its slurmd, in its own UTS namespace, until the node is in one of STATES
   local n=$1
   mkdir -p "$C/spool/$n"
   setsid unshare --uts sh -c 'hostname "$0"; exec slurmd -D -f "$1"' "$n" "$SLURM_CONF" \
     > "$C/log/slurmd-$n.stdout" 2>&1 < /dev/null &
   echo $! > "$C/run/slurmd-$n.fgpid"
-  wait_idle "$n"
+  wait_idle "$n" "${2:-idle}"
 }
 
-wait_idle() {
+wait_idle() {  # NODE [STATES]: wait until sinfo shows the node in one of STATES (default idle)
   local i st=""
   for i in $(seq 300); do
     st=$(node_state "$1")
-    [ "$st" = idle ] && return 0
+    case " ${2:-idle} " in *" $st "*) return 0 ;; esac
     sleep 0.1
   done
   local log=$C/log/slurmd.log
   [ "$NODES" = 2 ] && log=$C/log/slurmd-$1.log
   tail "$log" >&2 || true
-  die "node $1 not idle (state=$st)"
+  die "node $1 not in ${2:-idle} (state=$st)"
 }
 
 node_pids() {  # NODE: every process in the node's UTS namespace (its slurmd, slurmstepd and tasks)
@@ -366,8 +366,9 @@ reboot_node() {  # NODE: a power cycle: SIGKILL everything on it (a frozen node 
   kill -KILL $pids 2>/dev/null || true
   for i in $(seq 100); do kill -0 $pids 2>/dev/null || break; sleep 0.05; done
   rm -rf "$C/spool/$1"
-  start_node "$1"
-  say "rebooted $1: idle"
+  # a job waiting for this node is given it the moment it answers, so it may come back busy, not idle
+  start_node "$1" "idle mix alloc"
+  say "rebooted $1: $(node_state "$1")"
 }
 
 term_and_wait() {  # pidfiles...: SIGTERM all, wait up to 15 s, SIGKILL what is left
