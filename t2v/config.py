@@ -131,6 +131,9 @@ class TrainConfig:
     # cluster's SlurmdTimeout, so that Slurm declares a lost node first and requeues (docs/multinode.md).
     dist_timeout_s: float = 600.0
     tensorboard: bool = True  # rank 0 writes OUTDIR/tensorboard: `tensorboard --logdir runs/` (docs/reports.md)
+    # off, offline (OUTDIR/wandb, uploaded by `wandb sync` from a login node) or online; needs the wandb extra
+    wandb: str = "off"
+    wandb_project: str = "t2v-slurm"
     compile: bool = False
     channels_last: bool = False
     allow_changes: tuple = ()  # keys a resume may change although the checkpoint's weights were trained for them
@@ -195,6 +198,8 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"not a list: {value!r}")
             return tuple(value)
+        if isinstance(value, bool):  # YAML reads a bare off/on as a boolean: `wandb: off` means the word
+            return "on" if value else "off"
         return str(value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: bad value for {key}: {e}") from None
@@ -287,6 +292,7 @@ def _int_list(values) -> tuple[int, ...] | None:
 
 
 SAMPLINGS = ("even", "window", "random_window")
+WANDB_MODES = ("off", "offline", "online")
 
 
 def _window_checks(cfg: Config) -> list[tuple[bool, str]]:
@@ -349,6 +355,8 @@ def validate(cfg: Config) -> None:
         (t.guidance >= 0, "train.guidance must be >= 0 (1 = no guidance)"),
         (t.max_nan_steps >= 0, "train.max_nan_steps must be >= 0"),
         (t.max_restarts >= 0, "train.max_restarts must be >= 0"),
+        (t.wandb in WANDB_MODES, f"train.wandb must be one of {', '.join(WANDB_MODES)}, got {t.wandb!r}"),
+        (bool(t.wandb_project.strip()), "train.wandb_project must not be empty"),
         (t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds a collective waits for the other ranks)"),
         (cfg.data.frames >= 1, "data.frames must be >= 1"),
         (cfg.data.size >= 8 and cfg.data.size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)"),

@@ -67,6 +67,11 @@ def outcome(lines: Iterable[str]) -> str:
     return "requeue" if any(REQUEUE_MARK in line for line in lines) else ""
 
 
+def preview_path(outdir: str | Path, step: int) -> Path:
+    """Where the preview grid of ``step`` is saved (tools/reporting/inventory.py lists them by this name)."""
+    return Path(outdir) / "samples" / f"preview_step{step:06d}.png"
+
+
 def read_records(outdir: str | Path, skipped: list[tuple[int, bool]] | None = None) -> list[dict]:
     """Every record of OUTDIR/metrics.jsonl; a line that is not a JSON object (a write cut by a kill) is skipped.
 

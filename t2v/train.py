@@ -116,7 +116,7 @@ def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = No
     tokens, mask = caption_tokens(emb, prompts, device) if cfg.model.cross_attention else (None, None)
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
                       guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, space=space, fps=fps)
-    path = Path(cfg.train.outdir) / "samples" / f"preview_step{step:06d}.png"
+    path = runlog.preview_path(cfg.train.outdir, step)
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
     log.image("preview", path, step)
@@ -154,6 +154,9 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     if cfg.train.tensorboard and dist.is_main:  # the records metrics.jsonl gets, also as TensorBoard events
         log.add_sink(tracking.TensorBoard(outdir / "tensorboard", None if state is None else int(state["step"]),
                                           config.to_yaml(cfg)))
+    if cfg.train.wandb != "off" and dist.is_main:  # the same records, as a W&B run every requeue continues
+        log.add_sink(tracking.WandB(outdir, cfg.train.wandb, cfg.train.wandb_project,
+                                    None if state is None else int(state["step"]), config.to_dict(cfg), log))
     accum = cfg.train.grad_accum
     asked = cfg.train.batch_size * dist.world_size * accum  # BS x ranks x micro-batches per optimizer step
     global_batch = checkpointer.check_resume(state, resumed_from, asked, space)

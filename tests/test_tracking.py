@@ -1,5 +1,6 @@
-"""TensorBoard (t2v/tracking.py): the records metrics.jsonl gets, read back with TensorBoard's own reader; a
-resumed run's event files show every step once, in order, after a kill -9 too."""
+"""TensorBoard and W&B (t2v/tracking.py): the records metrics.jsonl gets, read back with each one's own reader
+(TensorBoard's EventAccumulator, `wandb leet inspect`); a resumed run shows every step once, in order, after a
+kill -9 too, and a W&B run is one run across requeues."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import pytest
 
 from runs import REPO, prepare, tiny_config
 from t2v import runlog
+from t2v import tracking
 from t2v.tracking import TensorBoard
 
 
@@ -23,6 +25,12 @@ def read_events(logdir):
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+def inspect_records(run_dir):
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
 
 
 def steps_of(acc, tag):
@@ -82,6 +90,12 @@ def test_train_tensorboard_off_writes_no_event_files(tmp_path):
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
+def last_of_each_step(run, key="loss"):
+    """metrics.jsonl's last record of each step: what the process that went on from there logged."""
+    return {r["step"]: r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if key in r}
+
+
 @pytest.mark.slow
 def test_a_killed_and_resumed_run_shows_every_step_once_in_order(tmp_path):
     d, run = tmp_path / "data", tmp_path / "run"
@@ -90,8 +104,8 @@ def test_a_killed_and_resumed_run_shows_every_step_once_in_order(tmp_path):
     cmd = [sys.executable, "-m", "t2v.train", "--config", str(REPO / "configs/tiny.yaml"),
            f"data.manifest={d / 'train.jsonl'}", f"data.cache_dir={d / 'cache'}", f"text.cache_dir={d / 'cache'}",
            f"train.outdir={run}", "train.steps=40", "train.log_every=1", "train.ckpt_every=10", "train.val_every=20",
-           "train.sample_every=20"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+           "train.sample_every=20", "train.wandb=offline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("step 000025"):
@@ -107,13 +121,30 @@ def test_a_killed_and_resumed_run_shows_every_step_once_in_order(tmp_path):
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == list(range(1, 41))  # each step once, in order
     # the values are the ones the resumed run logged, i.e. metrics.jsonl's last record of each step
-    last = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r and "event" not in r}
+    last = last_of_each_step(run)
     assert [e.value for e in loss] == pytest.approx([last[s] for s in range(1, 41)], rel=1e-6)
     assert steps_of(acc, "val/val_loss") == [20, 40]
     assert [i.step for i in acc.Images("preview")] == [20, 40]
     assert [e.value for e in acc.Scalars("run/restart")] == [0, 0]  # the start, then the resume (outside Slurm)
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per process
+
+    # W&B: one run id, an offline run dir per process; `wandb sync` uploads them in this order
+    run_id = (run / tracking.RUN_ID_FILE).read_text().strip()
+    dirs = tracking.offline_runs(run, run_id)
+    assert len(dirs) == 2, sorted((run / "wandb").iterdir())
+    rows = [row for d in dirs for row in tracking.wandb_history(d)]
+    steps = [row["_step"] for row in rows]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 40, steps  # each once, rising (0: the start)
+    losses = {row["_step"]: row["train/loss"] for row in rows if "train/loss" in row}
+    assert sorted(losses) == list(range(1, 41))
+    assert [losses[s] for s in range(1, 41)] == pytest.approx([last[s] for s in range(1, 41)], rel=1e-6)
+    val = last_of_each_step(run, "val_loss")
+    assert {row["_step"]: row["val/val_loss"] for row in rows if "val/val_loss" in row} == pytest.approx(val)
+    assert [row["_step"] for row in rows if "preview.path" in row] == [20, 40]
+    for d in dirs:  # the config is in each process's first record, the killed one's too (wandb/wandb#6952)
+        first = inspect_records(d)[1]
+        assert first["type"] == "run" and first["run"]["run_id"] == run_id
+        assert first["run"]["config"]["update"]["train"]["steps"] == 40
 
 
 def test_without_the_tensorboard_package_the_error_says_what_to_do(tmp_path, monkeypatch):
@@ -121,3 +152,72 @@ def test_without_the_tensorboard_package_the_error_says_what_to_do(tmp_path, mon
     with pytest.raises(runlog.TrainingError, match=r"train.tensorboard=true needs the tensorboard package .*; pip "
                                                    r"install tensorboard, or set train.tensorboard=false"):
         TensorBoard(tmp_path)
+
+
+def test_wandb_continues_one_run_and_skips_the_steps_it_already_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = runlog.RunLog(tmp_path)
+    first = tracking.WandB(tmp_path, "offline", "p", None, {"train": {"steps": 40}}, log)
+    for step in range(1, 31):  # an earlier process got to step 30, past its checkpoint at 20
+        first.record({"step": step, "loss": 1.0 / step})
+    first.close()
+    again = tracking.WandB(tmp_path, "offline", "p", 20, {"train": {"steps": 40}}, log)
+    assert again.run_id == first.run_id and again.held == 30
+    for step in range(21, 41):  # the resumed process logs 21-40 again; W&B already has 21-30
+        again.record({"step": step, "loss": 1.0 / step})
+    again.close()
+    log.close()
+    dirs = tracking.offline_runs(tmp_path, first.run_id)
+    rows = [row for d in dirs for row in tracking.wandb_history(d)]
+    assert [r["_step"] for r in rows] == list(range(1, 41))
+    assert [r["train/loss"] for r in rows] == pytest.approx([1.0 / s for s in range(1, 41)])
+    text = (tmp_path / "train.log").read_text()
+    assert text.count(f"W&B run {first.run_id} (p): offline in {tmp_path / 'wandb'}/offline-run-") == 2
+    assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in text
+
+
+def test_wandb_online_without_network_warns_and_logs_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: as a compute node's firewall
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    log = runlog.RunLog(tmp_path)
+    w = tracking.WandB(tmp_path, "online", "p", None, {}, log)
+    w.record({"step": 1, "loss": 0.5})
+    w.close()
+    log.close()
+    text = (tmp_path / "train.log").read_text()
+    assert "warning: train.wandb=online could not start a W&B run (" in text, text
+    assert f"logging offline to {tmp_path / 'wandb'} instead" in text
+    rows = tracking.wandb_history(tracking.offline_runs(tmp_path, w.run_id)[0])
+    assert [(r["_step"], r["train/loss"]) for r in rows] == [(1, 0.5)]
+
+
+def test_without_the_wandb_package_the_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(runlog.TrainingError, match=r"train.wandb=offline needs the wandb package .*pip install "
+                                                   r"'wandb>=0.31' \(or pip install -e '.\[wandb\]'\), or set "
+                                                   r"train.wandb=off"):
+        tracking.WandB(tmp_path, "offline", "p", None, {}, runlog.RunLog(tmp_path, enabled=False))
+    assert not (tmp_path / tracking.RUN_ID_FILE).exists()
+
+
+def test_a_cut_wandb_file_reads_up_to_the_cut(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    w = tracking.WandB(tmp_path, "offline", "p", None, {}, runlog.RunLog(tmp_path, enabled=False))
+    for step in range(1, 201):
+        w.record({"step": step, "loss": float(step)})
+    w.close()
+    (f,) = tracking.offline_runs(tmp_path, w.run_id)[0].glob("*.wandb")
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # what a kill mid-write leaves
+    steps = [r["_step"] for r in tracking.wandb_history(f.parent)]
+    assert 0 < len(steps) < 200 and steps == list(range(1, len(steps) + 1))
+
+
+@pytest.mark.parametrize("value, shown", [("sometimes", "'sometimes'"), ("true", "'on'")])  # YAML true: on
+def test_a_bad_wandb_mode_names_the_key(value, shown):
+    from t2v import config as C
+
+    with pytest.raises(C.ConfigError, match=f"train.wandb must be one of off, offline, online, got {shown}"):
+        C.load_config(None, [f"train.wandb={value}"], env={})
+    assert C.load_config(None, ["train.wandb=off"], env={}).train.wandb == "off"  # YAML's off is the word
