@@ -23,6 +23,7 @@ import torch.nn as nn
 from t2v import config
 from t2v import diffusion
 from t2v.model import build_model, count_params
+from t2v.objective import build_objective
 from t2v.step import StepState, train_step
 
 # diffusers' UNet3DConditionModel configured to our parameter counts (cross_attention_dim = our text dim).
@@ -249,9 +250,9 @@ class TrainStep:
         cfg = config.Config()  # the baseline's diffusion and training settings, with this benchmark's few changes
         cfg.train.lr, cfg.train.grad_clip, cfg.train.ema_decay, cfg.train.seed = lr, grad_clip, ema_decay, seed
         cfg.diffusion.cond_dropout = cond_dropout
-        sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule).to(self.device)
+        objective = build_objective(cfg.diffusion, self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.state = StepState(self.net, self.model, self.ema, self.opt, scaler, sched, cfg.diffusion, cfg.train,
+        self.state = StepState(self.net, self.model, self.ema, self.opt, scaler, objective, cfg.diffusion, cfg.train,
                                precision, self.device, forward=forward, grad_accum=grad_accum)
         self.step = 0
         self.last_loss = float("nan")

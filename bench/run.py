@@ -1,4 +1,4 @@
-"""t2v-slurm benchmarks: `python bench/run.py [--only train,data,text,preempt,gpu,exp] [--quick] [--repeats N]
+"""t2v-slurm benchmarks: `python bench/run.py [--only train,data,text,preempt,gpu,exp,dit] [--quick] [--repeats N]
 [--out bench/results]` (or `make bench ARGS="..."`).
 
 Sections (all by default):
@@ -14,6 +14,9 @@ Sections (all by default):
            workers and 3 shards + merge
   latent   the same UNet's training step in the SD VAE's latent space vs pixel space at 256x256; latent-cache
            reads vs decode + VAE encode per sample; VAE encode clips/s
+  dit      the video transformer (model.arch=dit): training step vs diffusers' LatteTransformer3DModel on latents
+           with caption cross-attention, and vs our UNet in pixel space, both at params within ±15 %; clips/s and
+           peak memory against frames x frame size for each architecture
   exp      speed changes to t2v.train, as variants of our own step: adopted fused AdamW (before -> after),
            candidate train.channels_last=true (shipped vs channels_last)
 
@@ -59,6 +62,7 @@ SECTION_FNS = {
     "latent": "bench.latent:bench_latent",
     "scale": "bench.scale:bench_scale",
     "exp": "bench.train_bench:bench_exp",
+    "dit": "bench.dit_bench:bench_dit",
 }
 SECTIONS = tuple(SECTION_FNS)
 

@@ -31,7 +31,7 @@ from t2v.runlog import TrainingError
 # What a checkpoint's weights were trained for: resuming with another value would continue silently from
 # incompatible weights (another text space, noise schedule, target or clip shape).
 # The temporal settings are here too: a run that changed how far apart its frames are would mix two kinds of motion.
-RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.prediction", "diffusion.schedule",
+RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.objective", "diffusion.prediction", "diffusion.schedule",
                      "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder",
                      "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
                      "data.max_seconds")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from t2v import config_checks
 from t2v.files import write_text
 
 
@@ -84,14 +84,26 @@ class ModelConfig:
     frame_cond: bool = False  # one FiLM conditioning per frame: an MLP of (caption + timestep, frame index)
     checkpointing: bool = False  # activation checkpointing of the UNet blocks: less memory, ~1 more forward
     fps_cond: bool = False  # condition on the clip's frame rate (data.sampling=window), as ModelScope/VideoCrafter
+    # "unet": the 3D UNet above; "dit": a video transformer (t2v.dit: Latte's alternating spatial/temporal blocks)
+    arch: str = "unet"
+    patch: int = 0  # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller
+    hidden: int = 0  # dit: token width; 0 = from model.size (t2v.dit.SIZES)
+    depth: int = 0  # dit: number of blocks (each one spatial or one temporal); 0 = from model.size
+    heads: int = 0  # dit: attention heads; 0 = from model.size
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 1000
-    schedule: str = "cosine"
-    shift: float = 1.0  # noise-schedule shift: every SNR divided by shift² (1 = the plain schedule)
-    prediction: str = "eps"  # "eps" (the baseline) or "v"
+    # "ddpm": Gaussian diffusion on the schedule below (the baseline); "flow": rectified flow, x_t = (1 - t) x0 + t eps
+    # and the model predicts eps - x0 (t2v.flow; SD3, Open-Sora, Wan)
+    objective: str = "ddpm"
+    timesteps: int = 1000  # ddpm: the chain's length; flow: t = timestep / this (val_timesteps, the model's input)
+    schedule: str = "cosine"  # ddpm only
+    # every SNR divided by shift² (1 = none): ddpm, a shifted schedule; flow, SD3's t -> shift t / (1 + (shift-1) t)
+    shift: float = 1.0
+    prediction: str = "eps"  # ddpm only: "eps" (the baseline) or "v"
+    logit_mean: float = 0.0  # flow: training t ~ sigmoid(N(logit_mean, logit_std²)), then shifted (SD3's logit-normal)
+    logit_std: float = 1.0
     cond_dropout: float = 0.1  # caption dropout for classifier-free guidance
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off (plain MSE)
 
@@ -282,108 +294,10 @@ def load_config(
     return cfg
 
 
-def _int_list(values) -> tuple[int, ...] | None:
-    """``values`` as a tuple of ints (``train.val_timesteps=100,500`` arrives as strings), or None if one is not."""
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError):
-        return None
-    return out if all(float(v) == o for v, o in zip(values, out)) else None
-
-
-SAMPLINGS = ("even", "window", "random_window")
-WANDB_MODES = ("off", "offline", "online")
-
-
-def _window_checks(cfg: Config) -> list[tuple[bool, str]]:
-    """data.sampling=window's settings: one rate, in range, and a window that fits in data.max_seconds."""
-    d = cfg.data
-    strides = _int_list(d.strides)
-    if strides is not None:
-        d.strides = strides
-    checks = [
-        (d.fps >= 0 and math.isfinite(d.fps), f"data.fps must be >= 0 frames per second, got {d.fps}"),
-        (d.frame_interval >= 0, f"data.frame_interval must be >= 0, got {d.frame_interval}"),
-        (strides is not None and len(strides) >= 1 and all(s >= 1 for s in strides),
-         f"data.strides must be whole numbers >= 1, got {list(d.strides)}"),
-        (d.max_seconds > 0, f"data.max_seconds must be > 0, got {d.max_seconds}"),
-        (d.cut_threshold > 0, f"data.cut_threshold must be > 0, got {d.cut_threshold}"),
-        (d.short_clips in ("skip", "pad"), f"data.short_clips must be 'skip' or 'pad', got {d.short_clips!r}"),
-        (d.sampling == "window" or not cfg.model.fps_cond,
-         "model.fps_cond needs data.sampling=window (the frame rate is known only for windows)"),
-    ]
-    if d.sampling != "window":
-        return checks + [(not (d.fps or d.frame_interval),
-                          f"data.fps and data.frame_interval apply to data.sampling=window only (it is {d.sampling!r})")]
-    checks.append((bool(d.fps) != bool(d.frame_interval),
-                   "data.sampling=window needs exactly one of data.fps (frames per second the model sees, e.g. 8) "
-                   f"and data.frame_interval (every k-th source frame); got fps={d.fps:g}, "
-                   f"frame_interval={d.frame_interval}"))
-    if d.fps > 0 and strides:
-        seconds = (d.frames - 1) * max(strides) / d.fps + 1 / d.fps
-        checks.append((seconds <= d.max_seconds + 1e-9,
-                       f"a window of data.frames={d.frames} at {d.fps:g} fps (stride {max(strides)}) lasts {seconds:g} s,"
-                       f" longer than data.max_seconds={d.max_seconds:g}: raise data.max_seconds or data.fps"))
-    return checks
-
-
 def validate(cfg: Config) -> None:
-    """Every setting's range, checked where the config is resolved: a bad value fails before any data is read."""
-    timesteps = _int_list(cfg.train.val_timesteps)
-    if timesteps is not None:
-        cfg.train.val_timesteps = timesteps
-    t, d = cfg.train, cfg.diffusion
-    checks = [
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (cfg.data.max_bad_clips >= 0, "data.max_bad_clips must be >= 0"),
-        (cfg.text.dim >= 1, "text.dim must be >= 1"),
-        (cfg.text.max_tokens >= 1, "text.max_tokens must be >= 1"),
-        (cfg.model.base_channels >= 0, "model.base_channels must be >= 0 (0 = from model.size)"),
-        (cfg.model.space in ("pixel", "latent"), "model.space must be 'pixel' or 'latent'"),
-        (cfg.model.in_channels >= 0, "model.in_channels must be >= 0 (0 = from the space: RGB or the VAE)"),
-        (cfg.vae.batch_size >= 1, "vae.batch_size must be >= 1"),
-        (bool(cfg.vae.name.strip()) or cfg.model.space == "pixel", "vae.name must name a VAE for model.space=latent"),
-        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
-        (d.timesteps >= 2, "diffusion.timesteps must be >= 2"),
-        (t.log_every >= 1, "train.log_every must be >= 1"),
-        (t.warmup >= 0, "train.warmup must be >= 0"),
-        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (t.grad_clip > 0, "train.grad_clip must be > 0"),
-        (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
-        (t.seed >= 0, "train.seed must be >= 0"),
-        (1 <= t.sample_steps <= d.timesteps, f"train.sample_steps must be in [1, diffusion.timesteps={d.timesteps}]"),
-        (t.guidance >= 0, "train.guidance must be >= 0 (1 = no guidance)"),
-        (t.max_nan_steps >= 0, "train.max_nan_steps must be >= 0"),
-        (t.max_restarts >= 0, "train.max_restarts must be >= 0"),
-        (t.wandb in WANDB_MODES, f"train.wandb must be one of {', '.join(WANDB_MODES)}, got {t.wandb!r}"),
-        (bool(t.wandb_project.strip()), "train.wandb_project must not be empty"),
-        (t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds a collective waits for the other ranks)"),
-        (cfg.data.frames >= 1, "data.frames must be >= 1"),
-        (cfg.data.size >= 8 and cfg.data.size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)"),
-        (cfg.data.sampling in SAMPLINGS, f"data.sampling must be one of {', '.join(SAMPLINGS)}"),
-        (0 < cfg.data.window <= 1, "data.window must be in (0, 1]"),
-        *_window_checks(cfg),
-        (cfg.text.encoder in ("clip", "hash", "tiny"), "text.encoder must be clip, hash or tiny"),
-        (cfg.diffusion.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
-        (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),
-        (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
-        (cfg.train.steps >= 0, "train.steps must be >= 0"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1 (1 = no accumulation)"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (cfg.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
-        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
-        (t.val_every >= 0, "train.val_every must be >= 0 (0 = off)"),
-        (t.sample_every >= 0, "train.sample_every must be >= 0 (0 = off)"),
-        (t.val_clips >= 1, "train.val_clips must be >= 1"),
-        (timesteps is not None and len(timesteps) >= 1 and all(0 <= v < d.timesteps for v in timesteps),
-         f"train.val_timesteps must be integers in [0, diffusion.timesteps={d.timesteps}), got {list(t.val_timesteps)}"),
-        (d.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
-        (d.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
-        (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
-        *[(k in valid_keys(cfg), f"train.allow_changes: {k!r} is not a config key") for k in t.allow_changes],
-    ]
-    errors = [msg for ok, msg in checks if not ok]
+    """Every setting's range (t2v.config_checks), checked where the config is resolved: a bad value fails before
+    any data is read, with every problem listed at once."""
+    errors = config_checks.problems(cfg, valid_keys(cfg))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -1,5 +1,5 @@
 """Judging a checkpoint on the demo: sample all 48 colour x shape x motion prompts from its EMA weights with the
-run's own sampler settings (DDIM steps and guidance of its config) and judge every clip by its pixels
+run's own sampler settings (the objective's sampler, steps and guidance of its config) and judge every clip by its pixels
 (t2v.data.demo_judge). `tools/demo_check.py` is the command; bench/demo_recipes.py and the tests call `check`.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ def check(ckpt, steps: int | None = None, guidance: float | None = None, seed: i
     videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance, seed=seed,
                       fps=fps)
     verdicts = [judge(to_uint8(v)) for v in videos]
-    result = {"step": step, "ckpt": str(path), **score(verdicts, PROMPTS), "ddim_steps": steps, "guidance": guidance,
+    result = {"step": step, "ckpt": str(path), **score(verdicts, PROMPTS), "ddim_steps": steps,
+              "sampler": "Euler" if cfg.diffusion.objective == "flow" else "DDIM", "guidance": guidance,
               "seed": seed, "sample_seconds": round(time.time() - start, 1),
               "per_color": _per(verdicts, "color", 0), "per_shape": _per(verdicts, "shape", 1),
               "per_motion": _per(verdicts, "motion", 2),
@@ -59,7 +60,7 @@ def _per(verdicts, field: str, i: int) -> dict:
 
 
 def summary(r: dict) -> str:
-    return (f"demo check at step {r['step']} ({r['num']} prompts, DDIM {r['ddim_steps']}, guidance {r['guidance']:g}): "
+    return (f"demo check at step {r['step']} ({r['num']} prompts, {r.get('sampler', 'DDIM')} {r['ddim_steps']}, guidance {r['guidance']:g}): "
             f"colour {r['color']:.0%} (chance 25%), shape {r['shape']:.0%} (chance 33%), motion {r['motion']:.0%} "
             f"(chance 25%), steady {r['steady']:.0%} (right and never jumping back), all three {r['all']:.0%}; background "
             f"brightness {r['background']:.3f} (black = 0)")

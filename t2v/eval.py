@@ -1,7 +1,7 @@
 """Evaluating a checkpoint: `python -m t2v.eval --ckpt PATH --manifest TEST_MANIFEST --num N --i3d I3D.pt`.
 
 Samples N clips of the manifest and one caption of each (fixed by --seed), generates a video per caption
-with the checkpoint's EMA weights (DDIM, classifier-free guidance, batched), and computes
+with the checkpoint's EMA weights (DDIM, or Euler for a flow model; classifier-free guidance, batched), and computes
 
   CLIPSIM  the mean over every generated frame of the cosine similarity between the CLIP image embedding of
            the frame and the CLIP text embedding of its caption, reported as a raw cosine in [-1, 1]
@@ -361,11 +361,12 @@ def evaluate(
 
     # 3. Generate (fixed noise per batch: seed and batch start), kept as uint8 like a saved video.
     fake = torch.empty(num, frames, 3, size, size, dtype=torch.uint8)
-    with _bar(num, f"generating ({steps} DDIM steps)", progress) as bar:
+    sampler = "Euler" if cfg.diffusion.objective == "flow" else "DDIM"  # generate()'s default for the objective
+    with _bar(num, f"generating ({steps} {sampler} steps)", progress) as bar:
         for s in range(0, num, batch_size):
             tok = (tokens[s:s + batch_size], token_mask[s:s + batch_size]) if tokens is not None else (None, None)
             videos = generate(model, cfg, text[s:s + batch_size], tokens=tok[0], token_mask=tok[1], steps=steps, fps=fps,
-                              guidance=guidance, seed=_batch_seed(seed, s), device=device, method="ddim", space=space)
+                              guidance=guidance, seed=_batch_seed(seed, s), device=device, space=space)
             fake[s:s + videos.shape[0]] = _to_uint8(videos)
             bar.update(videos.shape[0])
     del model
@@ -389,7 +390,7 @@ def evaluate(
         fvd_value = metrics.fvd_from_features(real_feats, np.concatenate(parts))
 
     record = {
-        "step": step, "ckpt": str(ckpt_file), "num": num, "seed": seed, "ddim_steps": steps,
+        "step": step, "ckpt": str(ckpt_file), "num": num, "seed": seed, "ddim_steps": steps, "sampler": sampler,
         "guidance": guidance, "clipsim": clip_value, "fvd": fvd_value, "clip_model": clip_name,
         "i3d": i3d_name, "frames": frames, "size": size, "time": round(time.time() - t0, 3),
         "manifest": str(Path(manifest).resolve()), "batch_size": batch_size, "device": str(device),
@@ -420,13 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--i3d", default=None, help="I3D TorchScript file for FVD (i3d_torchscript.pt)")
     p.add_argument("--no-fvd", action="store_true", help="skip FVD")
     p.add_argument("--no-clipsim", action="store_true", help="skip CLIPSIM")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM (Euler for a flow model) steps (default 50)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="fixes the captions and the noise (default 0)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--video-root", default="", help="folder relative video paths resolve against "
-                                                    "(default: the manifest's folder)")
+    p.add_argument("--video-root", default="", help="folder relative paths resolve against (default: the manifest's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -440,8 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     shown = [f"CLIPSIM {r['clipsim']:.4f}" if r["clipsim"] is not None else "",
              f"FVD {r['fvd']:.2f}" if r["fvd"] is not None else ""]
-    print(f"step {r['step']} | {r['num']} videos | {r['ddim_steps']} DDIM steps | guidance {r['guidance']:g} | "
-          + " | ".join(s for s in shown if s) + f" | {r['time']:.0f} s")
+    print(f"step {r['step']} | {r['num']} videos | {r['ddim_steps']} {r['sampler']} steps | guidance "
+          f"{r['guidance']:g} | " + " | ".join(s for s in shown if s) + f" | {r['time']:.0f} s")
     print(f"wrote {r['path']}")
     return 0
 

@@ -16,7 +16,6 @@ Design choices, each for CPU speed at equal quality:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+
+from t2v.layers import timestep_embedding, zero_
 
 # name -> (base_channels, channel_mults). "base" is the baseline: 64 channels scaling to 128 and 256.
 SIZES = {
@@ -42,17 +43,6 @@ def num_groups(channels: int) -> int:
     return g
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: (b,) -> (b, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # b half
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # b (2 half)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
-
-
 def space_time_grid(x: torch.Tensor) -> torch.Tensor:
     """(b, 3, t, h, w) frame, row and column coordinates in [-1, 1] for a b c t h w tensor.
 
@@ -65,12 +55,6 @@ def space_time_grid(x: torch.Tensor) -> torch.Tensor:
             torch.zeros(1, device=x.device, dtype=x.dtype) for n in (t, h, w)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # 3 t h w
     return grid.expand(b, -1, -1, -1, -1)  # b 3 t h w
-
-
-def zero_(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
 
 
 class Conv2Plus1D(nn.Module):
@@ -334,10 +318,15 @@ def resolve_size(size: str, base_channels: int = 0, channel_mults: Sequence[int]
     return (base_channels or base), tuple(int(m) for m in (channel_mults or mults))
 
 
-def build_model(cfg, in_channels: int = 3) -> UNet3DCond:
+def build_model(cfg, in_channels: int = 3) -> nn.Module:
     """The model described by a t2v.config.Config (model section, conditioning dim from text.dim); ``in_channels``:
-    what its space gives it (t2v.space: 3 for RGB, the VAE's latent channels) unless model.in_channels says."""
+    what its space gives it (t2v.space: 3 for RGB, the VAE's latent channels) unless model.in_channels says.
+    model.arch=unet: UNet3DCond; model.arch=dit: t2v.dit.VideoDiT (same forward interface)."""
     m = cfg.model
+    if m.arch == "dit":
+        from t2v.dit import build_dit  # here, not at the top: t2v.dit imports this module's helpers
+
+        return build_dit(cfg, in_channels)
     base, mults = resolve_size(m.size, m.base_channels, m.channel_mults)
     return UNet3DCond(
         in_channels=m.in_channels or in_channels,

@@ -20,23 +20,28 @@ from t2v.data.video import write_mp4
 from t2v.device import DeviceError, pick_device
 from t2v.files import slug
 from t2v.model import build_model
+from t2v.objective import build_objective
 from t2v.space import build_space
 from t2v.vae import VAEError
 
 
 @torch.no_grad()
 def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_mask=None, steps: int = 50, guidance: float = 3.0, seed: int = 0,
-             device="cpu", method: str = "ddim", eta: float = 0.0, progress: bool = False, space=None,
+             device="cpu", method: str = "", eta: float = 0.0, progress: bool = False, space=None,
              fps: float | None = None) -> torch.Tensor:
     """text: b d cached caption embeddings -> videos b t c h w in [-1, 1]. Uses its own generator, so it never
     disturbs the training RNG (previews keep resume bit-exact). ``space`` (t2v.space; built from the config once per
     process if not given) says what is sampled and how it becomes frames: a latent-space model's latents are decoded
-    through its VAE. ``fps``: the frame rate a model.fps_cond model is asked for."""
+    through its VAE. ``fps``: the frame rate a model.fps_cond model is asked for. ``method``: one of the objective's
+    samplers (ddim or ddpm for diffusion.objective=ddpm, euler or heun for flow); "" = its first (ddim, euler)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     b = text.shape[0]
-    sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
+    objective = build_objective(cfg.diffusion, device)
+    if method and method not in objective.methods:
+        raise ValueError(f"sampling method {method!r} is not one of diffusion.objective={objective.name}'s: "
+                         f"{', '.join(objective.methods)}")
     text = text.to(device)
     if tokens is not None:
         tokens, token_mask = tokens.to(device), token_mask.to(device)
@@ -61,9 +66,8 @@ def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_m
     g = torch.Generator(device=device).manual_seed(seed)
     space = space or _shared_space(cfg.model.space, cfg.vae.name, cfg.vae.subfolder, cfg.vae.batch_size, str(device))
     # x0 is clipped to [-1, 1] at every step only where the space is bounded (pixels; latents are not)
-    x = diffusion.sample_loop(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.size), sched, method=method,
-                              steps=steps, prediction=cfg.diffusion.prediction, generator=g, device=device, eta=eta,
-                              progress=progress, clip=space.bounded)
+    x = objective.sample(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.size), steps, method, generator=g,
+                         device=device, eta=eta, progress=progress, clip=space.bounded)
     model.train(was_training)
     return space.to_frames(x)
 
@@ -184,8 +188,10 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="checkpoint file or run folder (newest valid checkpoint)")
     p.add_argument("--prompt", action="append", required=True, help="caption to sample (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<ckpt name>)")
-    p.add_argument("--method", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM always uses all timesteps)")
+    p.add_argument("--method", choices=("ddim", "ddpm", "euler", "heun"), default=None,
+                   help="ddim (default) or ddpm for a diffusion.objective=ddpm model; euler (default) or heun for flow")
+    p.add_argument("--steps", type=int, default=50,
+                   help="DDIM, Euler or Heun steps (DDPM always uses all timesteps; Heun calls the model 2 x steps - 1 times)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -202,6 +208,11 @@ def main(argv=None) -> int:
         if args.fps is not None and not args.fps > 0:
             raise ValueError(f"--fps must be > 0, got {args.fps}")
         space = space_for_sampling(cfg, device)  # a latent model's VAE decodes its samples
+        methods = build_objective(cfg.diffusion).methods
+        method = args.method or methods[0]
+        if method not in methods:
+            raise ValueError(f"--method {method}: {path} was trained with diffusion.objective="
+                             f"{cfg.diffusion.objective}, which samples with {' or '.join(methods)}")
     except (ckpt.CheckpointError, DeviceError, VAEError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -209,14 +220,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text, tokens, token_mask = embed_prompts(cfg, args.prompt)
     guidance = cfg.train.guidance if args.guidance is None else args.guidance
-    steps = cfg.diffusion.timesteps if args.method == "ddpm" else args.steps
+    steps = cfg.diffusion.timesteps if method == "ddpm" else args.steps
     fps = args.fps or trained or DEFAULT_FPS
     videos = generate(model, cfg, text, tokens=tokens, token_mask=token_mask, steps=steps, guidance=guidance,
-                      seed=args.seed, device=device, method=args.method, eta=args.eta, progress=True, space=space, fps=fps)
+                      seed=args.seed, device=device, method=method, eta=args.eta, progress=True, space=space, fps=fps)
     grid = save_grid(videos, out / "grid.png", args.prompt)
     why = ("--fps" if args.fps else f"the rate it was trained at, {cfg.data.sampling} sampling" if trained else
            "the training rate is unknown: data.sampling=even spreads the frames over each clip")
-    print(f"step {step} | {args.method} {steps} steps | guidance {guidance:g} | {fps:g} fps ({why})")
+    print(f"step {step} | {method} {steps} steps | guidance {guidance:g} | {fps:g} fps ({why})")
     print(f"grid {grid}")
     for prompt, video in zip(args.prompt, videos):
         if args.format in ("gif", "both"):

@@ -1,10 +1,11 @@
 """One training step: what t2v.train runs for every batch, and what `make bench` times.
 
-    state = StepState(net, model, ema, opt, scaler, sched, cfg.diffusion, cfg.train, precision, device, dist)
+    state = StepState(net, model, ema, opt, scaler, objective, cfg.diffusion, cfg.train, precision, device, dist)
     result = train_step(state, step, x0, Cond(text))      # x0: b t c h w in [-1, 1]
 
 A step is: the learning rate for this step; timesteps, noise and caption dropout drawn from a generator that is
-a function of (seed, step) alone, for the whole global batch, keeping this rank's rows; q_sample; the forward
+a function of (seed, step) alone, for the whole global batch, keeping this rank's rows; the noisy input (the
+objective's: t2v.objective, DDPM or rectified flow); the forward
 under autocast; the loss in fp32; backward (through the grad scaler); one all-reduce of (loss, "stop"); then,
 unless the loss is non-finite anywhere, unscale, clip, the optimizer step and the EMA update. Everything that
 makes a run resumable bit for bit lives in those draws: nothing here reads the global RNG.
@@ -22,6 +23,7 @@ import torch
 from t2v import config
 from t2v import diffusion
 from t2v import distributed
+from t2v import objective as objectives
 
 
 def lr_at(step: int, cfg: config.TrainConfig) -> float:
@@ -101,8 +103,8 @@ class StepState:
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sched: diffusion.Schedule
-    diffusion: config.DiffusionConfig
+    objective: objectives.Objective  # what x_t and the target are (DDPM or rectified flow)
+    diffusion: config.DiffusionConfig  # cond_dropout
     train: config.TrainConfig  # seed, lr and warmup, grad_clip, ema_decay
     precision: str  # fp32 | bf16 | fp16
     device: torch.device
@@ -143,23 +145,21 @@ def train_step(s: StepState, step: int, x0: torch.Tensor, cond: Any, stop_reques
     # another world size or split sees them too.
     g = step_generator(s.train.seed, step, s.device)
     rows = slice(s.dist.rank * b, (s.dist.rank + 1) * b)
-    t = torch.randint(0, s.sched.num_timesteps, (global_batch,), generator=g, device=s.device)[rows]
+    t = s.objective.draw_times(g, global_batch, s.device)[rows]
     noise = torch.randn((global_batch, *x0.shape[1:]), generator=g, device=s.device)[rows]  # b t c h w
     keep = (torch.rand(global_batch, generator=g, device=s.device) >= s.diffusion.cond_dropout)[rows]
     total = torch.zeros((), device=s.device)
     m = b // k
     for i in range(k):
         mb = slice(i * m, (i + 1) * m)
-        x_t = diffusion.q_sample(s.sched, x0[mb], t[mb], noise[mb])
-        target = diffusion.training_target(s.sched, x0[mb], noise[mb], t[mb], s.diffusion.prediction)
+        x_t = s.objective.noisy(x0[mb], noise[mb], t[mb])
+        target = s.objective.target(x0[mb], noise[mb], t[mb])
         # DDP all-reduces gradients in the last micro-batch's backward only (forward and backward under no_sync)
         sync = i == k - 1 or not hasattr(s.net, "no_sync")
         with nullcontext() if sync else s.net.no_sync():
             with autocast(s.device, s.precision):
-                out = s.forward(s.net, x_t, t[mb], _rows(cond, mb), keep[mb])
-            weight = (diffusion.min_snr_weight(s.sched, t[mb], s.diffusion.snr_gamma, s.diffusion.prediction)
-                      if s.diffusion.snr_gamma > 0 else None)  # m
-            loss = diffusion.training_loss(out.float(), target, weight) / k
+                out = s.forward(s.net, x_t, s.objective.model_time(t[mb]), _rows(cond, mb), keep[mb])
+            loss = diffusion.training_loss(out.float(), target, s.objective.weight(t[mb])) / k
             s.scaler.scale(loss).backward()
         total = total + loss.detach()
     # One host sync per step: the mean loss over ranks and "did any rank get a signal".

@@ -31,7 +31,7 @@ from pathlib import Path
 from t2v import runlog
 
 # loss-record fields shown as scalars, under train/
-SCALARS = ("loss", "lr", "grad_norm", "clips_per_s", "step_time")
+SCALARS = ("loss", "lr", "grad_norm", "clips_per_s", "step_time", "gpu_mem_gib")
 MARKED = (runlog.START, runlog.RESUME, runlog.PREEMPT, runlog.DONE, runlog.PREVIEW_FAILED)
 
 

@@ -28,7 +28,6 @@ from t2v.checkpoint import rng_state, set_rng_state  # noqa: F401 (t2v.train.rng
 from t2v.checkpointer import (RESUME_MUST_MATCH, Checkpointer, TrainingError,  # noqa: F401 (names tests use here)
                               incompatible_changes)
 from t2v import config
-from t2v import diffusion
 from t2v import distributed
 from t2v.data.cache import CacheError
 from t2v.data.sources import trained_fps
@@ -38,6 +37,7 @@ from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
 from t2v.model import build_model, count_params
+from t2v.objective import build_objective
 from t2v import runlog
 from t2v import tracking
 from t2v.runlog import REQUEUE_EXIT, RunLog
@@ -122,8 +122,13 @@ def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = No
     log.image("preview", path, step)
 
 
-def log_val_loss(ema, sched, valset, cfg, step, device, log) -> None:
-    losses = val_loss(ema, sched, valset, cfg.diffusion.prediction, device)
+def peak_memory(device: torch.device) -> dict:
+    """{"gpu_mem_gib": the most GPU memory this process has held for tensors so far} on CUDA, {} elsewhere."""
+    return {"gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)} if device.type == "cuda" else {}
+
+
+def log_val_loss(ema, objective, valset, step, device, log) -> None:
+    losses = val_loss(ema, objective, valset, device)
     mean = sum(losses.values()) / len(losses)
     log.line(f"val step {step:06d} | " + " ".join(f"t{t} {v:.4f}" for t, v in losses.items()) + f" | mean {mean:.4f}")
     log.event(runlog.VAL, step, val_loss=mean, **{f"val_loss_t{t}": v for t, v in losses.items()})
@@ -189,7 +194,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift).to(device)
+    objective = build_objective(cfg.diffusion, device)  # DDPM or rectified flow: what x_t and the target are
 
     checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps})
     if state is not None:
@@ -221,7 +226,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          worker_init_fn=_ignore_signals_in_worker, pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
-    step_state = StepState(net, model, ema, opt, scaler, sched, cfg.diffusion, cfg.train, precision, device, dist,
+    step_state = StepState(net, model, ema, opt, scaler, objective, cfg.diffusion, cfg.train, precision, device, dist,
                            global_batch, grad_accum=accum)
 
     # --- the loop ---------------------------------------------------------------------------------------
@@ -261,13 +266,13 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
             log.line(f"step {done:06d} | loss {loss_value:.4f}")
             log.metrics(step=done, loss=loss_value, lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm),
                         clips_per_s=window_steps * global_batch / max(elapsed, 1e-9),
-                        step_time=elapsed / window_steps, world_size=dist.world_size)
+                        step_time=elapsed / window_steps, world_size=dist.world_size, **peak_memory(device))
             window_start, window_steps = time.time(), 0
         saved = checkpointer.due(done)
         if saved:
             checkpointer.save(done, last_loss)
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
-            log_val_loss(ema, sched, valset, cfg, done, device, log)
+            log_val_loss(ema, objective, valset, done, device, log)
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
                 preview(ema, cfg, emb, done, device, log, space, fps)

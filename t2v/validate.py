@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from t2v import config
-from t2v import diffusion
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError, decode_uint8, to_model
+from t2v.objective import Objective
 
 NOISE_SEED = 20_231_101  # fixed: the same noise for every run on the same data
 
@@ -137,8 +137,9 @@ def latent_x0(cfg: config.Config, path: Path, all_clips: list, n: int, vae_id: s
 
 
 @torch.no_grad()
-def val_loss(model, sched: diffusion.Schedule, valset: ValSet, prediction: str, device, batch_size: int = 16) -> dict[int, float]:
-    """{timestep: MSE of the model's target} over the validation subset, conditional on the captions."""
+def val_loss(model, objective: Objective, valset: ValSet, device, batch_size: int = 16) -> dict[int, float]:
+    """{timestep: MSE of the model's target} over the validation subset, conditional on the captions. A flow
+    model is measured at t = timestep / diffusion.timesteps (t2v.objective.Flow.fixed_times)."""
     was_training = model.training
     model.eval()
     out: dict[int, float] = {}
@@ -149,13 +150,13 @@ def val_loss(model, sched: diffusion.Schedule, valset: ValSet, prediction: str, 
             rows = slice(i, i + batch_size)
             x0 = valset.videos[rows].to(device)  # b t c h w
             noise = valset.noise[k, rows].to(device)
-            t = torch.full((x0.shape[0],), t_int, dtype=torch.long, device=device)
+            t = objective.fixed_times(t_int, x0.shape[0], device)
             tokens = valset.tokens[rows].to(device) if valset.tokens is not None else None
             mask = valset.token_mask[rows].to(device) if valset.token_mask is not None else None
             fps = valset.fps[rows].to(device) if valset.fps is not None else None
-            pred = model(diffusion.q_sample(sched, x0, t, noise), t, valset.text[rows].to(device), tokens=tokens,
+            pred = model(objective.noisy(x0, noise, t), objective.model_time(t), valset.text[rows].to(device), tokens=tokens,
                          token_mask=mask, fps=fps)
-            target = diffusion.training_target(sched, x0, noise, t, prediction)
+            target = objective.target(x0, noise, t)
             total += float((pred.float() - target.float()).pow(2).sum())
         out[t_int] = total / valset.noise[k].numel()
     model.train(was_training)

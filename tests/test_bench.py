@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = {"train", "data", "text", "preempt", "gpu", "exp", "latent", "scale"}
+SECTIONS = {"train", "data", "text", "preempt", "gpu", "exp", "latent", "scale", "dit"}
 
 
 def test_bench_quick_runs_every_section(tmp_path):

@@ -50,8 +50,9 @@ def finish(procs, timeout=300) -> list[tuple[int, str]]:
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
-def test_two_ranks_match_one_process_with_double_batch(data_dir, tmp_path):
-    common = ("train.steps=12", "train.ckpt_every=12", "train.log_every=4", "diffusion.cond_dropout=0.3")
+@pytest.mark.parametrize("recipe", [(), ("model.arch=dit", "diffusion.objective=flow")], ids=["unet_ddpm", "dit_flow"])
+def test_two_ranks_match_one_process_with_double_batch(data_dir, tmp_path, recipe):
+    common = ("train.steps=12", "train.ckpt_every=12", "train.log_every=4", "diffusion.cond_dropout=0.3", *recipe)
     (rc, out), = finish(launch(data_dir, tmp_path / "one", 1, "train.batch_size=4", *common))
     assert rc == 0, out
     results = finish(launch(data_dir, tmp_path / "two", 2, "train.batch_size=2", *common))

@@ -147,6 +147,31 @@ def test_latent_training_resumes_bit_exact_and_samples_decoded_videos(data, tmp_
     assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
 
 
+def test_the_transformer_with_flow_resumes_bit_exact_in_latent_space_and_samples(data, tmp_path):
+    """The recommended MSR-VTT recipe's settings (configs/latent_dit_flow.yaml) on the tiny VAE's 8x8 latents."""
+    recipe = ("model.arch=dit", "diffusion.objective=flow", "diffusion.shift=3", "model.cross_attention=true",
+              "text.tokens=true")
+    cfg = latent_config(data, tmp_path / "straight", *recipe)
+    build(cfg)
+    build(cfg, C.val_manifest(cfg))
+    captions = [c for m in (cfg.data.manifest, C.val_manifest(cfg)) for clip in read_manifest(m) for c in clip.captions]
+    embed_captions(cfg.text, captions + list(cfg.train.sample_prompts) + ["", "a red circle moving right"],
+                   C.cache_dir(cfg, "text"), progress=False)  # again, with the per-token embeddings
+    assert T.train(cfg) == 0
+    assert T.train(latent_config(data, tmp_path / "resumed", *recipe), stop_at=5) == T.REQUEUE_EXIT
+    assert T.train(latent_config(data, tmp_path / "resumed", *recipe)) == 0
+    assert_states_equal(load(tmp_path / "straight" / "ckpt_000008.pt"), load(tmp_path / "resumed" / "ckpt_000008.pt"))
+    assert "val step 000008" in (tmp_path / "straight" / "train.log").read_text()
+    from t2v.sample import main as sample_main
+
+    out = tmp_path / "samples"
+    assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle moving right", "--steps", "2",
+                        "--method", "heun", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out / "a_red_circle_moving_right.gif").size == (32, 32)  # decoded 16x16 frames at 2x
+
+
 def test_a_checkpoint_from_before_the_space_object_resumes_and_samples(data, tmp_path):
     """Latent checkpoints written before t2v/space.py hold the VAE's channels in model.in_channels (training filled
     them into the config) and no data.channels: they resume, and sample, as they did."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -50,6 +51,47 @@ def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
     # starting again on a finished run does nothing and says so
     assert train(cfg) == 0
     assert "nothing to do" in (tmp_path / "run" / "train.log").read_text()
+
+
+# the field's recipe (docs/recipe.md): rectified flow, the video transformer, and both
+RECIPES = {"flow": ("diffusion.objective=flow", "diffusion.shift=3"),
+           "dit": ("model.arch=dit", "diffusion.prediction=v"),
+           "dit_flow": ("model.arch=dit", "diffusion.objective=flow", "model.size=small", "model.checkpointing=true")}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_trains_resumes_bit_exact_and_samples(data_dir, tmp_path, recipe):
+    args = ("train.steps=12", "train.ckpt_every=5", "train.log_every=1", "train.val_every=6", "train.sample_every=6",
+            "train.grad_accum=2", *RECIPES[recipe])
+    assert train(tiny_config(data_dir, tmp_path / "straight", *args)) == 0
+    assert train(tiny_config(data_dir, tmp_path / "resumed", *args), stop_at=7) == REQUEUE_EXIT
+    assert train(tiny_config(data_dir, tmp_path / "resumed", *args)) == 0
+    assert_states_equal(load(tmp_path / "straight" / "ckpt_000012.pt"), load(tmp_path / "resumed" / "ckpt_000012.pt"))
+    assert log_lines(tmp_path / "straight", "val step") == log_lines(tmp_path / "resumed", "val step")
+    losses = [float(l.split("loss ")[1]) for l in log_lines(tmp_path / "straight", "step ")]
+    assert all(math.isfinite(v) for v in losses) and len(losses) == 12
+    assert (tmp_path / "straight" / "samples" / "preview_step000012.png").is_file()
+    from t2v.sample import main as sample_main
+
+    objective = "flow" if "diffusion.objective=flow" in RECIPES[recipe] else "ddpm"
+    default, other = ("euler", "heun") if objective == "flow" else ("ddim", "ddpm")
+    out = tmp_path / "samples"
+    assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle", "--steps", "3",
+                        "--out", str(out)]) == 0
+    assert (out / "grid.png").is_file() and (out / "a_red_circle.gif").is_file()
+    if objective == "flow":
+        assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle", "--steps", "2",
+                            "--method", other, "--out", str(out / other)]) == 0
+        assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a", "--method", "ddim"]) == 2
+
+
+def test_sampling_a_flow_model_with_a_ddpm_sampler_says_which_it_takes(data_dir, tmp_path, capsys):
+    assert train(tiny_config(data_dir, tmp_path, "train.steps=2", "train.val_every=0",
+                             "diffusion.objective=flow")) == 0
+    from t2v.sample import main as sample_main
+
+    assert sample_main(["--ckpt", str(tmp_path), "--prompt", "a", "--method", "ddpm"]) == 2
+    assert "was trained with diffusion.objective=flow, which samples with euler or heun" in capsys.readouterr().err
 
 
 def test_keep_last_k(data_dir, tmp_path):
@@ -231,7 +273,8 @@ def test_padded_and_string_captions_embed_and_train(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change", ["diffusion.prediction=v", "diffusion.shift=4", "data.size=24", "data.frames=2",
-                                    "text.dim=32", "model.coords=true", "diffusion.timesteps=2000"])
+                                    "text.dim=32", "model.coords=true", "diffusion.timesteps=2000",
+                                    "diffusion.objective=flow", "model.arch=dit"])
 def test_resume_refuses_a_changed_run(data_dir, tmp_path, change):
     first = tiny_config(data_dir, tmp_path, "train.steps=4", "train.val_every=0")
     assert train(first) == 0

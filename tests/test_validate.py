@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runs import assert_states_equal, load, prepare, tiny_config
-from t2v import diffusion as D
+from t2v.objective import build_objective
 from t2v.model import build_model
 from t2v.sample import load_ema
 from t2v.text import EmbeddingCache, encoder_key
@@ -64,10 +64,9 @@ def test_same_weights_same_figures_and_learning_shows(data_dir, tmp_path):
     emb = EmbeddingCache.load(C.cache_dir(cfg, "text"), encoder_key(cfg.text))
     valset, why = load_val_set(cfg, emb)
     assert why == "" and valset.videos.shape[0] == 3 and valset.timesteps == (50, 500, 950)
-    sched = D.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift)
+    objective = build_objective(cfg.diffusion)
     _, ema, _ = load_ema(tmp_path / "run" / "ckpt_000024.pt")
-    first, second = val_loss(ema, sched, valset, cfg.diffusion.prediction, "cpu"), \
-        val_loss(ema, sched, valset, cfg.diffusion.prediction, "cpu")
+    first, second = val_loss(ema, objective, valset, "cpu"), val_loss(ema, objective, valset, "cpu")
     assert first == second  # fixed clips, timesteps and noise
     # a fresh set built again draws the same noise, and the logged figure is this one
     again, _ = load_val_set(cfg, emb)
@@ -75,8 +74,12 @@ def test_same_weights_same_figures_and_learning_shows(data_dir, tmp_path):
     assert val_records(tmp_path / "run")[-1]["val_loss_t500"] == pytest.approx(first[500], rel=1e-6)
     # the untrained model (it predicts 0, so its eps loss is E[eps²] = 1) is worse than the trained one
     untrained = build_model(cfg).eval()
-    assert val_loss(untrained, sched, valset, "eps", "cpu")[500] == pytest.approx(1.0, abs=0.1)
+    assert val_loss(untrained, objective, valset, "cpu")[500] == pytest.approx(1.0, abs=0.1)
     assert first[500] < 0.9
+    # flow: t = 500 / 1000, and a model that predicts 0 misses the whole velocity eps - x0: E[eps²] + E[x0²]
+    flow_cfg = C.load_config(None, ["diffusion.objective=flow"], env={})
+    flow_loss = val_loss(untrained, build_objective(flow_cfg.diffusion), valset, "cpu")
+    assert flow_loss[500] == pytest.approx(1.0 + valset.videos.pow(2).mean().item(), rel=0.05)
 
 
 def test_no_validation_manifest_is_one_log_line(data_dir, tmp_path):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from t2v import diffusion
 from t2v.data.demo_judge import judge, score
 from t2v.data.manifest import read_manifest
 from t2v.data.video import decode_uint8, to_model
 from t2v.sample import embed_prompts, load_ema, resolve_checkpoint, to_uint8
 from t2v.demo_eval import PROMPTS, prompt_of
+from t2v.objective import build_objective
 
 TIMESTEPS = (200, 500, 800, 900, 950, 990)
 
@@ -45,18 +45,18 @@ def probe(ckpt, timesteps=TIMESTEPS, seed: int = 0) -> dict:
     cfg, model, step = load_ema(path)
     x0, wanted = demo_clips(cfg)
     text, tokens, mask = embed_prompts(cfg, [prompt_of(*w) for w in wanted])
-    sched = diffusion.make_schedule(cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.diffusion.shift)
+    objective = build_objective(cfg.diffusion)
     g = torch.Generator().manual_seed(seed)
     rows = []
     for t_int in timesteps:
         noise = torch.randn(x0.shape, generator=g)  # n t c h w
-        t = torch.full((x0.shape[0],), t_int, dtype=torch.long)
-        x_t = diffusion.q_sample(sched, x0, t, noise)
+        t = objective.fixed_times(t_int, x0.shape[0], "cpu")
+        x_t = objective.noisy(x0, noise, t)
         row = {"t": t_int}
         for name, keep in (("with", True), ("without", False)):
             cond = torch.full((x0.shape[0],), keep, dtype=torch.bool)
-            out = model(x_t, t, text, tokens=tokens, token_mask=mask, cond_mask=cond)
-            pred = diffusion.predict_x0(sched, x_t, t, out, cfg.diffusion.prediction, clip=True)
+            out = model(x_t, objective.model_time(t), text, tokens=tokens, token_mask=mask, cond_mask=cond)
+            pred = objective.predict_x0(x_t, t, out, clip=True)
             s = score([judge(to_uint8(v)) for v in pred], wanted)
             row.update({f"{k}_{name}": s[k] for k in ("color", "shape", "motion")})
         rows.append(row)

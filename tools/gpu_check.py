@@ -9,6 +9,9 @@ Checks, each a real command line (the ones users run), in this order:
   fp16     20 steps in fp16 with the grad scaler (its state saved in the checkpoint)
   compile  20 steps with train.compile=true
   sample   a 25-step DDIM sample from the bf16 run (grid + GIF)
+  dit      the field's recipe at base size: the video transformer (model.arch=dit, cross-attention to caption
+           tokens) with rectified flow, bf16 and train.compile=true, 30 steps on 8x32x32 clips (at patch 2 the token
+           grid of 256 px latents); clips/s per GPU and peak GPU memory, then a 10-step Euler sample
   bench    `bench/run.py --only gpu` with the batch search capped so that everything fits
 
     python tools/gpu_check.py                  # on a GPU machine (make gpu-check installs first)
@@ -33,7 +36,7 @@ from t2v.runlog import REQUEUE_EXIT  # noqa: E402
 
 # (name, seconds it may take at most on one H100/H200): 445 s together, so the script ends inside 8 minutes
 # with room for Python start-up and the summary.
-BUDGET = {"setup": 60, "bf16": 60, "preempt": 75, "fp16": 40, "compile": 90, "sample": 30, "bench": 90}
+BUDGET = {"setup": 50, "bf16": 50, "preempt": 70, "fp16": 40, "compile": 85, "sample": 25, "dit": 45, "bench": 80}
 CHECKS = tuple(BUDGET)
 
 
@@ -210,6 +213,29 @@ def check_sample(plan: Plan, log: Path) -> Result:
     return Result("sample", "ok", detail=f"25 DDIM steps, 2 prompts: {', '.join(made)}")
 
 
+def check_dit(plan: Plan, log: Path) -> Result:
+    out = plan.workdir / "dit"
+    recipe = ["model.arch=dit", "diffusion.objective=flow", "diffusion.shift=3", "model.cross_attention=true",
+              "text.tokens=true", "train.steps=30", "train.ckpt_every=30", "train.log_every=10"]
+    if not plan.rehearse:
+        recipe += ["data.size=32", "train.compile=true", "train.batch_size=8"]
+    args = plan.train_args(out, *recipe)
+    expect_rc(run(py("-m", "t2v.text", "embed", "--no-progress", *args), plan.timeouts["dit"], log), 0, "token embed", log)
+    expect_rc(run(py("-m", "t2v.train", *args), plan.timeouts["dit"], log), 0, "dit + flow training", log)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    memory = max((r.get("gpu_mem_gib", 0.0) for r in rows), default=0.0)
+    loss = losses(out)
+    if not loss or not all(v == v for v in loss):
+        raise CheckFailed(f"losses {loss}")
+    cmd = py("-m", "t2v.sample", "--ckpt", str(out), "--out", str(out / "samples"), "--steps", "10",
+             "--prompt", "a red circle moving right")
+    expect_rc(run(cmd, plan.timeouts["dit"], log), 0, "Euler sampling", log)
+    return Result("dit", "ok", detail=f"30 steps ({'fp32, CPU rehearsal' if plan.rehearse else 'bf16, compiled'}), "
+                                      f"{clips_per_s(out):.1f} clips/s, peak GPU memory {memory:.2f} GiB, "
+                                      f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; 10 Euler steps sampled",
+                  data={"clips_per_s": clips_per_s(out), "peak_gib": memory, "losses": loss})
+
+
 def check_bench(plan: Plan, log: Path) -> Result:
     out = plan.workdir / "bench"
     cmd = py(str(REPO / "bench/run.py"), "--only", "gpu", "--out", str(out), "--name", "gpu-check", "--repeats", "1",
@@ -224,7 +250,7 @@ def check_bench(plan: Plan, log: Path) -> Result:
 
 
 RUNNERS = {"setup": check_setup, "bf16": check_bf16, "preempt": check_preempt, "fp16": check_fp16,
-           "compile": check_compile, "sample": check_sample, "bench": check_bench}
+           "compile": check_compile, "sample": check_sample, "dit": check_dit, "bench": check_bench}
 NEEDS = {"preempt": "bf16", "sample": "bf16"}  # compares with / samples from the bf16 run
 
 

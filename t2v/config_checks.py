@@ -1,0 +1,143 @@
+"""Every configuration setting's range, as messages that name the key: t2v.config.validate raises them.
+
+Torch-free and free of t2v.config itself (it checks any object shaped like t2v.config.Config), so the config
+module stays about reading and writing settings, and this one about what they may be.
+"""
+from __future__ import annotations
+
+import math
+
+
+def _int_list(values) -> tuple[int, ...] | None:
+    """``values`` as a tuple of ints (``train.val_timesteps=100,500`` arrives as strings), or None if one is not."""
+    try:
+        out = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return out if all(float(v) == o for v, o in zip(values, out)) else None
+
+
+SAMPLINGS = ("even", "window", "random_window")
+WANDB_MODES = ("off", "offline", "online")
+OBJECTIVES = ("ddpm", "flow")
+ARCHS = ("unet", "dit")
+
+
+def _window_checks(cfg) -> list[tuple[bool, str]]:
+    """data.sampling=window's settings: one rate, in range, and a window that fits in data.max_seconds."""
+    d = cfg.data
+    strides = _int_list(d.strides)
+    if strides is not None:
+        d.strides = strides
+    checks = [
+        (d.fps >= 0 and math.isfinite(d.fps), f"data.fps must be >= 0 frames per second, got {d.fps}"),
+        (d.frame_interval >= 0, f"data.frame_interval must be >= 0, got {d.frame_interval}"),
+        (strides is not None and len(strides) >= 1 and all(s >= 1 for s in strides),
+         f"data.strides must be whole numbers >= 1, got {list(d.strides)}"),
+        (d.max_seconds > 0, f"data.max_seconds must be > 0, got {d.max_seconds}"),
+        (d.cut_threshold > 0, f"data.cut_threshold must be > 0, got {d.cut_threshold}"),
+        (d.short_clips in ("skip", "pad"), f"data.short_clips must be 'skip' or 'pad', got {d.short_clips!r}"),
+        (d.sampling == "window" or not cfg.model.fps_cond,
+         "model.fps_cond needs data.sampling=window (the frame rate is known only for windows)"),
+    ]
+    if d.sampling != "window":
+        return checks + [(not (d.fps or d.frame_interval),
+                          f"data.fps and data.frame_interval apply to data.sampling=window only (it is {d.sampling!r})")]
+    checks.append((bool(d.fps) != bool(d.frame_interval),
+                   "data.sampling=window needs exactly one of data.fps (frames per second the model sees, e.g. 8) "
+                   f"and data.frame_interval (every k-th source frame); got fps={d.fps:g}, "
+                   f"frame_interval={d.frame_interval}"))
+    if d.fps > 0 and strides:
+        seconds = (d.frames - 1) * max(strides) / d.fps + 1 / d.fps
+        checks.append((seconds <= d.max_seconds + 1e-9,
+                       f"a window of data.frames={d.frames} at {d.fps:g} fps (stride {max(strides)}) lasts {seconds:g} s,"
+                       f" longer than data.max_seconds={d.max_seconds:g}: raise data.max_seconds or data.fps"))
+    return checks
+
+
+def _arch_checks(cfg) -> list[tuple[bool, str]]:
+    """The frame size each architecture takes, and the options that belong to the other one."""
+    m, size = cfg.model, cfg.data.size
+    if m.arch != "dit":
+        return [(size >= 8 and size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)")]
+    side = size // 8 if m.space == "latent" else size  # t2v.dit.resolve_patch's rule (this module has no torch)
+    patch = m.patch or (1 if side <= 16 else 2)
+    return [
+        (size >= 8 and (m.space == "pixel" or size % 8 == 0),
+         "data.size must be >= 8, and a multiple of 8 for model.space=latent (the VAE downsamples 8x)"),
+        (side % patch == 0, f"data.size must give frames ({side}x{side}) divisible by the dit's patch {patch} (model.patch)"),
+        *[(not getattr(m, k), f"model.{k} applies to model.arch=unet only; a dit has {why}") for k, why in
+          (("coords", "position embeddings"), ("frame_cond", "a frame position embedding"),
+           ("temporal_attention", "temporal attention blocks"))],
+        (m.depth % 2 == 0, f"model.depth must be even for a dit (spatial + temporal pairs), got {m.depth}"),
+        (not (m.hidden and m.heads) or m.hidden % m.heads == 0,
+         f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})"),
+    ]
+
+
+def problems(cfg, valid_keys: list[str]) -> list[str]:
+    """What is wrong with a resolved t2v.config.Config, one message per problem naming the key (empty: nothing).
+    Coerces train.val_timesteps and data.strides to tuples of ints on the way."""
+    timesteps = _int_list(cfg.train.val_timesteps)
+    if timesteps is not None:
+        cfg.train.val_timesteps = timesteps
+    t, d = cfg.train, cfg.diffusion
+    checks = [
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.max_bad_clips >= 0, "data.max_bad_clips must be >= 0"),
+        (cfg.text.dim >= 1, "text.dim must be >= 1"),
+        (cfg.text.max_tokens >= 1, "text.max_tokens must be >= 1"),
+        (cfg.model.base_channels >= 0, "model.base_channels must be >= 0 (0 = from model.size)"),
+        (cfg.model.space in ("pixel", "latent"), "model.space must be 'pixel' or 'latent'"),
+        (cfg.model.in_channels >= 0, "model.in_channels must be >= 0 (0 = from the space: RGB or the VAE)"),
+        (cfg.vae.batch_size >= 1, "vae.batch_size must be >= 1"),
+        (bool(cfg.vae.name.strip()) or cfg.model.space == "pixel", "vae.name must name a VAE for model.space=latent"),
+        (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
+        (d.timesteps >= 2, "diffusion.timesteps must be >= 2"),
+        (t.log_every >= 1, "train.log_every must be >= 1"),
+        (t.warmup >= 0, "train.warmup must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.grad_clip > 0, "train.grad_clip must be > 0"),
+        (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+        (t.seed >= 0, "train.seed must be >= 0"),
+        (1 <= t.sample_steps <= d.timesteps, f"train.sample_steps must be in [1, diffusion.timesteps={d.timesteps}]"),
+        (t.guidance >= 0, "train.guidance must be >= 0 (1 = no guidance)"),
+        (t.max_nan_steps >= 0, "train.max_nan_steps must be >= 0"),
+        (t.max_restarts >= 0, "train.max_restarts must be >= 0"),
+        (t.wandb in WANDB_MODES, f"train.wandb must be one of {', '.join(WANDB_MODES)}, got {t.wandb!r}"),
+        (bool(t.wandb_project.strip()), "train.wandb_project must not be empty"),
+        (t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds a collective waits for the other ranks)"),
+        (cfg.data.frames >= 1, "data.frames must be >= 1"),
+        (cfg.data.sampling in SAMPLINGS, f"data.sampling must be one of {', '.join(SAMPLINGS)}"),
+        (0 < cfg.data.window <= 1, "data.window must be in (0, 1]"),
+        *_window_checks(cfg),
+        (cfg.text.encoder in ("clip", "hash", "tiny"), "text.encoder must be clip, hash or tiny"),
+        (cfg.diffusion.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
+        (d.objective in OBJECTIVES, f"diffusion.objective must be one of {', '.join(OBJECTIVES)}, got {d.objective!r}"),
+        (d.logit_std > 0 and math.isfinite(d.logit_mean), "diffusion.logit_std must be > 0 and logit_mean finite"),
+        (d.objective == "ddpm" or d.snr_gamma == 0, "diffusion.snr_gamma applies to diffusion.objective=ddpm only"),
+        (d.objective == "ddpm" or d.prediction == "eps",
+         "diffusion.prediction applies to diffusion.objective=ddpm only (a flow model predicts eps - x0); leave it eps"),
+        (cfg.model.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {cfg.model.arch!r}"),
+        (cfg.model.patch >= 0 and cfg.model.hidden >= 0 and cfg.model.depth >= 0 and cfg.model.heads >= 0,
+         "model.patch, model.hidden, model.depth and model.heads must be >= 0 (0 = from model.size)"),
+        *_arch_checks(cfg),
+        (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),
+        (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
+        (cfg.train.steps >= 0, "train.steps must be >= 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1 (1 = no accumulation)"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
+        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (t.val_every >= 0, "train.val_every must be >= 0 (0 = off)"),
+        (t.sample_every >= 0, "train.sample_every must be >= 0 (0 = off)"),
+        (t.val_clips >= 1, "train.val_clips must be >= 1"),
+        (timesteps is not None and len(timesteps) >= 1 and all(0 <= v < d.timesteps for v in timesteps),
+         f"train.val_timesteps must be integers in [0, diffusion.timesteps={d.timesteps}), got {list(t.val_timesteps)}"),
+        (d.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
+        (d.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
+        (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
+        *[(k in valid_keys, f"train.allow_changes: {k!r} is not a config key") for k in t.allow_changes],
+    ]
+    return [msg for ok, msg in checks if not ok]
