@@ -112,7 +112,7 @@ def test_make_submit_runs_to_completion(cluster, demo):
 
 def test_preempted_twice_resumes_bit_exact(cluster, demo, reference):
     run = cluster / "preempted"
-    jid = make_submit(run, demo, PREEMPT_STEPS, *TRAIN_EXTRA)
+    jid = make_submit(run, demo, PREEMPT_STEPS, *TRAIN_EXTRA, "train.wandb=offline")
     # 1st preemption as soon as the job runs, while Python is still starting: the job script holds the signal
     # until training listens (or, if training cannot save in time, requeues because the job is being preempted).
     wait_for(lambda: job(jid).get("JobState") == "RUNNING", 300, "the job to start")
@@ -134,6 +134,25 @@ def test_preempted_twice_resumes_bit_exact(cluster, demo, reference):
     logged = losses_consistent(run)  # no step logged twice with different losses
     assert logged == losses_consistent(ref)  # and every loss equals the uninterrupted run's
     assert_bit_identical(run / f"ckpt_{PREEMPT_STEPS:06d}.pt", ref / f"ckpt_{PREEMPT_STEPS:06d}.pt")
+    # where people look: TensorBoard and W&B show every step once, with the losses of the uninterrupted run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from t2v import tracking
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    expected = sorted((step, float(loss)) for step, loss in logged.items())  # the log prints 4 decimals
+    tb = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in tb] == [s for s, _ in expected]
+    assert [v for _, v in tb] == pytest.approx([v for _, v in expected], abs=6e-5)
+    run_id = (run / tracking.RUN_ID_FILE).read_text().strip()
+    dirs = tracking.offline_runs(run, run_id)
+    assert len(dirs) == 3  # one offline run folder per process, one W&B run
+    rows = [r for d in dirs for r in tracking.wandb_history(d) if "train/loss" in r]
+    assert [r["_step"] for r in rows] == [s for s, _ in expected]
+    assert [r["train/loss"] for r in rows] == pytest.approx([v for _, v in expected], abs=6e-5)
+    assert subprocess.run([PY, "tools/report.py", str(run)], cwd=REPO, capture_output=True).returncode == 0
+    assert (run / "report" / "index.html").is_file()
 
 
 def test_time_limit_signal_saves_and_requeues_until_done(cluster, demo):
