@@ -62,7 +62,7 @@ demo: demo-data ## the main job on the demo data: caches, trains a small model o
 	$(PYTHON) -m t2v.data cache --config $(DEMO_CONFIG) $(ARGS)
 	$(PYTHON) -m t2v.text embed --config $(DEMO_CONFIG) $(ARGS)
 	$(PYTHON) -m t2v.train --config $(DEMO_CONFIG) $(ARGS)
-	$(PYTHON) -m t2v.sample --ckpt demo/run --out demo/run/samples/final \
+	$(PYTHON) -m t2v.sample --ckpt demo/run --out demo/run/samples/final --steps 25 \
 	  --prompt "a red circle moving right" --prompt "a green square moving up" \
 	  --prompt "a blue triangle moving left" --prompt "a yellow circle moving down"
 	$(PYTHON) tools/report.py demo/run

@@ -30,11 +30,15 @@ TARGET = {"color": 0.95, "shape": 0.75, "motion": 0.90}
 # name -> overrides on top of configs/demo.yaml (the shipped recipe). The one-change rows were measured before
 # temporal attention joined the recipe (it was itself one of them and won), so they carry
 # model.temporal_attention=false: each row's difference from "no_temporal_attention" is that one change.
-BEFORE_ATTENTION = ["model.temporal_attention=false"]
+# The ablations below were measured from the DDPM demo (v-prediction) that configs/demo.yaml shipped before rectified
+# flow won bench/recipe_sweep.py's comparison; DDPM_V keeps each row meaning what it measured.
+DDPM_V = ["diffusion.objective=ddpm", "diffusion.prediction=v"]
+BEFORE_ATTENTION = DDPM_V + ["model.temporal_attention=false"]
 RECIPES: dict[str, list[str]] = {
     "demo": [],
+    "ddpm_demo": DDPM_V,  # the demo as it was before the flow recipe ("demo" in the results of that time)
     "old_demo": ["model.base_channels=0", "model.coords=false", "model.temporal_attention=false",
-                 "diffusion.prediction=eps", "diffusion.shift=1"],  # the demo before issue 11 (its 800 steps)
+                 "diffusion.objective=ddpm", "diffusion.prediction=eps", "diffusion.shift=1"],  # before issue 11
     "no_temporal_attention": BEFORE_ATTENTION,
     **{name: BEFORE_ATTENTION + change for name, change in {
         "no_coords": ["model.coords=false"],

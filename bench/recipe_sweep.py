@@ -8,7 +8,8 @@ steps at which it does differ from seed to seed.
 
 Each (recipe, seed) is its own process with OMP_NUM_THREADS=--threads, --jobs of them at a time, so every run
 sees the same share of the machine and the seconds compare across recipes (they are not `make demo`'s seconds,
-which uses both cores for one run). Results: bench/results/recipes/<recipe>-seed<N>.json; `--table` prints the
+which uses both cores for one run). The seconds of an evaluation are its step times the run's median step time:
+a minute of other work on the machine inflates a few step times, not the median. Results: bench/results/recipes/<recipe>-seed<N>.json; `--table` prints the
 tables of docs/recipe.md and draws docs/recipe_sweep.png from them.
 """
 from __future__ import annotations
@@ -72,22 +73,37 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, work: Path, extra
                       "per_shape": r["per_shape"], "per_color": r["per_color"], "per_motion": r["per_motion"]})
         print(f"  {name} seed {seed} step {step}: {json.dumps(evals[-1])}", flush=True)
     return {"recipe": name, "seed": seed, "overrides": overrides, "steps": steps,
-            "step_s": round(seconds[steps] / steps, 4), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "evals": evals, "reached": reached(evals)}
+            "step_s": median_step_s(outdir), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "evals": evals}
 
 
-def met(e: dict) -> bool:
-    """Every class of every kind at its target: min over classes, not the mean (circles are the hard ones)."""
-    return (min(e["per_color"].values()) >= TARGET["color"] and min(e["per_motion"].values()) >= TARGET["motion"]
-            and min(e["per_shape"].values()) >= TARGET["shape"] and e["background"] <= TARGET["background"])
+def median_step_s(outdir: Path) -> float:
+    from t2v.runlog import read_records
+
+    return round(median([r["step_time"] for r in read_records(outdir) if "step_time" in r]), 4)
 
 
-def reached(evals: list[dict]) -> dict | None:
-    """The first evaluation that meets every target and after which none misses it (a lucky checkpoint between
-    two misses does not count)."""
+def seconds(r: dict, e: dict) -> float:
+    """Training seconds at evaluation ``e`` of run ``r``: its step x the run's median step time."""
+    return e["step"] * r["step_s"]
+
+
+ALL = ("color", "motion", "shape", "background")
+LAYOUT = ("color", "motion")  # what the caption says about where and when; shape is the slow part
+
+
+def met(e: dict, kinds=ALL) -> bool:
+    """Every class of each kind at its target: min over classes, not the mean (circles are the hard ones)."""
+    return all(e["background"] <= TARGET[k] if k == "background" else min(e[f"per_{k}"].values()) >= TARGET[k]
+               for k in kinds)
+
+
+def reached(evals: list[dict], kinds=ALL) -> int | None:
+    """The step of the first evaluation that meets the targets of ``kinds`` and after which none misses them (a
+    lucky checkpoint between two misses does not count)."""
     for i, e in enumerate(evals):
-        if all(met(later) for later in evals[i:]):
-            return {"step": e["step"], "train_s": e["train_s"]}
+        if all(met(later, kinds) for later in evals[i:]):
+            return e["step"]
     return None
 
 
@@ -123,21 +139,28 @@ def tables(results: list[dict]) -> str:
     for r in results:
         by.setdefault(r["recipe"], []).append(r)
     order = [n for n in RECIPES if n in by] + sorted(set(by) - set(RECIPES))
+    def per_seed(runs, kinds) -> str:
+        """Seconds to the targets of ``kinds``, per seed ("-": not within the run), and their median."""
+        steps = [reached(r["evals"], kinds) for r in runs]
+        times = [s * r["step_s"] if s else None for s, r in zip(steps, runs)]
+        shown = " / ".join(f"{t:.0f}" if t is not None else "-" for t in times)
+        return shown + (f" (median {median(times):.0f})" if all(t is not None for t in times) else "")
+
     rows = []
     for name in order:
         runs = sorted(by[name], key=lambda r: r["seed"])
-        times = [r["reached"]["train_s"] if r["reached"] else None for r in runs]
-        shown = " / ".join(f"{t:.0f}" if t is not None else "-" for t in times)
-        hit = [t for t in times if t is not None]
-        rows.append([name, f"{median([r['step_s'] for r in runs]):.3f}", len(runs), shown,
-                     f"{len(hit)}/{len(runs)}", f"{median(hit):.0f}" if len(hit) == len(runs) else "not all seeds"])
-    first = markdown_table(["recipe", "s/step (1 thread)", "seeds", "seconds to every target, per seed",
-                            "seeds that got there", "median s"], rows)
+        last = [r["evals"][-1] for r in runs]
+        rows.append([name, f"{median([r['step_s'] for r in runs]):.3f}", len(runs), per_seed(runs, LAYOUT),
+                     per_seed(runs, ALL), f"{median([min(e['per_shape'].values()) for e in last]):.0%}",
+                     f"{median([e['shape'] for e in last]):.0%}", f"{median([e['val_loss'] for e in last]):.4f}"])
+    first = markdown_table(["recipe", "s/step (1 thread)", "seeds", "s to colour + motion, per seed",
+                            "s to every target, per seed", "worst shape at the end (median)",
+                            "shape at the end (median)", "val loss at the end (median)"], rows)
     rows = []
     for name in order:
         for r in sorted(by[name], key=lambda r: r["seed"]):
             e = r["evals"][-1]
-            rows.append([name, r["seed"], e["step"], f"{e['train_s']:.0f}", f"{min(e['per_color'].values()):.0%}",
+            rows.append([name, r["seed"], e["step"], f"{seconds(r, e):.0f}", f"{min(e['per_color'].values()):.0%}",
                          f"{min(e['per_motion'].values()):.0%}",
                          *[f"{e['per_shape'][s]:.0%}" for s in sorted(e["per_shape"])], f"{e['background']:.3f}",
                          f"{e['val_loss']:.4f}" if e["val_loss"] is not None else "-"])
@@ -158,7 +181,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     colours = dict(zip(RECIPES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for r in sorted(results, key=lambda r: (r["recipe"], r["seed"])):
-        x = [e["train_s"] for e in r["evals"]]
+        x = [seconds(r, e) for e in r["evals"]]
         c = colours.get(r["recipe"], "grey")
         label = r["recipe"] if r["seed"] == min(q["seed"] for q in results if q["recipe"] == r["recipe"]) else None
         for ax, key in zip(axes, ("color", "motion", "shape")):
@@ -205,6 +228,10 @@ def main(argv=None) -> int:
         # seed-major: the first seed of every recipe finishes first, so a partial sweep still compares all four
         spawn([(n, s) for s in seeds for n in args.recipes.split(",")], args.jobs, args.threads, args)
     results = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))]
+    for r in results:  # runs from before the median step time: recomputed where the run folder is still there
+        run = Path(args.work) / f"{r['recipe']}-seed{r['seed']}"
+        if (run / "metrics.jsonl").is_file():
+            r["step_s"] = median_step_s(run)
     print(tables(results))
     if results:
         plot(results, PLOT)

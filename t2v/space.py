@@ -142,8 +142,9 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
         raise VAEError("data.sampling='random_window' cannot train in latent space (its frames are decoded per "
                        "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "
                        "whose latent window cache holds every frame, or data.sampling=even")
-    try:
-        halvings = len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1
+    try:  # a dit needs only the patch to divide the latent frame (t2v.config_checks); the UNet halves it
+        halvings = (0 if cfg.model.arch == "dit" else
+                    len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1)
     except ValueError as e:
         raise VAEError(str(e)) from None
     if cfg.data.size % latent.factor or (cfg.data.size // latent.factor) % 2 ** halvings:

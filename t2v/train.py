@@ -206,7 +206,8 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     if dist.is_main:
         config.save_config(cfg, outdir / "config.yaml")
         if start_step == 0:
-            log.line(f"model {cfg.model.size}: {count_params(model) / 1e6:.2f}M parameters | precision {precision} | "
+            log.line(f"model {cfg.model.size} {cfg.model.arch}: {count_params(model) / 1e6:.2f}M parameters | "
+                     f"{cfg.diffusion.objective} | precision {precision} | "
                      f"global batch {global_batch} = {dist.world_size} x {per_rank_batch}"
                      f"{f' ({accum} micro-batches of {per_rank_batch // accum})' if accum > 1 else ''} | "
                      f"lr {cfg.train.lr:g}")
