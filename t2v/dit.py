@@ -27,10 +27,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 
-from t2v.layers import timestep_embedding, zero_
+from t2v.layers import caption_conditioning, run_block, timestep_embedding, zero_
 
 # name -> (hidden, depth, heads). depth counts blocks (half spatial, half temporal), so it is even; heads keep
 # 64 channels each from small up (flash attention's favourite head size). Parameters at 3 input channels, text
@@ -216,13 +215,6 @@ class VideoDiT(nn.Module):
         if self.fps_mlp is not None:
             zero_(self.fps_mlp[-1])
 
-    def _block(self, blk: nn.Module, h, c, context, context_mask):
-        """One block; with checkpointing its activations are recomputed in backward instead of kept
-        (non-reentrant: the RNG state is replayed, so the result is the same)."""
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, h, c, context, context_mask, use_reentrant=False)
-        return blk(h, c, context, context_mask)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -237,27 +229,14 @@ class VideoDiT(nn.Module):
         p = self.patch
         if height % p or width % p:  # shapes are static: no graph break
             raise ValueError(f"frame size {height}x{width} must be divisible by the patch size {p}")
-        if cond_mask is None:
-            cond_mask = torch.ones(b, dtype=torch.bool, device=x.device)
-        keep = rearrange(cond_mask.bool(), "b -> b 1")
-        # torch.where, not indexing: same graph whatever the mask holds (compile-friendly)
-        text = torch.where(keep, text, self.null_text.to(text.dtype))  # b d
+        text, context, context_mask = caption_conditioning(text, tokens, token_mask, cond_mask, self.null_text,
+                                                           self.null_token)
         c = self.time_mlp(timestep_embedding(t, FREQ_DIM).to(text.dtype)) + self.text_mlp(text)  # b hidden
         if self.fps_mlp is not None:
             if fps is None:
                 raise ValueError("model.fps_cond=True needs each clip's frame rate (fps=, shape (b,))")
             c = c + self.fps_mlp(timestep_embedding(fps, FREQ_DIM).to(text.dtype))  # b hidden
 
-        context = context_mask = None
-        if self.cross_attention:
-            if tokens is None:
-                raise ValueError("cross_attention=True needs tokens (b, l, d); set text.tokens=true")
-            if token_mask is None:
-                token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            null = self.null_token.to(tokens.dtype).expand(b, 1, -1)  # b 1 d
-            context = torch.cat([null, tokens], dim=1)  # b (1+l) d
-            # the null token is always visible (no row has an all-masked softmax); captions only when kept
-            context_mask = torch.cat([torch.ones_like(keep), token_mask.bool() & keep], dim=1)  # b (1+l)
 
         gh, gw = height // p, width // p
         h = self.patch_embed(rearrange(x, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p))  # b t n d
@@ -268,7 +247,7 @@ class VideoDiT(nn.Module):
             torch.arange(frames, device=x.device), self.hidden)[:, None]  # t n d
         h = h + pos.to(h.dtype)
         for blk in self.blocks:
-            h = self._block(blk, h, c, context, context_mask)
+            h = run_block(blk, self.checkpointing, h, c, context, context_mask)
         h = self.final(h, c)  # b t n (p1 p2 c)
         return rearrange(h, "b t (h w) (p1 p2 c) -> b t c (h p1) (w p2)", h=gh, p1=p, p2=p)
 

@@ -21,10 +21,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 
-from t2v.layers import timestep_embedding, zero_
+from t2v.layers import caption_conditioning, run_block, timestep_embedding, zero_
 
 # name -> (base_channels, channel_mults). "base" is the baseline: 64 channels scaling to 128 and 256.
 SIZES = {
@@ -241,11 +240,7 @@ class UNet3DCond(nn.Module):
         self.out_conv = zero_(nn.Conv3d(c, in_channels, (1, 3, 3), padding=(0, 1, 1)))
 
     def _block(self, blk: nn.Module, h, emb, context, context_mask):
-        """One UNet block; with checkpointing, its activations are recomputed in backward instead of kept
-        (torch.utils.checkpoint, non-reentrant: dropout's RNG is replayed, so the result is the same)."""
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, h, emb, context, context_mask, use_reentrant=False)
-        return blk(h, emb, context, context_mask)
+        return run_block(blk, self.checkpointing, h, emb, context, context_mask)
 
     def forward(
         self,
@@ -261,11 +256,8 @@ class UNet3DCond(nn.Module):
         if height % self.factor or width % self.factor:  # shapes are static: no graph break
             halvings = self.factor.bit_length() - 1
             raise ValueError(f"frame size {height}x{width} must be divisible by {self.factor} (the UNet halves it {halvings} times)")
-        if cond_mask is None:
-            cond_mask = torch.ones(b, dtype=torch.bool, device=x.device)
-        keep = rearrange(cond_mask.bool(), "b -> b 1")
-        # torch.where, not indexing: same graph whatever the mask holds (compile-friendly)
-        text = torch.where(keep, text, self.null_text.to(text.dtype))  # b d
+        text, context, context_mask = caption_conditioning(text, tokens, token_mask, cond_mask, self.null_text,
+                                                           self.null_token)
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(text.dtype)) + self.text_mlp(text)  # b e
         if self.fps_mlp is not None:
             if fps is None:
@@ -277,16 +269,6 @@ class UNet3DCond(nn.Module):
             pair = torch.cat([emb[:, None].expand(-1, frames, -1), pos[None].expand(b, -1, -1)], dim=-1)  # b t (2e)
             emb = emb[:, None] + self.frame_mlp(pair)  # b t e
 
-        context = context_mask = None
-        if self.cross_attention:
-            if tokens is None:
-                raise ValueError("cross_attention=True needs tokens (b, l, d); set text.tokens=true")
-            if token_mask is None:
-                token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-            null = self.null_token.to(tokens.dtype).expand(b, 1, -1)  # b 1 d
-            context = torch.cat([null, tokens], dim=1)  # b (1+l) d
-            # the null token is always visible (so no row has an all-masked softmax); captions only when kept
-            context_mask = torch.cat([torch.ones_like(keep), token_mask.bool() & keep], dim=1)  # b (1+l)
 
         h = rearrange(x, "b t c h w -> b c t h w")
         if self.coords:
