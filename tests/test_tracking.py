@@ -181,6 +181,9 @@ def test_wandb_online_without_network_warns_and_logs_offline(tmp_path, monkeypat
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    import wandb
+
+    wandb.teardown()  # W&B's service from the tests before read the environment without this server: a fresh one
     log = runlog.RunLog(tmp_path)
     w = tracking.WandB(tmp_path, "online", "p", None, {}, log)
     w.record({"step": 1, "loss": 0.5})
