@@ -210,6 +210,8 @@ class VideoDiT(nn.Module):
         nn.init.normal_(self.time_mlp[2].weight, std=0.02)
         for blk in self.blocks:
             zero_(blk.ada[-1])
+            if blk.xattn is not None:  # ungated, so its output projection starts at zero instead (as PixArt-alpha)
+                zero_(blk.xattn.proj)
         zero_(self.final.ada[-1])
         zero_(self.final.linear)
         if self.fps_mlp is not None:
