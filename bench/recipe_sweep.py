@@ -48,13 +48,13 @@ STEPS = 1500  # per run; the evaluations are at every EVAL_EVERY steps
 EVAL_EVERY = 250
 
 
-def run_one(name: str, seed: int, steps: int, eval_every: int, work: Path, extra: list[str]) -> dict:
+def run_one(name: str, seed: int, steps: int, eval_every: int, work: Path, extra: list[str], tag: str = "") -> dict:
     from t2v import config
     from t2v.demo_eval import check
     from t2v.runlog import read_records
     from t2v.train import train
 
-    outdir = work / f"{name}-seed{seed}"
+    outdir = work / f"{label(name, tag)}-seed{seed}"
     overrides = RECIPES[name] + extra
     cfg = config.load_config(REPO / "configs" / "demo.yaml", [
         *overrides, f"train.seed={seed}", f"train.steps={steps}", f"train.ckpt_every={eval_every}",
@@ -72,9 +72,14 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, work: Path, extra
                       **{k: r[k] for k in ("color", "shape", "motion", "background")},
                       "per_shape": r["per_shape"], "per_color": r["per_color"], "per_motion": r["per_motion"]})
         print(f"  {name} seed {seed} step {step}: {json.dumps(evals[-1])}", flush=True)
-    return {"recipe": name, "seed": seed, "overrides": overrides, "steps": steps,
+    return {"recipe": label(name, tag), "seed": seed, "overrides": overrides, "steps": steps,
             "step_s": median_step_s(outdir), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
             "date": time.strftime("%Y-%m-%d %H:%M"), "evals": evals}
+
+
+def label(name: str, tag: str) -> str:
+    """A variant's name: the recipe, then --tag (unet_flow+shift4), so it gets its own results and table rows."""
+    return f"{name}+{tag}" if tag else name
 
 
 def median_step_s(outdir: Path) -> float:
@@ -115,9 +120,9 @@ def spawn(jobs: list[tuple[str, int]], n: int, threads: int, args) -> None:
     while pending or running:
         while pending and len(running) < n:
             name, seed = pending.pop(0)
-            log = open(Path(args.work) / f"{name}-seed{seed}.log", "w")
+            log = open(Path(args.work) / f"{label(name, args.tag)}-seed{seed}.log", "w")
             cmd = [sys.executable, "-m", "bench.recipe_sweep", "--one", name, str(seed), "--steps", str(args.steps),
-                   "--eval-every", str(args.eval_every), "--work", args.work, *(["--extra", args.extra] if args.extra else [])]
+                   "--eval-every", str(args.eval_every), "--work", args.work, *(["--extra", args.extra] if args.extra else []), *(["--tag", args.tag] if args.tag else [])]
             running.append(((name, seed), subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)))
             print(f"started {name} seed {seed}", flush=True)
         time.sleep(2)
@@ -211,14 +216,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--work", default="/tmp/t2v-recipe-sweep")
     p.add_argument("--extra", default="", help="key=value,... added to every recipe")
+    p.add_argument("--tag", default="", help="name of the --extra variant: its results are RECIPE+TAG-seedN.json")
     p.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--table", action="store_true", help="print the tables and draw the plot from the results")
     args = p.parse_args(argv)
+    if args.extra and not args.tag:
+        p.error("--extra needs --tag, so that a variant does not overwrite its recipe's results")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.one:
         name, seed = args.one[0], int(args.one[1])
-        r = run_one(name, seed, args.steps, args.eval_every, Path(args.work), [o for o in args.extra.split(",") if o])
-        (RESULTS / f"{name}-seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
+        r = run_one(name, seed, args.steps, args.eval_every, Path(args.work), [o for o in args.extra.split(",") if o],
+                    args.tag)
+        (RESULTS / f"{label(name, args.tag)}-seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         return 0
     if not args.table:
         unknown = [n for n in args.recipes.split(",") if n not in RECIPES]

@@ -116,6 +116,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step: global batch = batch_size x ranks x grad_accum
     lr: float = 1e-4
     warmup: int = 100
+    lr_cooldown: float = 0.0  # the last this fraction of train.steps lowers lr linearly to 0 (WSD); 0 = constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999

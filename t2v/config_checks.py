@@ -96,6 +96,7 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (d.timesteps >= 2, "diffusion.timesteps must be >= 2"),
         (t.log_every >= 1, "train.log_every must be >= 1"),
         (t.warmup >= 0, "train.warmup must be >= 0"),
+        (0 <= t.lr_cooldown <= 1, f"train.lr_cooldown must be in [0, 1] (a fraction of train.steps), got {t.lr_cooldown}"),
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (t.grad_clip > 0, "train.grad_clip must be > 0"),
         (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),

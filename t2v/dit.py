@@ -14,7 +14,8 @@ Conditioning: c = MLP(sinusoidal(t)) + MLP(pooled caption) (+ MLP(sinusoidal(fps
 every block (shift, scale and gate for attention and for the MLP; DiT's best variant). With
 ``cross_attention`` every block also attends to the caption tokens after its self-attention. DiT's
 initialisation: modulation linears and the final linear zeroed (every block starts as the identity and the
-model predicts 0), xavier-uniform elsewhere.
+model predicts 0), xavier-uniform elsewhere; cross-attention has no adaLN gate, so its output projection starts
+at zero instead (PixArt-alpha's choice).
 
 The position embeddings are computed for the input's shape at every forward (a few sin/cos, negligible next
 to attention): they are not parameters and not in the state_dict, so one set of weights runs at any frame
@@ -238,7 +239,6 @@ class VideoDiT(nn.Module):
             if fps is None:
                 raise ValueError("model.fps_cond=True needs each clip's frame rate (fps=, shape (b,))")
             c = c + self.fps_mlp(timestep_embedding(fps, FREQ_DIM).to(text.dtype))  # b hidden
-
 
         gh, gw = height // p, width // p
         h = self.patch_embed(rearrange(x, "b t c (h p1) (w p2) -> b t (h w) (p1 p2 c)", p1=p, p2=p))  # b t n d

@@ -27,9 +27,14 @@ from t2v import objective as objectives
 
 
 def lr_at(step: int, cfg: config.TrainConfig) -> float:
-    """Linear warmup, then constant (the baseline trained at a constant 1e-4)."""
+    """Linear warmup, then constant (the baseline trained at a constant 1e-4); with train.lr_cooldown the last
+    fraction of train.steps falls linearly towards 0 ("warmup-stable-decay", Hägele et al. 2024: a short run ends
+    on a settled minimum instead of the noise of a constant rate, and a longer run can branch off before it)."""
     if cfg.warmup > 0 and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    cooldown = round(cfg.lr_cooldown * cfg.steps)
+    if cooldown and step >= cfg.steps - cooldown:
+        return cfg.lr * (cfg.steps - step) / (cooldown + 1)  # never 0: step < train.steps
     return cfg.lr
 
 

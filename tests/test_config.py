@@ -73,6 +73,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("train.warmup=-5", "train.warmup must be >= 0"),
+    ("train.lr_cooldown=1.5", "train.lr_cooldown must be in [0, 1]"),
     ("train.sample_steps=0", "train.sample_steps must be in [1,"),
     ("train.val_timesteps=[100,1000]", "train.val_timesteps must be integers in [0, diffusion.timesteps=1000)"),
     ("train.val_timesteps=[a]", "train.val_timesteps must be integers"),

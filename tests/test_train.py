@@ -236,6 +236,17 @@ def test_warmup_then_constant_lr():
     assert lr_at(0, c) == pytest.approx(1e-4) and lr_at(9, c) == pytest.approx(1e-3) and lr_at(500, c) == 1e-3
 
 
+def test_lr_cooldown_falls_linearly_over_the_last_fraction():
+    """train.lr_cooldown=0.2 of 100 steps: constant up to step 79, then falling every step towards 0, never 0."""
+    from t2v.config import TrainConfig
+
+    c = TrainConfig(lr=1e-3, warmup=10, steps=100, lr_cooldown=0.2)
+    lrs = [lr_at(s, c) for s in range(100)]
+    assert lrs[9:80] == [1e-3] * 71
+    assert all(a > b > 0 for a, b in zip(lrs[79:], lrs[80:]))
+    assert lrs[80] == pytest.approx(1e-3 * 20 / 21) and lrs[99] == pytest.approx(1e-3 / 21)
+
+
 def test_attention_switches_train_and_sample(tmp_path):
     """Temporal attention and cross-attention on cached caption tokens run end to end (train, preview)."""
     data = tmp_path / "data"
