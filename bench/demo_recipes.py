@@ -32,7 +32,7 @@ TARGET = {"color": 0.95, "shape": 0.75, "motion": 0.90}
 # model.temporal_attention=false: each row's difference from "no_temporal_attention" is that one change.
 # The ablations below were measured from the DDPM demo (v-prediction) that configs/demo.yaml shipped before rectified
 # flow won bench/recipe_sweep.py's comparison; DDPM_V keeps each row meaning what it measured.
-DDPM_V = ["diffusion.objective=ddpm", "diffusion.prediction=v"]
+DDPM_V = ["diffusion.objective=ddpm", "diffusion.prediction=v", "train.guidance=5"]
 BEFORE_ATTENTION = DDPM_V + ["model.temporal_attention=false"]
 RECIPES: dict[str, list[str]] = {
     "demo": [],
