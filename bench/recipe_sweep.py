@@ -187,18 +187,20 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     colours = dict(zip(RECIPES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    variants = sorted({r["recipe"] for r in results} - set(RECIPES))  # --tag runs: dashed, colours of their own
+    colours.update(zip(variants, ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:grey")))
     for r in sorted(results, key=lambda r: (r["recipe"], r["seed"])):
         x = [seconds(r, e) for e in r["evals"]]
-        c = colours.get(r["recipe"], "grey")
+        c, ls = colours.get(r["recipe"], "black"), "--" if r["recipe"] in variants else "-"
         label = r["recipe"] if r["seed"] == min(q["seed"] for q in results if q["recipe"] == r["recipe"]) else None
         for ax, key in zip(axes, ("color", "motion", "shape")):
-            ax.plot(x, [min(e[f"per_{key}"].values()) for e in r["evals"]], color=c, alpha=0.8, label=label)
-        axes[3].plot(x, [e["val_loss"] for e in r["evals"]], color=c, alpha=0.8, label=label)
+            ax.plot(x, [min(e[f"per_{key}"].values()) for e in r["evals"]], color=c, ls=ls, alpha=0.8, label=label)
+        axes[3].plot(x, [e["val_loss"] for e in r["evals"]], color=c, ls=ls, alpha=0.8, label=label)
     for ax, key in zip(axes, ("colour", "motion", "shape")):
         ax.set_title(f"worst {key} class accuracy")
         ax.set_ylim(0, 1.02)
-        ax.axhline(TARGET["shape" if key == "shape" else "motion" if key == "motion" else "color"], color="k", lw=0.5,
-                   ls="--")
+        ax.axhline(TARGET["shape" if key == "shape" else "motion" if key == "motion" else "color"], color="k", lw=0.8,
+                   ls=":")
     axes[3].set_title("validation loss (each objective's own target)")
     axes[3].set_yscale("log")
     for ax in axes:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = {"train", "data", "text", "preempt", "gpu", "exp", "latent", "scale", "dit"}
 
@@ -170,6 +172,30 @@ def test_demo_recipes_time_to_target_and_table():
     md = table([r])
     assert "| x | diffusion.shift=8 | 10.00 | 400 |" in md and "33.3 min (step 200)" in md and "50.0 min (step 300)" in md
     assert RECIPES["demo"] == [] and all(o.count("=") == 1 for v in RECIPES.values() for o in v)
+
+
+def test_recipe_sweep_counts_a_target_only_once_it_holds_and_names_variants():
+    from bench.recipe_sweep import RECIPES, label, main, reached, tables
+
+    def ev(step, circle, down, bg=0.04):
+        per = lambda names, v: dict.fromkeys(names, 1.0) | v  # noqa: E731
+        return {"step": step, "val_loss": 0.1, "color": 1.0, "shape": 1.0, "motion": 1.0, "background": bg,
+                "per_color": per(("red", "blue"), {}), "per_shape": per(("circle", "square"), {"circle": circle}),
+                "per_motion": per(("left", "down"), {"down": down})}
+
+    # step 200 meets every target but step 400 misses circles again: only from step 600 on does it hold
+    evals = [ev(200, 0.95, 1.0), ev(400, 0.80, 1.0), ev(600, 0.94, 0.96), ev(800, 1.0, 1.0)]
+    assert reached(evals) == 600 and reached(evals, ("color", "motion")) == 200
+    assert reached([ev(200, 1.0, 1.0, bg=0.06)]) is None  # the background is a target too
+    run = {"recipe": label("unet_flow", "wide"), "seed": 0, "step_s": 0.5, "evals": evals}
+    md = tables([run, {**run, "seed": 1}])
+    assert "| unet_flow+wide | 0.500 | 2 | 100 / 100 (median 100) | 300 / 300 (median 300) |" in md
+    assert label("unet_flow", "") == "unet_flow"
+    # every flow recipe pins its training times and every recipe its guidance: a demo.yaml change cannot move them
+    assert all("train.guidance=5" in o for o in RECIPES.values())
+    assert all("diffusion.logit_std=1" in o for n, o in RECIPES.items() if n.endswith("flow"))
+    with pytest.raises(SystemExit):  # an --extra without --tag would overwrite the recipe's own results
+        main(["--extra", "diffusion.shift=4", "--recipes", "unet_flow"])
 
 
 def test_the_benchmark_times_the_training_step_t2v_train_runs():
