@@ -124,7 +124,8 @@ def spawn(jobs: list[tuple[str, int]], n: int, threads: int, args) -> None:
             name, seed = pending.pop(0)
             log = open(Path(args.work) / f"{label(name, args.tag)}-seed{seed}.log", "w")
             cmd = [sys.executable, "-m", "bench.recipe_sweep", "--one", name, str(seed), "--steps", str(args.steps),
-                   "--eval-every", str(args.eval_every), "--work", args.work, *(["--extra", args.extra] if args.extra else []), *(["--tag", args.tag] if args.tag else [])]
+                   "--eval-every", str(args.eval_every), "--work", args.work,
+                   *(["--extra", args.extra] if args.extra else []), *(["--tag", args.tag] if args.tag else [])]
             running.append(((name, seed), subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)))
             print(f"started {name} seed {seed}", flush=True)
         time.sleep(2)
