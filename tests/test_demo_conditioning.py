@@ -14,8 +14,7 @@ pytestmark = pytest.mark.slow
 # targets are every colour and direction >= 95%, every shape >= 90%, background <= 0.05. Thread counts and BLAS
 # builds change the floating-point sums, and with them a few of the 48 samples: the test keeps the targets with
 # about three prompts of slack on each mean, three of the 16 (shape) or two of the 12 (direction) prompts of a
-# class, and 0.02
-# of background.
+# class, and 0.02 of background.
 MIN = {"color": 0.90, "shape": 0.90, "motion": 0.90}
 MIN_PER_CLASS = 0.80  # every shape and every direction: none is drawn as another
 MAX_BACKGROUND = 0.07  # mean brightness away from the shape; black is 0, the untrained model's speckle ~0.3
