@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -134,11 +135,6 @@ def spawn(jobs: list[tuple[str, int]], n: int, threads: int, args) -> None:
             print(f"finished {item[0][0]} seed {item[0][1]}: exit {item[1].returncode}", flush=True)
 
 
-def median(values):
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
 def tables(results: list[dict]) -> str:
     """Per recipe: seconds to every target per seed, and at the last evaluation each class's accuracy per seed."""
     from t2v.table import markdown_table
@@ -197,11 +193,10 @@ def plot(results: list[dict], path: Path) -> None:
         for ax, key in zip(axes, ("color", "motion", "shape")):
             ax.plot(x, [min(e[f"per_{key}"].values()) for e in r["evals"]], color=c, ls=ls, alpha=0.8, label=label)
         axes[3].plot(x, [e["val_loss"] for e in r["evals"]], color=c, ls=ls, alpha=0.8, label=label)
-    for ax, key in zip(axes, ("colour", "motion", "shape")):
-        ax.set_title(f"worst {key} class accuracy")
+    for ax, key in zip(axes, ("color", "motion", "shape")):
+        ax.set_title(f"worst {'colour' if key == 'color' else key} class accuracy")
         ax.set_ylim(0, 1.02)
-        ax.axhline(TARGET["shape" if key == "shape" else "motion" if key == "motion" else "color"], color="k", lw=0.8,
-                   ls=":")
+        ax.axhline(TARGET[key], color="k", lw=0.8, ls=":")
     axes[3].set_title("validation loss (each objective's own target)")
     axes[3].set_yscale("log")
     for ax in axes:
@@ -242,10 +237,6 @@ def main(argv=None) -> int:
         # seed-major: the first seed of every recipe finishes first, so a partial sweep still compares all four
         spawn([(n, s) for s in seeds for n in args.recipes.split(",")], args.jobs, args.threads, args)
     results = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))]
-    for r in results:  # runs from before the median step time: recomputed where the run folder is still there
-        run = Path(args.work) / f"{r['recipe']}-seed{r['seed']}"
-        if (run / "metrics.jsonl").is_file():
-            r["step_s"] = median_step_s(run)
     print(tables(results))
     if results:
         plot(results, PLOT)
