@@ -9,7 +9,8 @@ steps at which it does differ from seed to seed.
 Each (recipe, seed) is its own process with OMP_NUM_THREADS=--threads, --jobs of them at a time, so every run
 sees the same share of the machine and the seconds compare across recipes (they are not `make demo`'s seconds,
 which uses both cores for one run). The seconds of an evaluation are its step times the run's median step time:
-a minute of other work on the machine inflates a few step times, not the median. Results: bench/results/recipes/<recipe>-seed<N>.json; `--table` prints the
+a minute of other work on the machine inflates a few step times, not the median. Results:
+bench/results/recipes/<recipe>-seed<N>.json (a --tag variant: <recipe>+<tag>-seed<N>.json); `--table` prints the
 tables of docs/recipe.md and draws docs/recipe_sweep.png from them.
 """
 from __future__ import annotations
