@@ -32,13 +32,16 @@ TARGET = {"color": 0.95, "shape": 0.75, "motion": 0.90}
 # model.temporal_attention=false: each row's difference from "no_temporal_attention" is that one change.
 # The ablations below were measured from the DDPM demo (v-prediction) that configs/demo.yaml shipped before rectified
 # flow won bench/recipe_sweep.py's comparison; DDPM_V keeps each row meaning what it measured.
-DDPM_V = ["diffusion.objective=ddpm", "diffusion.prediction=v", "train.guidance=5"]
+# configs/demo.yaml's model and rate then (before its model took 2x2 patches: docs/recipe.md, "Patches")
+DDPM_DEMO = ["model.size=small", "model.base_channels=16", "model.patch=1", "train.lr=2e-3"]
+DDPM_V = DDPM_DEMO + ["diffusion.objective=ddpm", "diffusion.prediction=v", "train.guidance=5"]
 BEFORE_ATTENTION = DDPM_V + ["model.temporal_attention=false"]
 RECIPES: dict[str, list[str]] = {
     "demo": [],
     "ddpm_demo": DDPM_V,  # the demo as it was before the flow recipe ("demo" in the results of that time)
-    "old_demo": ["model.base_channels=0", "model.coords=false", "model.temporal_attention=false",
-                 "diffusion.objective=ddpm", "diffusion.prediction=eps", "diffusion.shift=1"],  # before issue 11
+    # the demo before issue 11
+    "old_demo": DDPM_DEMO + ["model.base_channels=0", "model.coords=false", "model.temporal_attention=false",
+                             "diffusion.objective=ddpm", "diffusion.prediction=eps", "diffusion.shift=1"],
     "no_temporal_attention": BEFORE_ATTENTION,
     **{name: BEFORE_ATTENTION + change for name, change in {
         "no_coords": ["model.coords=false"],

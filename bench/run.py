@@ -17,8 +17,9 @@ Sections (all by default):
   dit      the video transformer (model.arch=dit): training step vs diffusers' LatteTransformer3DModel on latents
            with caption cross-attention, and vs our UNet in pixel space, both at params within ±15 %; clips/s and
            peak memory against frames x frame size for each architecture
-  exp      speed changes to t2v.train, as variants of our own step: adopted fused AdamW (before -> after),
-           candidate train.channels_last=true (shipped vs channels_last)
+  exp      speed changes to t2v.train, as variants of our own step: adopted fused AdamW (before -> after) and
+           the demo's model in 2x2 patches (model.patch=2, at the demo's batch and clip size), candidate
+           train.channels_last=true (shipped vs channels_last)
 
 Changes that t2v has adopted are measured before -> after: the previous implementation (bench/previous.py)
 against the shipped t2v code, in the same process. They and the remaining candidates get tables of their own.

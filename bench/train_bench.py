@@ -2,15 +2,16 @@
 ratio from contenders timed in the same alternating rounds: ours (pooled-caption FiLM, as shipped) vs diffusers'
 UNet3DConditionModel (cross-attention to caption tokens); ours with cross-attention on the same tokens vs that
 UNet3DConditionModel; ours vs video-diffusion-pytorch's Unet3D (pooled caption too). Section ``exp``: speed
-changes to t2v.train, measured as variants of our own step: the adopted fused AdamW (before -> after) and the
-remaining candidate train.channels_last=true (shipped vs channels_last)."""
+changes to t2v.train, measured as variants of our own step: the adopted fused AdamW (before -> after), the demo's
+model in 2x2 patches (before -> after) and the remaining candidate train.channels_last=true (shipped vs
+channels_last)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from bench.common import Row, SectionResult, alternate, fmt_rate, fmt_s, log, median, per_round_ratios
+from bench.common import REPO, Row, SectionResult, alternate, fmt_rate, fmt_s, log, median, per_round_ratios
 from bench.harness import (PEER_TOKENS, Inputs, TrainStep, build_ours, build_peer, build_vdp, diffusers_available,
                            forward_ours, forward_ours_tokens, forward_peer, forward_vdp, import_vdp, peer_kwargs,
                            vdp_available, vdp_kwargs)
@@ -139,8 +140,8 @@ def bench_train(args) -> SectionResult:
 
 def bench_exp(args) -> SectionResult:
     """Variants of OUR training step. Adopted: AdamW(fused=True), measured before (the previous default AdamW,
-    bench/previous.py) -> after (t2v.train as shipped). Candidate: train.channels_last=true, measured against
-    the shipped step (t2v.train's default is false)."""
+    bench/previous.py) -> after (t2v.train as shipped); configs/demo.yaml's model before and after model.patch=2.
+    Candidate: train.channels_last=true, measured against the shipped step (t2v.train's default is false)."""
     res = SectionResult("exp")
     device, precision = device_and_precision()
     if args.quick:
@@ -201,4 +202,35 @@ def bench_exp(args) -> SectionResult:
                         f"{cl['speedup']:.2f}x per step ({fmt_s(t['after'])} vs {fmt_s(t['channels_last'])})",
                         "> 1x", None, f"per-round {', '.join(f'{r:.2f}' for r in cl['per_round'])}",
                         group="candidate"))
+    res.rows.append(demo_model_row(args, device, precision, res.data))
     return res
+
+
+# configs/demo.yaml's model before it cut its frames into 2x2 patches (model.patch; docs/recipe.md "Patches")
+DEMO_BEFORE = ["model.patch=1", "model.base_channels=16", "model.channel_mults=[1,2,4]"]
+
+
+def demo_model_row(args, device, precision: str, data: dict) -> Row:
+    """The demo's training step at its own batch and clip size: its model before (DEMO_BEFORE) -> as shipped."""
+    from t2v.config import load_config
+    from t2v.model import build_model
+
+    # the demo's batch 16 of 8x16x16 clips (--quick: 2 clips); a row of its own, not the base model's
+    inp = Inputs(batch=2 if args.quick else 16, frames=8, size=16, text_dim=512)
+    steps = {}
+    for name, overrides in {"before": DEMO_BEFORE, "after": []}.items():
+        cfg = load_config(REPO / "configs" / "demo.yaml", overrides, env={})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_model(cfg)
+        steps[name] = TrainStep(model, forward_ours, inp.clip(device), inp.pooled(device), precision)
+    times = alternate(steps, args.repeats, warmup=1, label="exp demo model")
+    t = {n: median(v) for n, v in times.items()}
+    rounds = per_round_ratios(times["before"], times["after"])
+    data["demo_model"] = {"before": DEMO_BEFORE, "seconds_per_step": times, "speedup": t["before"] / t["after"],
+                          "params": {n: s.params for n, s in steps.items()}}
+    return Row(f"Adopted change: configs/demo.yaml's model in 2x2 patches (model.patch=2), training step (demo, "
+               f"batch {inp.batch}, {device.type}): before -> after",
+               f"{t['before'] / t['after']:.2f}x per step ({fmt_s(t['before'])} -> {fmt_s(t['after'])})",
+               "> 1.5x", None if args.quick else t["before"] / t["after"] > 1.5,
+               f"per-round {', '.join(f'{r:.2f}' for r in rounds)}", group="adopted")

@@ -86,7 +86,9 @@ class ModelConfig:
     fps_cond: bool = False  # condition on the clip's frame rate (data.sampling=window), as ModelScope/VideoCrafter
     # "unet": the 3D UNet above; "dit": a video transformer (t2v.dit: Latte's alternating spatial/temporal blocks)
     arch: str = "unet"
-    patch: int = 0  # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller
+    # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller. unet: p x p pixels
+    # become one position with p²·c channels before the first level (space-to-depth); 0 = 1, none
+    patch: int = 0
     hidden: int = 0  # dit: token width; 0 = from model.size (t2v.dit.SIZES)
     depth: int = 0  # dit: number of blocks (each one spatial or one temporal); 0 = from model.size
     heads: int = 0  # dit: attention heads; 0 = from model.size

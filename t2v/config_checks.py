@@ -58,8 +58,11 @@ def _window_checks(cfg) -> list[tuple[bool, str]]:
 def _arch_checks(cfg) -> list[tuple[bool, str]]:
     """The frame size each architecture takes, and the options that belong to the other one."""
     m, size = cfg.model, cfg.data.size
-    if m.arch != "dit":
-        return [(size >= 8 and size % 8 == 0, "data.size must be a multiple of 8 (the UNet halves it twice)")]
+    if m.arch != "dit":  # latent frames (SIZE / 8) are checked against the UNet by t2v.space, with the VAE at hand
+        unit = 8 * (m.patch or 1) if m.space == "pixel" else 8
+        after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
+        return [(size >= unit and size % unit == 0, f"data.size must be a multiple of {unit} (the UNet halves it "
+                                                    f"twice{after}), got {size}")]
     side = size // 8 if m.space == "latent" else size  # t2v.dit.resolve_patch's rule (this module has no torch)
     patch = m.patch or (1 if side <= 16 else 2)
     return [

@@ -142,12 +142,15 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
         raise VAEError("data.sampling='random_window' cannot train in latent space (its frames are decoded per "
                        "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "
                        "whose latent window cache holds every frame, or data.sampling=even")
-    try:  # a dit needs only the patch to divide the latent frame (t2v.config_checks); the UNet halves it
+    try:  # a dit needs only the patch to divide the latent frame (t2v.config_checks); the UNet halves its patches
         halvings = (0 if cfg.model.arch == "dit" else
                     len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1)
     except ValueError as e:
         raise VAEError(str(e)) from None
-    if cfg.data.size % latent.factor or (cfg.data.size // latent.factor) % 2 ** halvings:
-        raise VAEError(f"data.size={cfg.data.size}: latent frames are SIZE/{latent.factor} pixels, which the UNet "
-                       f"halves {halvings} times; use a multiple of {latent.factor * 2 ** halvings}")
+    patch = 1 if cfg.model.arch == "dit" else cfg.model.patch or 1
+    unit = patch * 2 ** halvings
+    if cfg.data.size % latent.factor or (cfg.data.size // latent.factor) % unit:
+        raise VAEError(f"data.size={cfg.data.size}: latent frames are SIZE/{latent.factor} cells, which the UNet "
+                       f"halves {halvings} times (in patches of {patch}: model.patch); use a multiple of "
+                       f"{latent.factor * unit}")
     return VAESpace(vae, latent, vae_identity(cfg.vae, vae), cfg.vae.batch_size)
