@@ -185,10 +185,11 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 5))
     colours = dict(zip(RECIPES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     variants = sorted({r["recipe"] for r in results} - set(RECIPES))  # --tag runs: dashed, colours of their own
-    colours.update(zip(variants, ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:grey")))
+    others = [c for i, c in enumerate(plt.get_cmap("tab20").colors) if i // 2 not in (0, 1, 2, 3)]  # not the four's
+    colours.update((v, others[i % len(others)]) for i, v in enumerate(variants))
     for r in sorted(results, key=lambda r: (r["recipe"], r["seed"])):
         x = [seconds(r, e) for e in r["evals"]]
         c, ls = colours.get(r["recipe"], "black"), "--" if r["recipe"] in variants else "-"
@@ -204,8 +205,8 @@ def plot(results: list[dict], path: Path) -> None:
     axes[3].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("training seconds (1 thread)")
-    axes[0].legend()
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize="small")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))  # the legend below the plots
     fig.savefig(path, dpi=80)
 
 
