@@ -219,7 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--work", default="/tmp/t2v-recipe-sweep")
-    p.add_argument("--extra", default="", help="key=value,... added to every recipe (a list value may hold commas: k=[1,2])")
+    p.add_argument("--extra", default="",
+                   help="key=value,... added to every recipe (a list value may hold commas: k=[1,2])")
     p.add_argument("--tag", default="", help="name of the --extra variant: its results are RECIPE+TAG-seedN.json")
     p.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--table", action="store_true", help="print the tables and draw the plot from the results")

@@ -224,8 +224,8 @@ class UNet3DCond(nn.Module):
             )
 
         # patch: every p x p pixel block becomes one position with p²·c channels (space-to-depth, as in "simple
-        # diffusion", Hoogeboom et al. 2023): the full-resolution level, where the UNet spends most of its time (the
-        # most positions, the narrowest convs), runs at 1/p² of the positions (configs/demo.yaml: a 1.9x cheaper step).
+        # diffusion", Hoogeboom et al. 2023): the full-resolution level, the costliest (the most positions, the
+        # narrowest convs), runs at 1/p² of the positions (configs/demo.yaml: a 1.9x cheaper step).
         # coords: three extra input channels holding each voxel's (frame, row, column) in [-1, 1]
         self.stem = nn.Conv3d(in_channels * patch ** 2 + 3 * coords, ch[0], (1, 3, 3), padding=(0, 1, 1))
         self.down = nn.ModuleList()

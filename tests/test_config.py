@@ -50,7 +50,7 @@ def test_bad_values_name_where_they_came_from(tmp_path):
         C.load_config(overrides=["train.steps"], env={})
     with pytest.raises(C.ConfigError, match="data.size must be a multiple of 8"):
         C.load_config(overrides=["data.size=30"], env={})
-    with pytest.raises(C.ConfigError, match=r"data.size must be a multiple of 16 .*patches of 2 pixels \(model.patch\)"):
+    with pytest.raises(C.ConfigError, match=r"multiple of 16 .*patches of 2 pixels \(model.patch\)"):
         C.load_config(overrides=["data.size=24", "model.patch=2"], env={})
     f = tmp_path / "bad.yaml"
     f.write_text("train: [1, 2\n")

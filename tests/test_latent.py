@@ -253,3 +253,19 @@ def test_resume_refuses_another_vae(data, tmp_path):
         T.train(latent_config(data, tmp_path / "run2", "train.steps=4", "train.val_every=0",
                               f"vae.name={tmp_path / 'vae'}", f"data.cache_dir={tmp_path / 'cache'}"))
     assert [p.name for p in (tmp_path / "run").glob("ckpt_*")] == ["ckpt_000002.pt"]
+
+
+def test_unet_patches_must_divide_the_latent_frame(data):
+    """model.patch in latent space: the UNet halves patches of latent cells, so the latent frame (16 pixels / 2 = 8
+    cells here) must hold a whole number of them at every level; a bad size is refused before any data is read."""
+    from t2v.model import build_model
+    from t2v.space import build_space
+
+    cfg = latent_config(data, data / "unused", "model.patch=2")
+    space = build_space(cfg)  # 8 cells: 4 patches, halved once
+    model = build_model(cfg, space.channels)
+    z = torch.randn(space.sample_shape(2, cfg.data.frames, cfg.data.size))  # b t c h w: 2 x 4 x 4 x 8 x 8
+    assert model.patch == 2 and model(z, torch.tensor([10, 900]), torch.randn(2, cfg.text.dim)).shape == z.shape
+    with pytest.raises(VAEError, match=r"latent frames are SIZE/2 cells, which the UNet halves 1 times \(in patches "
+                                       r"of 8: model.patch\); use a multiple of 32"):
+        build_space(latent_config(data, data / "unused", "model.patch=8"))
