@@ -65,8 +65,8 @@ demo: demo-data ## the main job on the demo data: caches, trains a small model o
 	$(PYTHON) -m t2v.sample --ckpt demo/run --out demo/run/samples/final --steps 25 \
 	  --prompt "a red circle moving right" --prompt "a green square moving up" \
 	  --prompt "a blue triangle moving left" --prompt "a yellow circle moving down"
-	$(PYTHON) tools/report.py demo/run
 	$(PYTHON) tools/demo_check.py demo/run
+	$(PYTHON) tools/report.py demo/run
 	@echo; echo "demo done: checkpoints in demo/run/, samples in demo/run/samples/final/, report in demo/run/report/summary.md"
 
 train: install ## train in the foreground (CONFIG=..., env vars, ARGS="train.steps=100 ...")

@@ -32,8 +32,9 @@ TARGET = {"color": 0.95, "shape": 0.75, "motion": 0.90}
 # model.temporal_attention=false: each row's difference from "no_temporal_attention" is that one change.
 # The ablations below were measured from the DDPM demo (v-prediction) that configs/demo.yaml shipped before rectified
 # flow won bench/recipe_sweep.py's comparison; DDPM_V keeps each row meaning what it measured.
-# configs/demo.yaml's model before it took 2x2 patches (docs/recipe.md, "Patches"), and its rate then
-UNPATCHED_MODEL = ["model.size=small", "model.base_channels=16", "model.patch=1"]
+# configs/demo.yaml's model before it took 2x2 patches and halved frames (docs/recipe.md, "Patches"), and its rate
+# then
+UNPATCHED_MODEL = ["model.size=small", "model.base_channels=16", "model.patch=1", "model.downsample_time=false"]
 DDPM_DEMO = UNPATCHED_MODEL + ["train.lr=2e-3"]
 DDPM_V = DDPM_DEMO + ["diffusion.objective=ddpm", "diffusion.prediction=v", "train.guidance=5"]
 BEFORE_ATTENTION = DDPM_V + ["model.temporal_attention=false"]

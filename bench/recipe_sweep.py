@@ -37,8 +37,9 @@ TARGET = {"color": 0.95, "motion": 0.95, "shape": 0.90, "background": 0.05}
 
 # Each recipe spells out every setting it differs in, so that none depends on what configs/demo.yaml ships.
 UNET = ["model.arch=unet", "model.size=small", "model.base_channels=16", "model.patch=1", "model.coords=true",
-        "model.temporal_attention=true"]
-DIT = ["model.arch=dit", "model.hidden=64", "model.depth=4", "model.heads=4", "model.patch=2", "model.coords=false", "model.temporal_attention=false"]
+        "model.temporal_attention=true", "model.downsample_time=false"]
+DIT = ["model.arch=dit", "model.hidden=64", "model.depth=4", "model.heads=4", "model.patch=2", "model.coords=false",
+       "model.temporal_attention=false", "model.downsample_time=false"]
 DDPM_V = ["diffusion.objective=ddpm", "diffusion.prediction=v", "diffusion.shift=8"]
 FLOW = ["diffusion.objective=flow", "diffusion.prediction=eps", "diffusion.shift=8", "diffusion.logit_mean=0",
         "diffusion.logit_std=1"]

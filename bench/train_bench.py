@@ -3,10 +3,11 @@ ratio from contenders timed in the same alternating rounds: ours (pooled-caption
 UNet3DConditionModel (cross-attention to caption tokens); ours with cross-attention on the same tokens vs that
 UNet3DConditionModel; ours vs video-diffusion-pytorch's Unet3D (pooled caption too). Section ``exp``: speed
 changes to t2v.train, measured as variants of our own step: the adopted fused AdamW (before -> after), the demo's
-model in 2x2 patches (before -> after) and the remaining candidate train.channels_last=true (shipped vs
-channels_last)."""
+model in 2x2 patches, then with halved frames, the (2+1)D block's temporal conv as a Conv2d (each before -> after)
+and the remaining candidate train.channels_last=true (shipped vs channels_last)."""
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from bench.common import REPO, Row, SectionResult, alternate, fmt_rate, fmt_s, l
 from bench.harness import (PEER_TOKENS, Inputs, TrainStep, build_ours, build_peer, build_vdp, diffusers_available,
                            forward_ours, forward_ours_tokens, forward_peer, forward_vdp, import_vdp, peer_kwargs,
                            vdp_available, vdp_kwargs)
-from bench.previous import ADAMW_KWARGS
+from bench.previous import ADAMW_KWARGS, conv2plus1d_forward_previous
 
 TARGET_SPEEDUP = 3.0
 PARAM_TOLERANCE = 0.15
@@ -140,7 +141,8 @@ def bench_train(args) -> SectionResult:
 
 def bench_exp(args) -> SectionResult:
     """Variants of OUR training step. Adopted: AdamW(fused=True), measured before (the previous default AdamW,
-    bench/previous.py) -> after (t2v.train as shipped); configs/demo.yaml's model before and after model.patch=2.
+    bench/previous.py) -> after (t2v.train as shipped); configs/demo.yaml's model before and after model.patch=2,
+    then model.downsample_time, and with the previous temporal conv (bench/previous.py) -> as shipped.
     Candidate: train.channels_last=true, measured against the shipped step (t2v.train's default is false)."""
     res = SectionResult("exp")
     device, precision = device_and_precision()
@@ -202,34 +204,54 @@ def bench_exp(args) -> SectionResult:
                         f"{cl['speedup']:.2f}x per step ({fmt_s(t['after'])} vs {fmt_s(t['channels_last'])})",
                         "> 1x", None, f"per-round {', '.join(f'{r:.2f}' for r in cl['per_round'])}",
                         group="candidate"))
-    res.rows.append(demo_model_row(args, device, precision, res.data))
+    res.rows.extend(demo_model_rows(args, device, precision, res.data))
     return res
 
 
-def demo_model_row(args, device, precision: str, data: dict) -> Row:
-    """The demo's training step at its own batch and clip size: its model before patches (UNPATCHED_MODEL) -> as
-    shipped."""
+def demo_model_rows(args, device, precision: str, data: dict) -> list[Row]:
+    """The demo's training step at its own batch and clip size, one adopted change per row: its model before
+    patches (UNPATCHED_MODEL) -> in 2x2 patches; -> with halved frames too (as shipped); and the shipped model
+    with the previous temporal convolution (bench/previous.py) -> as shipped."""
     from bench.demo_recipes import UNPATCHED_MODEL
     from t2v.config import load_config
-    from t2v.model import build_model
+    from t2v.model import Conv2Plus1D, build_model
 
     # the demo's batch 16 of 8x16x16 clips (--quick: 2 clips); a row of its own, not the base model's
     inp = Inputs(batch=2 if args.quick else 16, frames=8, size=16, text_dim=512)
+    variants = {"before": UNPATCHED_MODEL, "patched": ["model.downsample_time=false"], "after": [],
+                "conv3d_temporal": []}
     steps = {}
-    for name, overrides in {"before": UNPATCHED_MODEL, "after": []}.items():
-        cfg = load_config(REPO / "configs" / "demo.yaml", overrides, env={})
+    for name, overrides in variants.items():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = build_model(cfg)
+            model = build_model(load_config(REPO / "configs" / "demo.yaml", overrides, env={}))
+        if name == "conv3d_temporal":  # the temporal conv called as the Conv3d it is stored as
+            for m in model.modules():
+                if isinstance(m, Conv2Plus1D):
+                    m.forward = types.MethodType(conv2plus1d_forward_previous, m)
         steps[name] = TrainStep(model, forward_ours, inp.clip(device), inp.pooled(device), precision)
     times = alternate(steps, args.repeats, warmup=1, label="exp demo model")
     t = {n: median(v) for n, v in times.items()}
-    speedup = t["before"] / t["after"]
-    rounds = per_round_ratios(times["before"], times["after"])
-    data["demo_model"] = {"before": UNPATCHED_MODEL, "seconds_per_step": times, "speedup": speedup,
-                          "params": {n: s.params for n, s in steps.items()}}
-    return Row(f"Adopted change: configs/demo.yaml's model in 2x2 patches (model.patch=2), training step (demo, "
-               f"batch {inp.batch}, {device.type}): before -> after",
-               f"{speedup:.2f}x per step ({fmt_s(t['before'])} -> {fmt_s(t['after'])})",
-               "> 1.5x", None if args.quick else speedup > 1.5,
-               f"per-round {', '.join(f'{r:.2f}' for r in rounds)}", group="adopted")
+
+    def ratio(slow: str, fast: str) -> dict:
+        return {"speedup": t[slow] / t[fast], "per_round": per_round_ratios(times[slow], times[fast]),
+                "before_after_s": (t[slow], t[fast])}
+
+    pairs = {"patches": ratio("before", "patched"), "downsample_time": ratio("patched", "after"),
+             "temporal_conv2d": ratio("conv3d_temporal", "after")}
+    data["demo_model"] = {"variants": variants, "seconds_per_step": times, "speedup": pairs["patches"]["speedup"],
+                          "params": {n: s.params for n, s in steps.items()}, **pairs}
+    shape = f"demo, batch {inp.batch}, {device.type}"
+    rows = []
+    for key, what, target in (
+            ("patches", "configs/demo.yaml's model in 2x2 patches (model.patch=2)", 1.5),
+            ("downsample_time", "configs/demo.yaml's patched model with halved frames (model.downsample_time)", 1.0),
+            ("temporal_conv2d", "the (2+1)D block's temporal conv as a (3, 1) Conv2d instead of a (3, 1, 1) Conv3d",
+             1.0)):
+        r = pairs[key]
+        slow, fast = r["before_after_s"]
+        rows.append(Row(f"Adopted change: {what}, training step ({shape}): before -> after",
+                        f"{r['speedup']:.2f}x per step ({fmt_s(slow)} -> {fmt_s(fast)})", f"> {target:g}x",
+                        None if args.quick else r["speedup"] > target,
+                        f"per-round {', '.join(f'{x:.2f}' for x in r['per_round'])}", group="adopted"))
+    return rows

@@ -89,6 +89,9 @@ class ModelConfig:
     # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller. unet: p x p pixels
     # become one position with p²·c channels before the first level (space-to-depth); 0 = 1, none
     patch: int = 0
+    # unet: every downsampling halves the frame count as well as the frame size (a 3x3x3 stride-2 conv, nearest
+    # x2 in time on the way up): the lower levels cost half; data.frames must divide (a multiple of 4)
+    downsample_time: bool = False
     hidden: int = 0  # dit: token width; 0 = from model.size (t2v.dit.SIZES)
     depth: int = 0  # dit: number of blocks (each one spatial or one temporal); 0 = from model.size
     heads: int = 0  # dit: attention heads; 0 = from model.size

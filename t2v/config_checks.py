@@ -62,7 +62,13 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
         unit = 8 * (m.patch or 1) if m.space == "pixel" else 8
         after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
         return [(size >= unit and size % unit == 0, f"data.size must be a multiple of {unit} (the UNet halves it "
-                                                    f"twice{after}), got {size}")]
+                                                    f"twice{after}), got {size}"),
+                (not m.downsample_time or cfg.data.frames % 4 == 0,
+                 f"data.frames must be a multiple of 4 with model.downsample_time (the UNet halves the frames with "
+                 f"the frame size, up to twice), got {cfg.data.frames}"),
+                (not (m.downsample_time and m.frame_cond),
+                 "model.frame_cond and model.downsample_time do not go together: one conditioning per frame needs "
+                 "every frame at every level")]
     side = size // 8 if m.space == "latent" else size  # t2v.dit.resolve_patch's rule (this module has no torch)
     patch = m.patch or (1 if side <= 16 else 2)
     return [
@@ -71,7 +77,7 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
         (side % patch == 0, f"data.size must give frames ({side}x{side}) divisible by the dit's patch {patch} (model.patch)"),
         *[(not getattr(m, k), f"model.{k} applies to model.arch=unet only; a dit has {why}") for k, why in
           (("coords", "position embeddings"), ("frame_cond", "a frame position embedding"),
-           ("temporal_attention", "temporal attention blocks"))],
+           ("temporal_attention", "temporal attention blocks"), ("downsample_time", "no downsampling"))],
         (m.depth % 2 == 0, f"model.depth must be even for a dit (spatial + temporal pairs), got {m.depth}"),
         (not (m.hidden and m.heads) or m.hidden % m.heads == 0,
          f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})"),

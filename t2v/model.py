@@ -7,7 +7,9 @@ Design choices, each for CPU speed at equal quality:
   * (2+1)D convolutions: a spatial (1,3,3) kernel followed by a temporal (3,1,1) kernel. 12·C² weights
     instead of 27·C², and faster than a full 3x3x3 Conv3d per fwd+bwd on CPU (the gap grows at the low
     resolutions where channels are wide); used by Make-A-Video and others.
-  * Downsampling is spatial only: clips have ~8 frames, too few to halve.
+  * Downsampling is spatial only by default: clips have ~8 frames. ``downsample_time`` halves the frames with
+    the frame size (8 -> 4 below the first level): the levels below cost half, and the demo's model learns its
+    shapes, colours and motion as well in 2,000 steps (docs/recipe.md, "Frames halved").
   * One ResBlock per level on each side keeps ``base`` (64 -> 128 -> 256 channels) at a few seconds
     per training step on CPU; the middle has two.
   * Zero-initialised last conv of every residual branch, of every attention output and of the
@@ -67,7 +69,11 @@ def from_patches(h: torch.Tensor, p: int) -> torch.Tensor:
 
 
 class Conv2Plus1D(nn.Module):
-    """A 3x3 spatial conv then a 3-tap temporal conv, both Conv3d so channels_last_3d applies."""
+    """A 3x3 spatial conv then a 3-tap temporal conv. Both are held as Conv3d (the checkpoints' layout); the
+    temporal one runs as a (3, 1) Conv2d over t and the flattened h·w, the same sums without a copy, because
+    oneDNN's Conv3d with a (3, 1, 1) kernel is slow on CPU: 2.7x slower per fwd+bwd at 4x4 with 48 channels,
+    1.2x at 8x8 with 24, timed alone (the demo's whole step: `make bench`, section exp). The spatial one stays
+    Conv3d: as a Conv2d it needs b c t -> (b t) c copies and was slower."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -75,7 +81,11 @@ class Conv2Plus1D(nn.Module):
         self.temporal = nn.Conv3d(c_out, c_out, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x):  # b c t h w -> b c' t h w
-        return self.temporal(self.spatial(x))
+        h = self.spatial(x)
+        b, c, t, hh, ww = h.shape
+        h = F.conv2d(h.reshape(b, c, t, hh * ww), self.temporal.weight.squeeze(-1), self.temporal.bias,
+                     padding=(1, 0))  # b c t (h w): the kernel (3, 1) spans frames only
+        return h.view(b, c, t, hh, ww)
 
 
 class ResBlock(nn.Module):
@@ -188,8 +198,11 @@ class UNet3DCond(nn.Module):
         checkpointing: bool = False,
         fps_cond: bool = False,
         patch: int = 1,
+        downsample_time: bool = False,
     ):
         super().__init__()
+        if frame_cond and downsample_time:  # t2v.config_checks says so by key name first
+            raise ValueError("frame_cond needs every frame at every level: it cannot be combined with downsample_time")
         self.checkpointing = checkpointing
         self.patch = patch
         self.cross_attention = cross_attention
@@ -237,8 +250,11 @@ class UNet3DCond(nn.Module):
                 self.down.append(block(c, c_out, i))
                 c = c_out
                 skips.append(c)
-            # spatial stride 2 only; the frame count is kept
-            self.downsample.append(nn.Conv3d(c, c, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)) if i < last else nn.Identity())
+            # spatial stride 2; with downsample_time the frames too, through a 3x3x3 kernel so that no frame is
+            # skipped (the levels below see every other frame's position, with its neighbours mixed in)
+            down = (nn.Conv3d(c, c, 3, stride=2, padding=1) if downsample_time else
+                    nn.Conv3d(c, c, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))
+            self.downsample.append(down if i < last else nn.Identity())
         self.mid1 = block(c, c, last)
         self.mid2 = Block(c, c, emb_dim, dropout, False, False, text_dim, heads)
         self.up = nn.ModuleList()
@@ -251,6 +267,7 @@ class UNet3DCond(nn.Module):
             c = ch[i - 1] if i > 0 else c
         self.num_res_blocks = num_res_blocks
         self.factor = 2 ** last  # total spatial downsampling
+        self.time_factor = self.factor if downsample_time else 1  # total temporal downsampling
         self.out_norm = nn.GroupNorm(num_groups(c), c)
         self.out_conv = zero_(nn.Conv3d(c, in_channels * patch ** 2, (1, 3, 3), padding=(0, 1, 1)))
 
@@ -273,6 +290,9 @@ class UNet3DCond(nn.Module):
             halvings = self.factor.bit_length() - 1
             raise ValueError(f"frame size {height}x{width} must be divisible by {self.factor * p} (patches of {p} "
                              f"pixels, which the UNet halves {halvings} times)")
+        if x.shape[1] % self.time_factor:
+            raise ValueError(f"{x.shape[1]} frames must be divisible by {self.time_factor}: model.downsample_time "
+                             f"halves them {self.time_factor.bit_length() - 1} times")
         text, context, context_mask = caption_conditioning(text, tokens, token_mask, cond_mask, self.null_text,
                                                            self.null_token)
         emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(text.dtype)) + self.text_mlp(text)  # b e
@@ -304,8 +324,9 @@ class UNet3DCond(nn.Module):
             if i % n == n - 1:
                 up = self.upsample[i // n]
                 if not isinstance(up, nn.Identity):
-                    # nearest x2 in space only, then a conv to smooth the blockiness
-                    h = up(F.interpolate(h, scale_factor=(1, 2, 2), mode="nearest"))
+                    # nearest x2 in space (and time, where the way down halved it), then a conv to smooth the
+                    # blockiness
+                    h = up(F.interpolate(h, scale_factor=(2 if self.time_factor > 1 else 1, 2, 2), mode="nearest"))
         h = self.out_conv(F.silu(self.out_norm(h)))
         return from_patches(h, p)  # b t c h w
 
@@ -340,6 +361,7 @@ def build_model(cfg, in_channels: int = 3) -> nn.Module:
         checkpointing=m.checkpointing,
         fps_cond=m.fps_cond,
         patch=m.patch or 1,
+        downsample_time=m.downsample_time,
     )
 
 

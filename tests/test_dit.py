@@ -214,6 +214,7 @@ def test_validation_repeats_resolve_patch():
     (["model.coords=true"], "model.coords applies to model.arch=unet only"),
     (["model.frame_cond=true"], "model.frame_cond applies to model.arch=unet only"),
     (["model.temporal_attention=true"], "model.temporal_attention applies to model.arch=unet only"),
+    (["model.downsample_time=true"], "model.downsample_time applies to model.arch=unet only; a dit has no downsampling"),
     (["model.hidden=50", "model.heads=4"], "model.hidden (50) must be divisible by model.heads (4)"),
     (["model.depth=3"], "model.depth must be even for a dit"),
     (["data.size=20", "model.patch=3"], "divisible by the dit's patch 3 (model.patch)"),

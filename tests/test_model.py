@@ -4,7 +4,7 @@ import torch
 
 from t2v import diffusion as D
 from t2v.config import Config
-from t2v.model import SIZES, UNet3DCond, build_model, count_params, from_patches, num_groups, to_patches
+from t2v.model import SIZES, Conv2Plus1D, UNet3DCond, build_model, count_params, from_patches, num_groups, to_patches
 
 TEXT_DIM = 32  # tests use a small conditioning dim; the parameter-count test uses the real 512
 
@@ -146,10 +146,10 @@ def test_attention_switches_run_and_add_params():
     assert count_params(tiny(temporal_attention=True, cross_attention=True)) > count_params(tiny(cross_attention=True))
 
 
-@pytest.mark.parametrize("patch", [1, 2])
-def test_few_steps_lower_the_loss(patch):
+@pytest.mark.parametrize("patch, downsample_time", [(1, False), (2, False), (2, True)])
+def test_few_steps_lower_the_loss(patch, downsample_time):
     """30 AdamW steps on one fixed batch (fixed t and noise) must clearly lower the diffusion loss."""
-    m = tiny(patch=patch)
+    m = tiny(patch=patch, downsample_time=downsample_time)
     s = D.make_schedule(1000)
     g = torch.Generator().manual_seed(0)
     b, frames, hw = 2, 4, 16
@@ -171,7 +171,8 @@ def test_few_steps_lower_the_loss(patch):
         losses.append(loss.item())
     first, last = losses[0], min(losses[-3:])
     assert first == pytest.approx(1.0, abs=0.15)  # zero output: loss = mean(noise²)
-    # measured: 1.00 -> 0.21 (patch 1); 0.43 with patch 2, whose tiny UNet sees this 16x16 clip as 8x8 positions
+    # measured: 1.00 -> 0.21 (patch 1); 0.43 with patch 2, whose tiny UNet sees this 16x16 clip as 8x8 positions;
+    # 0.45 with the frames halved too
     assert last < {1: 0.4, 2: 0.6}[patch] * first, losses
 
 
@@ -184,6 +185,25 @@ def test_channels_last_3d_matches_default():
         assert m.stem.weight.is_contiguous(memory_format=torch.channels_last_3d)
         out = m(x, t, text, tokens=tok)
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_temporal_conv_is_the_conv3d_it_replaces(channels_last):
+    """Conv2Plus1D runs its (3, 1, 1) Conv3d weights as a (3, 1) Conv2d over t and h·w: the same output and the
+    same gradients as calling the Conv3d, so checkpoints from before load and train on unchanged."""
+    torch.manual_seed(0)
+    block = Conv2Plus1D(5, 6)
+    x = torch.randn(2, 5, 7, 4, 3, requires_grad=True)  # b c t h w: odd sizes, so no axis is mistaken for another
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    out = block(x)
+    ref = block.temporal(block.spatial(x))
+    assert out.shape == ref.shape == (2, 6, 7, 4, 3) and (out - ref).abs().max() < 1e-5
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x, block.temporal.weight, block.temporal.bias], g)
+    want = torch.autograd.grad(ref, [x, block.temporal.weight, block.temporal.bias], g)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-4
 
 
 def test_forward_has_no_graph_breaks():
@@ -228,6 +248,29 @@ def test_coords_give_the_network_where_and_when():
     assert out.shape == x.shape
     # the same zero input at every voxel, yet frames and positions differ: the network knows where and when
     assert not torch.allclose(out[0, 0], out[0, -1]) and not torch.allclose(out[0, :, :, 2, 2], out[0, :, :, 5, 5])
+
+
+@pytest.mark.parametrize("size, frames_below", [("tiny", [4]), ("small", [4, 2])])
+def test_downsample_time_halves_the_frames_with_the_frame_size(size, frames_below):
+    """model.downsample_time: each level below the first sees half the frames of the one above (and half the
+    rows and columns); the output has every frame back, and each frame of it still depends on its own input."""
+    torch.manual_seed(0)
+    base, mults = SIZES[size]
+    m = perturb_output(UNet3DCond(base, mults, text_dim=TEXT_DIM, downsample_time=True, temporal_attention=True))
+    seen = []
+    for blk in list(m.down)[1:]:
+        blk.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape[2:])))  # b c t h w
+    x, t, text, _ = inputs(b=1, t=8, hw=32)
+    x.requires_grad_(True)
+    out = m(x, t, text)
+    assert out.shape == x.shape
+    assert seen == [(f, 32 // 2 ** (i + 1), 32 // 2 ** (i + 1)) for i, f in enumerate(frames_below)]
+    out[:, 7].sum().backward()  # the last frame's output reaches back to the last input frame
+    assert x.grad[:, 7].abs().sum() > 0
+    bad = {"tiny": 5, "small": 6}[size]
+    with pytest.raises(ValueError, match=rf"{bad} frames must be divisible by {2 ** len(frames_below)}: "
+                                         "model.downsample_time"):
+        m(x[:, :bad].detach(), t, text)
 
 
 def test_patches_put_every_pixel_back_where_it_was():
