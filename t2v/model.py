@@ -267,7 +267,8 @@ class UNet3DCond(nn.Module):
             c = ch[i - 1] if i > 0 else c
         self.num_res_blocks = num_res_blocks
         self.factor = 2 ** last  # total spatial downsampling
-        self.time_factor = self.factor if downsample_time else 1  # total temporal downsampling
+        self.time_stride = 2 if downsample_time else 1  # of each downsampling
+        self.time_factor = self.time_stride ** last  # total temporal downsampling
         self.out_norm = nn.GroupNorm(num_groups(c), c)
         self.out_conv = zero_(nn.Conv3d(c, in_channels * patch ** 2, (1, 3, 3), padding=(0, 1, 1)))
 
@@ -326,7 +327,7 @@ class UNet3DCond(nn.Module):
                 if not isinstance(up, nn.Identity):
                     # nearest x2 in space (and time, where the way down halved it), then a conv to smooth the
                     # blockiness
-                    h = up(F.interpolate(h, scale_factor=(2 if self.time_factor > 1 else 1, 2, 2), mode="nearest"))
+                    h = up(F.interpolate(h, scale_factor=(self.time_stride, 2, 2), mode="nearest"))
         h = self.out_conv(F.silu(self.out_norm(h)))
         return from_patches(h, p)  # b t c h w
 

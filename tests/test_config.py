@@ -52,7 +52,8 @@ def test_bad_values_name_where_they_came_from(tmp_path):
         C.load_config(overrides=["data.size=30"], env={})
     with pytest.raises(C.ConfigError, match=r"multiple of 16 .*patches of 2 pixels \(model.patch\)"):
         C.load_config(overrides=["data.size=24", "model.patch=2"], env={})
-    with pytest.raises(C.ConfigError, match=r"data.frames must be a multiple of 4 with model.downsample_time .*, got 6"):
+    with pytest.raises(C.ConfigError,
+                       match=r"data.frames must be a multiple of 4 with model.downsample_time .*, got 6"):
         C.load_config(overrides=["data.frames=6", "model.downsample_time=true"], env={})
     with pytest.raises(C.ConfigError, match="model.frame_cond and model.downsample_time do not go together"):
         C.load_config(overrides=["model.frame_cond=true", "model.downsample_time=true"], env={})

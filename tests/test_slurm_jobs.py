@@ -128,7 +128,8 @@ def test_preempted_twice_resumes_bit_exact(cluster, demo, reference):
     # Each preemption ended in a requeue: the job's own, or Slurm's where training's exit outlasted the grace time
     # (10 s here; once, on a loaded CI host, 22 s passed between the save at the signal and the process's exit).
     # Either way the next restart resumes from what was saved: the resumes and the bit-exact end below check that.
-    ends = [line for line in out.splitlines() if line.endswith("; requeueing") or "Slurm requeues it); training" in line]
+    ends = [line for line in out.splitlines()
+            if line.endswith("; requeueing") or "Slurm requeues it); training" in line]
     assert len(ends) == 2 and "restart 2: training finished" in out, out
     res = resumes(run)
     assert len(res) == 2 and "(restart 1)" in res[0] and "(restart 2)" in res[1], res
