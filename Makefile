@@ -58,7 +58,7 @@ embed: install ## cache caption embeddings for CONFIG's manifest (runs the froze
 cache: install ## pre-decode CONFIG's clips into the memory-mapped clip cache
 	$(PYTHON) -m t2v.data cache $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-demo: demo-data ## the main job on the demo data: caches, trains a small model on CPU, samples, reports, judges (about 5 min)
+demo: demo-data ## the main job on the demo data: caches, trains a small model on CPU, samples, reports, judges (about 4 min)
 	$(PYTHON) -m t2v.data cache --config $(DEMO_CONFIG) $(ARGS)
 	$(PYTHON) -m t2v.text embed --config $(DEMO_CONFIG) $(ARGS)
 	$(PYTHON) -m t2v.train --config $(DEMO_CONFIG) $(ARGS)
