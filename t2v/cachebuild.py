@@ -21,6 +21,8 @@ import logging
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -110,21 +112,28 @@ class Files:
 
 def run_jobs(fn, jobs: list, workers: int, progress: bool, desc: str):
     """``fn(job)`` for every job, in order, in ``workers`` processes (a progress bar over the jobs). ``fn`` must be
-    a module-level function and deterministic, so any number of workers gives what one process gives."""
+    a module-level function and deterministic, so any number of workers gives what one process gives.
+
+    The workers are a ProcessPoolExecutor, not a multiprocessing.Pool: a worker that dies (a decoder crashing on
+    a bad file, the OOM killer) makes the executor raise, where Pool.imap waits forever for the lost result."""
     bar = progress_counter(total=len(jobs), desc=desc, unit="clip", enabled=progress)
+    pool = None
     if workers <= 1:
         results = map(fn, jobs)
     else:  # spawn: a fresh interpreter per worker, never a fork of a process that holds decoder state
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(fn, jobs, chunksize=4)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(fn, jobs, chunksize=4)
     try:
         for r in results:
             bar.update(1)
             yield r
+    except BrokenProcessPool as e:
+        raise CacheError(f"{desc}: a worker process died ({e}); no row it held was written. Rerun with --workers 1 "
+                         "to see the error of the clip it was decoding") from None
     finally:
         bar.close()
-        if workers > 1:
-            pool.terminate()
+        if pool is not None:  # after an error: drop the jobs not started, wait for the few running ones
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Every:

@@ -1,5 +1,9 @@
 import json
+import multiprocessing
+import os
 import pickle
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -140,6 +144,40 @@ def test_parallel_and_sharded_builds_write_the_bytes_of_one_process(clips, tmp_p
         assert merged.npy.read_bytes() == serial.npy.read_bytes()
         assert merged.npy.with_suffix(".json").read_text() == serial.npy.with_suffix(".json").read_text()
         assert not list(d.glob("*.part*"))  # parts removed once the cache is complete
+
+
+def _dies_on_job_2(job: int) -> int:
+    """A decoding job whose process dies (a decoder crashing on a bad file, the OOM killer) on job 2."""
+    if job == 2:
+        os._exit(3)
+    return job
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    """--workers N: a worker process that dies mid-build stops the build with an error that says what to do,
+    and leaves no worker behind (a multiprocessing.Pool waited forever for the lost result)."""
+    from t2v.cachebuild import CacheError, run_jobs
+
+    desc = "caching clips to /data/.t2v_cache"  # what build_cache passes
+    assert list(run_jobs(_dies_on_job_2, [0, 1, 3], 2, False, desc)) == [0, 1, 3]
+    outcome = []
+    # in a thread, so that a hang fails this test instead of stalling the suite
+    build = threading.Thread(target=lambda: outcome.append(_raised(run_jobs, _dies_on_job_2, list(range(12)), 2,
+                                                                   False, desc)), daemon=True)
+    build.start()
+    build.join(timeout=120)
+    assert outcome, "the build still waits for the dead worker's result after 120 s"
+    assert isinstance(outcome[0], CacheError), outcome
+    assert re.search(f"^{re.escape(desc)}: a worker process died .* --workers 1", str(outcome[0])), outcome
+    assert multiprocessing.active_children() == []
+
+
+def _raised(fn, *args) -> BaseException | None:
+    try:
+        list(fn(*args))
+    except Exception as e:
+        return e
+    return None
 
 
 def test_a_merge_with_a_missing_shard_names_it(clips, tmp_path):
