@@ -85,3 +85,30 @@ def test_dominant_color_ignores_grey_and_black():
     v[:, :2] = (128, 128, 128)  # grey: no hue
     v[:, 5:, 5:] = (235, 220, 40)
     assert dominant_color(v) == "yellow"
+
+
+def test_demo_check_pools_several_sampling_seeds(tmp_path, capsys):
+    """tools/demo_check.py --samples N: every prompt drawn N times (seeds SEED..SEED+N-1), the verdicts pooled, so
+    each class holds N times the clips; the first seed's clips are those of a plain check."""
+    from runs import prepare, tiny_config
+    from t2v.train import train
+    from tools.demo_check import check, main
+
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", "train.steps=2", "train.val_every=0",
+                      "train.sample_every=0", config="configs/demo.yaml")
+    prepare(cfg, n_train=8)
+    assert train(cfg) == 0
+    one, other = check(tmp_path / "run", steps=2), check(tmp_path / "run", steps=2, seed=1)
+    both = check(tmp_path / "run", steps=2, samples=2, out=tmp_path / "eval")
+    assert both["num"] == 96 and both["seeds"] == [0, 1] and len(both["clips"]) == 96
+    drop_seed = lambda clips: [{k: v for k, v in c.items() if k != "seed"} for c in clips]  # noqa: E731
+    assert drop_seed(both["clips"]) == drop_seed(one["clips"]) + drop_seed(other["clips"])
+    for field in ("color", "shape", "motion", "background"):
+        assert both[field] == pytest.approx((one[field] + other[field]) / 2)
+    for name, acc in both["per_shape"].items():  # 32 clips per shape now
+        assert acc == pytest.approx((one["per_shape"][name] + other["per_shape"][name]) / 2)
+        assert round(acc * 32, 6) == int(round(acc * 32))
+    assert json.loads((tmp_path / "eval" / "demo_check.json").read_text())["seeds"] == [0, 1]
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "run"), "--samples", "0"])
+    assert e.value.code == 2 and "--samples must be >= 1, got 0" in capsys.readouterr().err

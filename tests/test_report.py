@@ -589,7 +589,14 @@ def test_validation_loss_and_demo_check_in_the_report(tmp_path):
     summary = (run / "report" / "summary.md").read_text()
     assert "## Validation loss" in summary and "![val](val.png)" in summary
     demo = summary.split("## Demo check")[1].split("##")[0]
-    assert "Step 30: 48 prompts" in demo and "0.8541" in demo and "0.979" in demo and "0.055" in demo
+    assert "Step 30: 48 prompts sampled (DDIM 25" in demo and "0.8541" in demo and "0.979" in demo and "0.055" in demo
+    # tools/demo_check.py --samples 3 (a flow model): every prompt three times, its sampler named
+    pooled = {"step": 30, "num": 144, "seeds": [0, 1, 2], "sampler": "Euler", "ddim_steps": 25, "guidance": 2.5,
+              "color": 1.0, "shape": 0.9583, "motion": 1.0, "all": 0.95, "background": 0.03}
+    (run / "eval" / "demo_check.json").write_text(json.dumps(pooled))
+    assert R.main([str(run), "--no-load"]) == 0
+    demo = (run / "report" / "summary.md").read_text().split("## Demo check")[1].split("##")[0]
+    assert "Step 30: 48 prompts x 3 sampling seeds sampled (Euler 25, guidance 2.5)" in demo and "0.9583" in demo
 
 
 # --------------------------------------------------------------------------- run facts from t2v.runlog events

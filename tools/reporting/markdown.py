@@ -141,8 +141,10 @@ def write_summary(run: Run, out_dir: str | os.PathLike, inv: pd.DataFrame | None
               md_table(run.val.tail(10))]
     if run.demo_check is not None:
         d = run.demo_check
+        seeds = len(d.get("seeds") or [0])  # tools/demo_check.py --samples N: every prompt N times
+        what = f"{d.get('num')} prompts" if seeds == 1 else f"{d.get('num') // seeds} prompts x {seeds} sampling seeds"
         L += ["", "## Demo check", "",
-              f"Step {d.get('step')}: {d.get('num')} prompts sampled (DDIM {d.get('ddim_steps')}, guidance "
+              f"Step {d.get('step')}: {what} sampled ({d.get('sampler', 'DDIM')} {d.get('ddim_steps')}, guidance "
               f"{d.get('guidance')}) and judged by their pixels (tools/demo_check.py).", "",
               md_table(pd.DataFrame([{"colour": d.get("color"), "shape": d.get("shape"), "motion": d.get("motion"),
                                       "all three": d.get("all"), "background brightness": d.get("background")}])),
