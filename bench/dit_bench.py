@@ -1,4 +1,4 @@
-"""Section ``dit``: the video transformer (t2v.dit, model.arch=dit) timed against
+"""Section ``dit``: the video transformer (t2v.models.dit, model.arch=dit) timed against
 
   (a) diffusers' LatteTransformer3DModel at matched parameters (±15 %), on the same latent clips (4 channels) and the
       same caption tokens (b, 77, 512): ours with model.cross_attention=true, Latte with its PixArt-style caption
@@ -37,7 +37,7 @@ def our_model(arch: str, size: str, text_dim: int, in_channels: int, cross_atten
               patch: int = 0, seed: int = 0) -> torch.nn.Module:
     """Our model as t2v.train builds it from its config."""
     from t2v import config
-    from t2v.model import build_model
+    from t2v.models import build_model
 
     over = [f"model.arch={arch}", f"model.size={size}", f"text.dim={text_dim}", f"model.in_channels={in_channels}",
             f"model.patch={patch}"]
@@ -61,7 +61,7 @@ def matched_latte(ours: int, heads: int, head_dim: int, frames: int, side: int, 
     from diffusers import LatteTransformer3DModel
     from diffusers.utils import logging as dlogging
 
-    from t2v.model import count_params
+    from t2v.models import count_params
 
     dlogging.set_verbosity_error()
     best = None
@@ -220,7 +220,7 @@ def bench_dit(args) -> SectionResult:
     # (a) ours vs Latte, latent clips, both attending to the same caption tokens
     steps = {"dit": Step(our_model("dit", size, text_dim, 4, cross_attention=True, patch=2), forward_ours, z,
                          caption, precision)}
-    from t2v.dit import resolve_size
+    from t2v.models.dit import resolve_size
 
     hidden, _, heads = resolve_size(size)
     try:

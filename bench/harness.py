@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from t2v import config
 from t2v import diffusion
-from t2v.model import build_model, count_params
+from t2v.models import build_model, count_params
 from t2v.objective import build_objective
 from t2v.step import StepState, train_step
 

@@ -33,7 +33,7 @@ from bench.data_load import demo_dataset, prepare
 from bench.previous import verify_state_previous
 from t2v import checkpoint as ckpt
 from t2v import config
-from t2v.model import build_model
+from t2v.models import build_model
 from t2v.runlog import RunLog
 from t2v.checkpointer import Checkpointer
 from t2v.train import REQUEUE_EXIT

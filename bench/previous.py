@@ -6,7 +6,7 @@ c6ca601), kept here so that every benchmark run can still measure before -> afte
   verify_state  t2v.checkpoint.verify_state: one ``torch.isfinite(v).all()`` per tensor; now numpy
   ADAMW_KWARGS  t2v.train's optimizer: ``torch.optim.AdamW`` with its default (for-each) implementation; now
                 ``fused=True`` (see bench.harness.TrainStep's ``fused_adamw``)
-  conv2plus1d_forward_previous  t2v.model.Conv2Plus1D.forward: the temporal (3, 1, 1) Conv3d called as such;
+  conv2plus1d_forward_previous  t2v.models.Conv2Plus1D.forward: the temporal (3, 1, 1) Conv3d called as such;
                 now the same weights as a (3, 1) Conv2d over t and the flattened h·w (same sums)
 
 This module imports nothing heavy, so that a t2v.train subprocess can be patched with it at no extra start-up
@@ -51,5 +51,5 @@ def verify_state_previous(state, path) -> None:
 
 
 def conv2plus1d_forward_previous(self, x):
-    """The previous t2v.model.Conv2Plus1D.forward (bind it to a module with types.MethodType)."""
+    """The previous t2v.models.Conv2Plus1D.forward (bind it to a module with types.MethodType)."""
     return self.temporal(self.spatial(x))

@@ -214,7 +214,8 @@ def demo_model_rows(args, device, precision: str, data: dict) -> list[Row]:
     with the previous temporal convolution (bench/previous.py) -> as shipped."""
     from bench.demo_recipes import UNPATCHED_MODEL
     from t2v.config import load_config
-    from t2v.model import Conv2Plus1D, build_model
+    from t2v.models import build_model
+    from t2v.models.unet import Conv2Plus1D
 
     # the demo's batch 16 of 8x16x16 clips (--quick: 2 clips); a row of its own, not the base model's
     inp = Inputs(batch=2 if args.quick else 16, frames=8, size=16, text_dim=512)

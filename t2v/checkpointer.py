@@ -25,6 +25,7 @@ from t2v import config
 from t2v import distributed
 from t2v import runlog
 from t2v.checkpoint import rng_state, set_rng_state
+from t2v.models import check_base
 from t2v.runlog import TrainingError
 
 
@@ -34,7 +35,7 @@ from t2v.runlog import TrainingError
 RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.objective", "diffusion.prediction", "diffusion.schedule",
                      "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder",
                      "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
-                     "data.max_seconds")
+                     "data.max_seconds", "train.finetune", "train.lora_rank", "train.lora_alpha", "train.lora_targets")
 
 # model settings that change how the step computes, not what the weights are: a resume may change them freely
 HOW_NOT_WHAT = ("model.checkpointing",)
@@ -48,7 +49,7 @@ def incompatible_changes(saved: config.Config, cfg: config.Config, channels: int
     for d in (a, b):
         d["model"]["in_channels"] = d["model"]["in_channels"] or channels
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
-    unused = {"text.name"} if cfg.text.encoder != "clip" else set()  # only CLIP reads it
+    unused = {"text.name"} if cfg.text.encoder not in ("clip", "umt5") else set()  # only these read it
     if saved.model.space != "latent" and cfg.model.space != "latent":
         unused |= {"vae.name", "vae.subfolder"}  # pixel space has no VAE
     keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]
@@ -111,13 +112,16 @@ class Checkpointer:
 
     def attach(self, model, ema, opt, scaler, global_batch: int, data: dict | None = None) -> None:
         """The objects whose state a checkpoint holds (the un-wrapped model: DDP and compile wrap the same
-        parameters)."""
+        parameters; a pretrained model's state_dict is what trains, and data["base"] names the rest)."""
         self.model, self.ema, self.opt, self.scaler = model, ema, opt, scaler
         self.global_batch, self.data = global_batch, dict(data or {})
 
     def load_state_dict(self, state: dict, path: Path, restart: int = 0, nodes: list[str] | None = None) -> int:
         """Model, EMA, optimizer, scaler and RNG back as saved; returns the step to go on from. ``nodes`` (each
         rank's node) goes into the resume record of metrics.jsonl."""
+        changed_base = check_base(state["data"], self.model, path)
+        if changed_base:
+            raise TrainingError(changed_base)
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])

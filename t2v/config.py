@@ -53,8 +53,10 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "clip"  # "clip" (Hugging Face CLIP text model), "hash" (offline demo encoder), "tiny" (tests)
-    name: str = "openai/clip-vit-base-patch32"  # hub name or local folder for encoder=clip
+    # "clip" (Hugging Face CLIP text model), "hash" (offline demo encoder), "tiny" (tests), "umt5" (Wan's, with text.name
+    # its pipeline: per-token, text.tokens=true, text.dim=4096, text.max_tokens=512)
+    encoder: str = "clip"
+    name: str = "openai/clip-vit-base-patch32"  # hub name or local folder for encoder=clip or umt5
     dim: int = 512
     max_tokens: int = 77
     tokens: bool = False  # also cache per-token embeddings (needed by model.cross_attention)
@@ -72,7 +74,7 @@ class VAEConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "base"  # a name in t2v.model.SIZES: tiny, small, base, large
+    size: str = "base"  # a name in t2v.models.unet.SIZES: tiny, small, base, large
     space: str = "pixel"  # "pixel": the UNet denoises RGB frames; "latent": the VAE's latents (vae section)
     in_channels: int = 0  # 0: 3 in pixel space, the VAE's latent channels in latent space (t2v.space)
     base_channels: int = 0  # 0 = taken from the size registry
@@ -84,15 +86,17 @@ class ModelConfig:
     frame_cond: bool = False  # one FiLM conditioning per frame: an MLP of (caption + timestep, frame index)
     checkpointing: bool = False  # activation checkpointing of the UNet blocks: less memory, ~1 more forward
     fps_cond: bool = False  # condition on the clip's frame rate (data.sampling=window), as ModelScope/VideoCrafter
-    # "unet": the 3D UNet above; "dit": a video transformer (t2v.dit: Latte's alternating spatial/temporal blocks)
+    # "unet": the 3D UNet above; "dit": a video transformer (t2v.models.dit: Latte's alternating spatial/temporal blocks);
+    # "wan": Wan 2.1's pretrained transformer from model.pretrained (t2v.models.wan), fine-tuned (train.finetune)
     arch: str = "unet"
+    pretrained: str = ""  # wan: a hub name (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder
     # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller. unet: p x p pixels
     # become one position with p²·c channels before the first level (space-to-depth); 0 = 1, none
     patch: int = 0
     # unet: every downsampling halves the frame count as well as the frame size (a 3x3x3 stride-2 conv, nearest
     # x2 in time on the way up): the lower levels cost half; data.frames must divide (a multiple of 4)
     downsample_time: bool = False
-    hidden: int = 0  # dit: token width; 0 = from model.size (t2v.dit.SIZES)
+    hidden: int = 0  # dit: token width; 0 = from model.size (t2v.models.dit.SIZES)
     depth: int = 0  # dit: number of blocks (each one spatial or one temporal); 0 = from model.size
     heads: int = 0  # dit: attention heads; 0 = from model.size
 
@@ -136,6 +140,8 @@ class TrainConfig:
     val_clips: int = 32  # the first this many clips of data.val_manifest
     val_timesteps: tuple = (100, 300, 500, 700, 900)
     sample_steps: int = 50  # DDIM steps for previews
+    # previews' and t2v.sample's default sampler: "" = the objective's first (ddim, euler); unipc = Wan's own
+    sample_method: str = ""
     guidance: float = 3.0
     sample_prompts: tuple = (
         "a red circle moving right",
@@ -154,6 +160,12 @@ class TrainConfig:
     wandb_project: str = "t2v-slurm"
     compile: bool = False
     channels_last: bool = False
+    # a pretrained model (model.pretrained): "full" trains every weight, "lora" a low-rank adapter (peft) on
+    # train.lora_targets; a checkpoint holds only what trains
+    finetune: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float = 0.0  # 0 = lora_rank (scale 1)
+    lora_targets: tuple = ()  # module-name suffixes or one regular expression; () = the family's (Wan: to_q,to_k,to_v,to_out.0)
     allow_changes: tuple = ()  # keys a resume may change although the checkpoint's weights were trained for them
 
 
@@ -327,6 +339,12 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     write_text(path, to_yaml(cfg))
+
+
+def uses_tokens(cfg: Config) -> bool:
+    """Whether the model reads per-token caption embeddings (cross-attention, or a pretrained family whose text
+    input is tokens), not only the pooled one."""
+    return bool(cfg.model.cross_attention or cfg.model.arch == "wan")
 
 
 def cache_dir(cfg: Config, kind: str = "data") -> Path:

@@ -20,7 +20,10 @@ def _int_list(values) -> tuple[int, ...] | None:
 SAMPLINGS = ("even", "window", "random_window")
 WANDB_MODES = ("off", "offline", "online")
 OBJECTIVES = ("ddpm", "flow")
-ARCHS = ("unet", "dit")
+SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun", "unipc")}  # t2v.objective's methods
+ARCHS = ("unet", "dit", "wan")
+FINETUNES = ("full", "lora", "motion")
+TEXT_ENCODERS = ("clip", "hash", "tiny", "umt5")  # t2v.text.encoders builds each
 
 
 def _window_checks(cfg) -> list[tuple[bool, str]]:
@@ -55,9 +58,35 @@ def _window_checks(cfg) -> list[tuple[bool, str]]:
     return checks
 
 
+def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
+    """A pretrained family (model.arch=wan): its weights, the objective and captions they were trained with."""
+    m, t = cfg.model, cfg.train
+    checks = [
+        (t.finetune in FINETUNES, f"train.finetune must be one of {', '.join(FINETUNES)}, got {t.finetune!r}"),
+        (t.lora_rank >= 1 and t.lora_alpha >= 0, "train.lora_rank must be >= 1 and train.lora_alpha >= 0 (0 = rank)"),
+    ]
+    if m.arch != "wan":
+        return checks + [(not m.pretrained, f"model.pretrained applies to model.arch=wan only (it is {m.arch!r})")]
+    side = cfg.data.size // 8 if m.space == "latent" else cfg.data.size
+    return checks + [
+        (bool(m.pretrained.strip()), "model.arch=wan needs model.pretrained: a hub name "
+                                     "(Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder"),
+        (t.finetune != "motion", "train.finetune=motion trains AnimateDiff's motion modules, which Wan does not have: "
+                                 "use train.finetune=lora or full"),
+        (cfg.diffusion.objective == "flow", "model.arch=wan was trained with rectified flow: set diffusion.objective=flow"),
+        (cfg.text.tokens, "model.arch=wan is conditioned on per-token caption embeddings: set text.tokens=true"),
+        (side % 2 == 0, f"data.size must give frames ({side}x{side}) divisible by Wan's 2x2 patches"),
+        *[(not getattr(m, k), f"model.{k} applies to model.arch=unet or dit; Wan's transformer is fixed by its weights")
+          for k in ("cross_attention", "temporal_attention", "coords", "frame_cond", "fps_cond", "downsample_time",
+                    "patch", "hidden", "depth", "heads", "base_channels", "channel_mults")],
+    ]
+
+
 def _arch_checks(cfg) -> list[tuple[bool, str]]:
     """The frame size each architecture takes, and the options that belong to the other one."""
     m, size = cfg.model, cfg.data.size
+    if m.arch == "wan":
+        return _pretrained_checks(cfg)
     if m.arch != "dit":  # latent frames (SIZE / 8) are checked against the UNet by t2v.space, with the VAE at hand
         unit = 8 * (m.patch or 1) if m.space == "pixel" else 8
         after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
@@ -69,7 +98,7 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
                 (not (m.downsample_time and m.frame_cond),
                  "model.frame_cond and model.downsample_time do not go together: one conditioning per frame needs "
                  "every frame at every level")]
-    side = size // 8 if m.space == "latent" else size  # t2v.dit.resolve_patch's rule (this module has no torch)
+    side = size // 8 if m.space == "latent" else size  # t2v.models.dit.resolve_patch's rule (this module has no torch)
     patch = m.patch or (1 if side <= 16 else 2)
     return [
         (size >= 8 and (m.space == "pixel" or size % 8 == 0),
@@ -121,9 +150,12 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (cfg.data.sampling in SAMPLINGS, f"data.sampling must be one of {', '.join(SAMPLINGS)}"),
         (0 < cfg.data.window <= 1, "data.window must be in (0, 1]"),
         *_window_checks(cfg),
-        (cfg.text.encoder in ("clip", "hash", "tiny"), "text.encoder must be clip, hash or tiny"),
+        (cfg.text.encoder in TEXT_ENCODERS, f"text.encoder must be one of {', '.join(TEXT_ENCODERS)}"),
         (cfg.diffusion.prediction in ("eps", "v"), "diffusion.prediction must be 'eps' or 'v'"),
         (d.objective in OBJECTIVES, f"diffusion.objective must be one of {', '.join(OBJECTIVES)}, got {d.objective!r}"),
+        (not t.sample_method or t.sample_method in SAMPLERS.get(d.objective, ()),
+         f"train.sample_method must be one of diffusion.objective={d.objective}'s samplers "
+         f"({', '.join(SAMPLERS.get(d.objective, ()))}) or empty, got {t.sample_method!r}"),
         (d.logit_std > 0 and math.isfinite(d.logit_mean), "diffusion.logit_std must be > 0 and logit_mean finite"),
         (d.objective == "ddpm" or d.snr_gamma == 0, "diffusion.snr_gamma applies to diffusion.objective=ddpm only"),
         (d.objective == "ddpm" or d.prediction == "eps",
@@ -132,6 +164,7 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (cfg.model.patch >= 0 and cfg.model.hidden >= 0 and cfg.model.depth >= 0 and cfg.model.heads >= 0,
          "model.patch, model.hidden, model.depth and model.heads must be >= 0 (0 = from model.size)"),
         *_arch_checks(cfg),
+        *(_pretrained_checks(cfg) if cfg.model.arch != "wan" else []),
         (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),
         (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),

@@ -118,6 +118,26 @@ def load_pretrained(cls: type, name: str, *, what: str, setting: str, error: typ
                               name, folder, what, how, error)
 
 
+def snapshot(name: str, *, what: str, setting: str, error: type[Exception], how: str) -> Path:
+    """The local folder of a whole hub repository (a diffusers pipeline: model_index.json, transformer/, vae/, ...)
+    or ``name`` itself when it is a folder, offline first like ``load_pretrained``. Everything a pretrained family
+    loads then comes from this one folder, and the weights a run started from can be hashed (t2v.models)."""
+    name = str(name)
+    try:
+        folder = local_folder(name)
+    except FileNotFoundError:
+        raise error(f"{setting}={name!r} looks like a local folder but it does not exist.\n" + how) from None
+    if folder is not None:
+        return folder
+
+    def load(local_only: bool) -> Path:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=local_only))
+
+    return load_offline_first(load, name, None, what, how, error)
+
+
 def hf_tokenize(tokenizer) -> Callable:
     """A Hugging Face tokenizer as ``tokenize(captions, max_tokens) -> (input_ids, attention_mask)``: padded to the
     longest caption of the batch (on the tokenizer's padding side: the right for CLIP), truncated to ``max_tokens``."""

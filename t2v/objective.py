@@ -23,6 +23,7 @@ from t2v import config
 from t2v import config_checks
 from t2v import diffusion
 from t2v import flow
+from t2v import scheduling
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,7 +75,8 @@ class Flow:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     name = "flow"
-    methods = flow.METHODS
+    # euler and heun: t2v.flow; unipc: diffusers' UniPC over flow sigmas, Wan's own sampler (t2v.scheduling)
+    methods = (*flow.METHODS, "unipc")
 
     def draw_times(self, g: torch.Generator, n: int, device) -> torch.Tensor:
         return flow.training_times(g, n, self.logit_mean, self.logit_std, self.shift, device)
@@ -101,7 +103,10 @@ class Flow:
     def sample(self, denoise: Denoise, shape: Sequence[int], steps: int, method: str = "", *,
                generator=None, device="cpu", eta: float = 0.0, progress: bool = False, clip: bool = True):
         if eta:
-            raise ValueError("eta is a DDIM setting; flow sampling (euler, heun) is deterministic")
+            raise ValueError("eta is a DDIM setting; flow sampling (euler, heun, unipc) is deterministic")
+        if method == "unipc":  # no clipping of x0: the library's solver, as the family's pipeline runs it
+            return scheduling.sample_loop(denoise, scheduling.unipc_flow(self.shift, self.timesteps), shape, steps,
+                                          generator=generator, device=device, progress=progress)
         return flow.sample_loop(denoise, shape, steps, self.shift, method or "euler", generator=generator,
                                 device=device, progress=progress, clip=clip, time_scale=self.timesteps)
 

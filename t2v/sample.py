@@ -19,8 +19,9 @@ from t2v import diffusion
 from t2v.data.video import write_mp4
 from t2v.device import DeviceError, pick_device
 from t2v.files import slug
-from t2v.model import build_model
+from t2v.models import build_model, check_base
 from t2v.objective import build_objective
+from t2v.runlog import TrainingError
 from t2v.space import build_space
 from t2v.vae import VAEError
 
@@ -33,7 +34,7 @@ def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_m
     disturbs the training RNG (previews keep resume bit-exact). ``space`` (t2v.space; built from the config once per
     process if not given) says what is sampled and how it becomes frames: a latent-space model's latents are decoded
     through its VAE. ``fps``: the frame rate a model.fps_cond model is asked for. ``method``: one of the objective's
-    samplers (ddim or ddpm for diffusion.objective=ddpm, euler or heun for flow); "" = its first (ddim, euler)."""
+    samplers (ddim or ddpm for diffusion.objective=ddpm, euler, heun or unipc for flow); "" = its first (ddim, euler)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -159,7 +160,10 @@ def load_ema_and_rate(path: str | Path, device="cpu"):
     state = ckpt.load_checkpoint(resolve_checkpoint(path))
     cfg = config.from_dict(state["config"])
     model = build_model(cfg, state["data"].get("channels", 3))  # older checkpoints: model.in_channels says it
-    model.load_state_dict(state["ema"])
+    changed_base = check_base(state["data"], model, path)
+    if changed_base:
+        raise ckpt.CheckpointError(changed_base)
+    model.load_state_dict(state["ema"])  # a pretrained model: its trained part; the base came from model.pretrained
     return cfg, model.to(device).eval(), int(state["step"]), state["data"].get("fps")
 
 
@@ -169,15 +173,15 @@ def embed_prompts(cfg: config.Config, prompts: list[str]):
     from t2v.text import EmbeddingCache, build_encoder, embed_captions, encoder_key
 
     cache = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))
-    if cache.missing(prompts) or (cfg.model.cross_attention and not cache.has_tokens):
+    if cache.missing(prompts) or (config.uses_tokens(cfg) and not cache.has_tokens):
         cache_dir = config.cache_dir(cfg, "text")
         try:
             cache = embed_captions(cfg.text, prompts, cache_dir, progress=False)
         except OSError:  # a read-only cache folder: encode without keeping them
             pooled, tokens, mask = build_encoder(cfg.text).encode(prompts)
-            return pooled.float(), (tokens if cfg.model.cross_attention else None), mask
+            return pooled.float(), (tokens if config.uses_tokens(cfg) else None), mask
     pooled = torch.stack([cache.get(p) for p in prompts]).float()
-    if not cfg.model.cross_attention:
+    if not config.uses_tokens(cfg):
         return pooled, None, None
     pairs = [cache.get_tokens(p) for p in prompts]
     return pooled, torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
@@ -188,10 +192,11 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="checkpoint file or run folder (newest valid checkpoint)")
     p.add_argument("--prompt", action="append", required=True, help="caption to sample (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<ckpt name>)")
-    p.add_argument("--method", choices=("ddim", "ddpm", "euler", "heun"), default=None,
-                   help="ddim (default) or ddpm for a diffusion.objective=ddpm model; euler (default) or heun for flow")
+    p.add_argument("--method", choices=("ddim", "ddpm", "euler", "heun", "unipc"), default=None,
+                   help="ddim or ddpm for a diffusion.objective=ddpm model; euler, heun or unipc (Wan's own) for "
+                        "flow (default: the run's train.sample_method, else ddim or euler)")
     p.add_argument("--steps", type=int, default=50,
-                   help="DDIM, Euler or Heun steps (DDPM always uses all timesteps; Heun calls the model 2 x steps - 1 times)")
+                   help="DDIM, Euler, Heun or UniPC steps (DDPM always uses all timesteps; Heun calls the model 2 x steps - 1 times)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -209,11 +214,11 @@ def main(argv=None) -> int:
             raise ValueError(f"--fps must be > 0, got {args.fps}")
         space = space_for_sampling(cfg, device)  # a latent model's VAE decodes its samples
         methods = build_objective(cfg.diffusion).methods
-        method = args.method or methods[0]
+        method = args.method or cfg.train.sample_method or methods[0]
         if method not in methods:
             raise ValueError(f"--method {method}: {path} was trained with diffusion.objective="
                              f"{cfg.diffusion.objective}, which samples with {' or '.join(methods)}")
-    except (ckpt.CheckpointError, DeviceError, VAEError, ValueError) as e:
+    except (ckpt.CheckpointError, DeviceError, VAEError, TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else path.parent / "samples" / path.stem

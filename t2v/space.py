@@ -23,7 +23,7 @@ from t2v import validate
 from t2v.data.cache import build_cache, open_cache
 from t2v.data.latents import open_latents
 from t2v.data.sources import LATENTS_HINT, open_training_windows
-from t2v.model import resolve_size
+from t2v.models.unet import resolve_size
 from t2v.runlog import TrainingError
 from t2v.step import draw_latents
 from t2v.vae import LatentSpace, VAEError, decode, load_vae, vae_identity
@@ -90,11 +90,11 @@ class VAESpace:
 
     def sample_shape(self, b: int, frames: int, size: int) -> tuple[int, ...]:
         h = size // self.latent.factor
-        return (b, frames, self.latent.channels, h, h)  # b t c h w
+        return (b, self.latent.latent_frames(frames), self.latent.channels, h, h)  # b t c h w
 
     def model_input(self, batch: dict, seed: int, step: int, rank: int, global_batch: int, device) -> torch.Tensor:
         """The VAE posterior (b 2 t c h w) -> this step's latent draw, b t c h w (its own (seed, step) generator)."""
-        return draw_latents(batch["latent"].to(device, non_blocking=True), self.latent.scaling_factor, seed, step,
+        return draw_latents(batch["latent"].to(device, non_blocking=True), self.latent.normalize, seed, step,
                             rank, global_batch)
 
     def to_frames(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,16 +138,23 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
     if cfg.model.in_channels not in (0, latent.channels):
         raise VAEError(f"model.in_channels={cfg.model.in_channels}, but the VAE {cfg.vae.name} has "
                        f"{latent.channels} latent channels (leave model.in_channels at 0)")
+    problem = latent.frames_problem(cfg.data.frames)
+    if problem:
+        raise VAEError(problem)
+    if latent.temporal > 1 and cfg.data.sampling != "even":
+        raise VAEError(f"data.sampling={cfg.data.sampling!r}: the latents of a video VAE ({cfg.vae.name}) belong to a "
+                       "whole window, which the window cache does not encode yet; use data.sampling=even (one "
+                       "window of data.frames frames per clip, encoded once)")
     if cfg.data.sampling == "random_window":  # decoded per sample: every draw would run the encoder
         raise VAEError("data.sampling='random_window' cannot train in latent space (its frames are decoded per "
                        "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "
                        "whose latent window cache holds every frame, or data.sampling=even")
     try:  # a dit needs only the patch to divide the latent frame (t2v.config_checks); the UNet halves its patches
-        halvings = (0 if cfg.model.arch == "dit" else
+        halvings = (0 if cfg.model.arch in ("dit", "wan") else
                     len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1)
     except ValueError as e:
         raise VAEError(str(e)) from None
-    patch = 1 if cfg.model.arch == "dit" else cfg.model.patch or 1
+    patch = 1 if cfg.model.arch in ("dit", "wan") else cfg.model.patch or 1  # their patches: t2v.config_checks
     unit = patch * 2 ** halvings
     if cfg.data.size % latent.factor or (cfg.data.size // latent.factor) % unit:
         raise VAEError(f"data.size={cfg.data.size}: latent frames are SIZE/{latent.factor} cells, which the UNet "

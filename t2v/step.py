@@ -53,8 +53,9 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    e = [p for p in ema.parameters()]
-    m = [p.detach() for p in model.parameters()]
+    # only what trains: a pretrained model's frozen base is shared with the EMA (t2v.models.ema_copy)
+    pairs = [(e, m.detach()) for e, m in zip(ema.parameters(), model.parameters()) if m.requires_grad]
+    e, m = [p for p, _ in pairs], [p for _, p in pairs]
     torch._foreach_lerp_(e, m, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
@@ -66,9 +67,10 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def draw_latents(posterior: torch.Tensor, scaling_factor: float, seed: int, step: int, rank: int,
-                 global_batch: int) -> torch.Tensor:
-    """This rank's posteriors (b 2 t c h w: mean, std) -> z = (mean + std * e) * scaling_factor, b t c h w.
+def draw_latents(posterior: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor], seed: int, step: int,
+                 rank: int, global_batch: int) -> torch.Tensor:
+    """This rank's posteriors (b 2 t c h w: mean, std) -> z = normalize(mean + std * e), b t c h w (normalize: the
+    latent space's, t2v.vae.LatentSpace.normalize: a scaling factor, or per-channel statistics).
     e comes from a generator of (seed, step) of its own, drawn for the whole global batch like the step's noise,
     so a resumed run and N ranks draw exactly what one uninterrupted process draws."""
     b = posterior.shape[0]
@@ -76,7 +78,7 @@ def draw_latents(posterior: torch.Tensor, scaling_factor: float, seed: int, step
     g.manual_seed(int(np.random.SeedSequence([seed, step, 2]).generate_state(1)[0]))  # not step_generator's stream
     e = torch.randn((global_batch, *posterior.shape[2:]), generator=g, device=posterior.device)[rank * b:(rank + 1) * b]
     mean, std = posterior[:, 0], posterior[:, 1]  # b t c h w each
-    return (mean + std * e) * scaling_factor
+    return normalize(mean + std * e)
 
 
 @dataclass

@@ -11,7 +11,6 @@ The loop reads top to bottom in `train()`. Three properties shape it:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
 import signal
@@ -36,7 +35,7 @@ from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
-from t2v.model import build_model, count_params
+from t2v.models import build_model, count_params, ema_copy, identity
 from t2v.objective import build_objective
 from t2v import runlog
 from t2v import tracking
@@ -89,8 +88,9 @@ def load_data(cfg: config.Config, log: RunLog, space):
         raise TrainingError(f"{cfg.data.manifest}: no usable clips")
     caches = space.open_training_caches(cfg, clips, log)  # ClipDataset's cache=, latents= or windows=
     emb = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))
-    if cfg.model.cross_attention and len(emb) and not emb.has_tokens:
-        raise TrainingError("model.cross_attention needs per-token caption embeddings: set text.tokens=true and "
+    if config.uses_tokens(cfg) and len(emb) and not emb.has_tokens:
+        needs = "model.cross_attention" if cfg.model.cross_attention else f"model.arch={cfg.model.arch}"
+        raise TrainingError(f"{needs} needs per-token caption embeddings: set text.tokens=true and "
                             "rerun `python -m t2v.text embed` with the same arguments")
     missing = emb.missing(sorted({c for clip in clips for c in clip.captions}))
     if missing:
@@ -113,9 +113,9 @@ def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = No
     if not prompts:
         return
     text = torch.stack([emb.get(p) for p in prompts]).to(device)
-    tokens, mask = caption_tokens(emb, prompts, device) if cfg.model.cross_attention else (None, None)
+    tokens, mask = caption_tokens(emb, prompts, device) if config.uses_tokens(cfg) else (None, None)
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
-                      guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, space=space, fps=fps)
+                      method=cfg.train.sample_method, guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, space=space, fps=fps)
     path = runlog.preview_path(cfg.train.outdir, step)
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -189,14 +189,15 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     model = build_model(cfg, space.channels).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    # fused: one kernel for all parameters (measured before -> after in bench/results/latest.md)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+    ema = ema_copy(model)  # what trains, averaged; a pretrained model's frozen base is shared, not copied
+    # fused: one kernel for all parameters (measured before -> after in bench/results/latest.md); only what trains
+    # has optimizer state (a LoRA: the adapter's weights)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
     objective = build_objective(cfg.diffusion, device)  # DDPM or rectified flow: what x_t and the target are
 
-    checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps})
+    checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps, **identity(model)})
     if state is not None:
         start_step = checkpointer.load_state_dict(state, resumed_from, restart, nodes)
         del state
@@ -206,7 +207,11 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     if dist.is_main:
         config.save_config(cfg, outdir / "config.yaml")
         if start_step == 0:
-            log.line(f"model {cfg.model.size} {cfg.model.arch}: {count_params(model) / 1e6:.2f}M parameters | "
+            trains = count_params(model, trainable=True)
+            what = (f"{cfg.model.arch} from {cfg.model.pretrained}: {count_params(model) / 1e6:.2f}M parameters, "
+                    f"{trains:,} trained ({cfg.train.finetune})" if cfg.model.pretrained else
+                    f"{cfg.model.size} {cfg.model.arch}: {count_params(model) / 1e6:.2f}M parameters")
+            log.line(f"model {what} | "
                      f"{cfg.diffusion.objective} | precision {precision} | "
                      f"global batch {global_batch} = {dist.world_size} x {per_rank_batch}"
                      f"{f' ({accum} micro-batches of {per_rank_batch // accum})' if accum > 1 else ''} | "
@@ -243,7 +248,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
                                 f"{cfg.data.max_bad_clips}); run `python -m t2v.data check {cfg.data.manifest}`")
         x0 = space.model_input(batch, cfg.train.seed, step, dist.rank, global_batch, device)  # b t c h w
         text = batch["text"].to(device, non_blocking=True)  # b d
-        tokens, token_mask = (caption_tokens(emb, batch["caption"], device) if cfg.model.cross_attention
+        tokens, token_mask = (caption_tokens(emb, batch["caption"], device) if config.uses_tokens(cfg)
                               else (None, None))  # b l d, b l
         if cfg.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last_3d)

@@ -58,7 +58,7 @@ def load_val_set(cfg: config.Config, emb, space=None) -> tuple[ValSet | None, st
         return None, f"{path}: no clips: validation loss off"
     x0 = torch.stack(videos)  # n t c h w
     tokens = mask = None
-    if cfg.model.cross_attention:
+    if config.uses_tokens(cfg):
         pairs = [emb.get_tokens(c) for c in captions]
         tokens, mask = torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
     g = torch.Generator().manual_seed(NOISE_SEED)
@@ -111,7 +111,7 @@ def window_x0(cfg: config.Config, path: Path, all_clips: list, n: int, space=Non
             if got is None:
                 return [], [], f"{path}:{clip.line}: clip {i} could not be read into the cache: validation loss off"
             rows, clip_fps = got
-            videos.append(torch.from_numpy(cache.array[rows][:, 0].astype("float32")) * cache.space.scaling_factor)
+            videos.append(cache.space.normalize(torch.from_numpy(cache.array[rows][:, 0].astype("float32"))))
         else:
             try:
                 u8, clip_fps = fixed_window(clip, d, NOISE_SEED, i)
@@ -133,7 +133,7 @@ def latent_x0(cfg: config.Config, path: Path, all_clips: list, n: int, vae_id: s
         return [], f"no latent cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     if cache.bad & set(range(n)):
         return [], f"{path}: clip {min(cache.bad & set(range(n)))} could not be encoded: validation loss off"
-    return [torch.from_numpy(cache.get(i)[0].astype("float32")) * cache.space.scaling_factor for i in range(n)], ""
+    return [cache.space.normalize(torch.from_numpy(cache.get(i)[0].astype("float32"))) for i in range(n)], ""
 
 
 @torch.no_grad()

@@ -105,7 +105,7 @@ def test_peers_match_our_params_at_full_sizes():
     sys.path.insert(0, str(REPO))
     from bench.harness import build_ours, build_peer, build_vdp, diffusers_available, vdp_available
     from bench.train_bench import PARAM_TOLERANCE
-    from t2v.model import count_params
+    from t2v.models import count_params
 
     def close(peer, ours):
         return abs(peer / ours - 1) <= PARAM_TOLERANCE

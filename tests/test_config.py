@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from t2v import config as C
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_baselines():
@@ -102,3 +105,14 @@ def test_training_cli_exits_2_with_the_message(capsys):
 
     assert main(["train.log_every=0"]) == 2
     assert "train.log_every must be >= 1" in capsys.readouterr().err
+
+
+def test_every_shipped_config_loads():
+    """A typo in a shipped config costs a user a queue wait: each one resolves and validates as it is."""
+    shipped = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        cfg = C.load_config(path, env={})
+        assert cfg.train.outdir, path
+    wan = C.load_config(REPO / "configs/wan_lora.yaml", env={})
+    assert (wan.model.arch, wan.train.finetune, wan.text.encoder, wan.data.frames % 4) == ("wan", "lora", "umt5", 1)

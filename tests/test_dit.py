@@ -1,4 +1,4 @@
-"""The video transformer (t2v.dit, model.arch=dit): the UNet's interface and conditioning semantics, DiT's init,
+"""The video transformer (t2v.models.dit, model.arch=dit): the UNet's interface and conditioning semantics, DiT's init,
 position embeddings, checkpointing, the size registry, config validation, and that it trains."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from t2v import config as C
-from t2v.dit import SIZES, VideoDiT, build_dit, resolve_patch, resolve_size
-from t2v.model import build_model, count_params
+from t2v.models.dit import SIZES, VideoDiT, build_dit, resolve_patch, resolve_size
+from t2v.models import build_model, count_params
 
 TEXT = 16
 

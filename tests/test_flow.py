@@ -125,7 +125,7 @@ def test_the_ddpm_objective_draws_what_the_step_always_drew():
 def test_the_flow_objective_from_the_config():
     cfg = C.load_config(None, ["diffusion.objective=flow", "diffusion.shift=3", "diffusion.logit_mean=-0.5"], env={})
     obj = build_objective(cfg.diffusion)
-    assert obj == Flow(1000, 3.0, -0.5, 1.0) and obj.methods == ("euler", "heun")
+    assert obj == Flow(1000, 3.0, -0.5, 1.0) and obj.methods == ("euler", "heun", "unipc")
     t = obj.fixed_times(500, 2, "cpu")
     assert t.tolist() == [0.5, 0.5] and obj.model_time(t).tolist() == [500.0, 500.0]  # validation's t500: the midpoint
     g = step_generator(0, 0, torch.device("cpu"))

@@ -258,7 +258,7 @@ def test_resume_refuses_another_vae(data, tmp_path):
 def test_unet_patches_must_divide_the_latent_frame(data):
     """model.patch in latent space: the UNet halves patches of latent cells, so the latent frame (16 pixels / 2 = 8
     cells here) must hold a whole number of them at every level; a bad size is refused before any data is read."""
-    from t2v.model import build_model
+    from t2v.models import build_model
     from t2v.space import build_space
 
     cfg = latent_config(data, data / "unused", "model.patch=2")

@@ -4,7 +4,8 @@ import torch
 
 from t2v import diffusion as D
 from t2v.config import Config
-from t2v.model import SIZES, Conv2Plus1D, UNet3DCond, build_model, count_params, from_patches, num_groups, to_patches
+from t2v.models import build_model, count_params
+from t2v.models.unet import SIZES, Conv2Plus1D, UNet3DCond, from_patches, num_groups, to_patches
 
 TEXT_DIM = 32  # tests use a small conditioning dim; the parameter-count test uses the real 512
 
@@ -230,7 +231,7 @@ def test_two_res_blocks_per_level():
 
 
 def test_coords_give_the_network_where_and_when():
-    from t2v.model import space_time_grid
+    from t2v.models.unet import space_time_grid
 
     grid = space_time_grid(torch.zeros(2, 5, 4, 8, 6))  # b c t h w
     assert grid.shape == (2, 3, 4, 8, 6)

@@ -7,7 +7,7 @@ import torch
 from runs import assert_states_equal, load, prepare, tiny_config
 from t2v import config as C
 from t2v import train as T
-from t2v.model import build_model
+from t2v.models import build_model
 
 
 @pytest.fixture(scope="module")

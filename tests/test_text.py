@@ -223,8 +223,11 @@ def test_round_trip_with_tokens(tmp_path):
     cache = text.embed_captions(cfg, caps, tmp_path, progress=False)
     assert cache.tokens.shape == (3, 6, 8) and cache.tokens.dtype == torch.float16
     d = torch.load(cache.path, weights_only=True)
-    assert set(d) == {"key", "dim", "captions", "pooled", "tokens", "mask"}
-    assert d["pooled"].dtype == torch.float32 and d["mask"].dtype == torch.bool and d["captions"] == cache.captions
+    # stored at the real lengths (4 + 6 + 1 tokens: the start token and the words, cut at max_tokens), padded at load
+    assert set(d) == {"key", "dim", "captions", "pooled", "tokens", "lengths", "token_length"}
+    assert d["tokens"].shape == (11, 8) and d["token_length"] == 6
+    assert sorted(d["lengths"].tolist()) == [1, 4, 6] and d["captions"] == cache.captions
+    assert d["pooled"].dtype == torch.float32 and d["tokens"].dtype == torch.float16
 
     loaded = text.EmbeddingCache.load(tmp_path, "hash:8", dim=8)
     tok, mask = loaded.get_tokens("a red circle")

@@ -9,7 +9,7 @@ import torch
 
 from runs import assert_states_equal, load, prepare, tiny_config
 from t2v.objective import build_objective
-from t2v.model import build_model
+from t2v.models import build_model
 from t2v.sample import load_ema
 from t2v.text import EmbeddingCache, encoder_key
 from t2v import config as C

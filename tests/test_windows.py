@@ -19,7 +19,7 @@ from t2v.data.manifest import read_manifest
 from t2v.data.video import NoFrameRate, Timeline, VideoError
 from t2v.data.window_build import build_windows, build_windows_shard, merge_windows
 from t2v.data.windows import Rate, decode_clip, open_windows, pick_window, plan, source_rate
-from t2v.model import UNet3DCond
+from t2v.models.unet import UNet3DCond
 from t2v.sample import save_gif, save_mp4
 from videos import frame_numbers, shot_frames, write_manifest, write_timed_video
 

@@ -191,8 +191,10 @@ def cmd_latents(args) -> int:
         else:
             cache = build_latents(*common, cfg.vae.batch_size, clip_cache=clip_cache, progress=True)
         s = cache.space
-        print(f"latent cache: {cache.npy} ({len(cache)} clips of {manifest}, {cfg.data.frames}x{s.channels}x"
-              f"{cfg.data.size // s.factor}x{cfg.data.size // s.factor} latents of {cfg.vae.name}, {len(cache.bad)} "
+        side = cfg.data.size // s.factor
+        row = 2 * s.latent_frames(cfg.data.frames) * s.channels * side * side * 2  # mean and std, float16
+        print(f"latent cache: {cache.npy} ({len(cache)} clips of {manifest}, {s.latent_frames(cfg.data.frames)}x"
+              f"{s.channels}x{side}x{side} latents of {cfg.vae.name}, {row:,} bytes a clip, {len(cache.bad)} "
               f"bad, {time.time() - t0:.1f} s on {device})")
     return 0
 

@@ -34,7 +34,7 @@ from t2v.data.window_build import Store, build, build_shard, merge
 from t2v.data.windows import Rate, Windowed, files, open_index, read_index, window_key
 from t2v.files import write_text
 from t2v.progress import progress as progress_counter
-from t2v.vae import LatentSpace, encode
+from t2v.vae import LatentSpace, encode, encode_clip
 
 log = logging.getLogger("t2v.data")
 
@@ -72,7 +72,7 @@ def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
     if got is None:
         return None
     arr, meta = got
-    space = LatentSpace(**meta["space"])
+    space = LatentSpace.from_dict(meta["space"])
     if (meta.get("key") != key or meta.get("paths") != [str(c.video) for c in clips]
             or arr.shape != (len(clips), *_row(frames, size, space)) or arr.dtype != np.float16):
         log.warning("ignoring latent cache %s: it does not match these clips (shape %s)", f.npy, arr.shape)
@@ -81,15 +81,18 @@ def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
 
 
 def _row(frames: int, size: int, space: LatentSpace) -> tuple:
-    """One clip's row: (2, T, C, h, w), the posterior's mean and std."""
+    """One clip's row: (2, T, C, h, w), the posterior's mean and std (T: a video VAE's latent frames)."""
     h = size // space.factor
-    return 2, frames, space.channels, h, h
+    return 2, space.latent_frames(frames), space.channels, h, h
 
 
-def _space(vae, size: int) -> LatentSpace:
+def _space(vae, size: int, frames: int = 1) -> LatentSpace:
     space = LatentSpace.of(vae)
     if size % space.factor:
         raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+    problem = space.frames_problem(frames)
+    if problem:
+        raise CacheError(problem)
     return space
 
 
@@ -140,7 +143,11 @@ def _encode_group(out: np.ndarray, offset: int, clips: Sequence[Clip], group: ra
             log.warning("latent cache: line %d: %s", clips[i].line, e)
             bad.append({"index": i, "path": str(clips[i].video), "error": str(e)})
             out[i - offset] = 0
-    if videos:
+    if videos and LatentSpace.of(vae).temporal > 1:  # a video VAE: each clip as one video
+        for video, i in zip(videos, ok):
+            mean, std = encode_clip(vae, video)  # t' c h w each
+            out[i - offset, 0], out[i - offset, 1] = mean.numpy(), std.numpy()
+    elif videos:
         mean, std = encode(vae, torch.cat(videos), batch_frames)  # (n t) c h w: the group's frames, clip by clip
         for k, i in enumerate(ok):
             rows = slice(k * frames, (k + 1) * frames)
@@ -158,7 +165,7 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
     cached = open_latents(clips, frames, size, cache_dir, vae_id)
     if cached is not None:
         return cached
-    space = _space(vae, size)
+    space = _space(vae, size, frames)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = latent_key(clips, frames, size, vae_id)
@@ -189,8 +196,7 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
 
 def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: int, space: LatentSpace, clips, bad) -> None:
     meta = {"key": key, "version": VERSION, "vae": vae_id, "frames": frames, "size": size,
-            "space": {"channels": space.channels, "factor": space.factor, "scaling_factor": space.scaling_factor},
-            "paths": [str(c.video) for c in clips], "bad": bad}
+            "space": space.to_dict(), "paths": [str(c.video) for c in clips], "bad": bad}
     write_text(path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
 
 
@@ -205,7 +211,7 @@ def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir:
     key = latent_key(clips, frames, size, vae_id)
 
     def write(part_npy: Path) -> tuple[range, dict]:
-        space = _space(vae, size)
+        space = _space(vae, size, frames)
         groups = _groups(len(clips), frames, batch_frames)
         mine = [groups[j] for j in shard_rows(len(groups), shard, shards)]
         start, stop = (mine[0].start, mine[-1].stop) if mine else (0, 0)
@@ -272,7 +278,7 @@ def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir,
     f = files(cache_dir, "latwin", key)
     npy, meta_path = f.npy, f.meta
     try:
-        space = LatentSpace(**json.loads(meta_path.read_text())["space"]) if meta_path.is_file() else None
+        space = LatentSpace.from_dict(json.loads(meta_path.read_text())["space"]) if meta_path.is_file() else None
     except (OSError, ValueError, KeyError, TypeError):
         space = None
     if space is None:
@@ -293,9 +299,11 @@ def build_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir
     that contiguous run of clips, into a part; with ``merge_shards`` N the parts assembled. A killed full build
     resumes without re-encoding the clips it finished. Returns the .npy written."""
     space = _space(vae, size)
+    if space.temporal > 1:
+        raise CacheError("the latent window cache encodes frame by frame; a video VAE's latents belong to a whole "
+                         "window (use data.sampling=even with it)")
     store = latent_store(clips, size, rate, vae_id, space, vae, batch_frames)
-    extra = {"vae": vae_id, "space": {"channels": space.channels, "factor": space.factor,
-                                      "scaling_factor": space.scaling_factor}}
+    extra = {"vae": vae_id, "space": space.to_dict()}
     if shard is not None:
         return build_shard(clips, size, rate, cache_dir, store, *shard, progress=progress, workers=workers)
     if merge_shards:

@@ -5,7 +5,11 @@ results are cached; the training process only looks embeddings up and never runs
 
 Cache file: ``<cache_dir>/text_<slug of encoder key>.pt``, a dict
   {"key": str, "dim": int, "captions": list[str], "pooled": float32 (N, D),
-   "tokens": float16 (N, L, D) (only with text.tokens=true), "mask": bool (N, L) (idem)}
+   with text.tokens=true: "tokens": float16 (T, D), every caption's real tokens one after another,
+   "lengths": int32 (N,) how many are each caption's, "token_length": int, what a lookup pads them to}
+Each caption is stored at its real length and padded only when it is looked up: Wan's captions are padded to 512
+tokens of 4096 values, 4 MB a caption in float16, where MSR-VTT's average ~12 real tokens take 100 kB.
+(Files of the first format, "tokens" (N, L, D) padded with a "mask" (N, L), still load.)
 written atomically (temp file + os.replace) and read with ``torch.load(weights_only=True)``.
 The empty caption "" is always embedded: it is the unconditional input for classifier-free guidance.
 """
@@ -48,15 +52,14 @@ def cache_path(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / f"text_{slug(key)}.pt"
 
 
-def _pad_to(tokens: torch.Tensor, mask: torch.Tensor, length: int):
-    """Pad (or cut) token embeddings and mask to ``length``: every row of the cache has the same length."""
-    n, l, d = tokens.shape
-    if l >= length:
-        return tokens[:, :length], mask[:, :length]
-    t = torch.zeros(n, length, d, dtype=tokens.dtype)
-    m = torch.zeros(n, length, dtype=torch.bool)
-    t[:, :l], m[:, :l] = tokens, mask
-    return t, m
+def _ragged(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded token embeddings (N, L, D) and mask (N, L) -> (the real tokens, one caption after another (T, D);
+    each caption's count (N,)). Every encoder here puts the real tokens first; anything else is refused."""
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    if not torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None]):
+        raise ValueError("token masks must mark a prefix of each row (real tokens first, then padding)")
+    return tokens[mask], lengths.to(torch.int32)
 
 
 class EmbeddingCache:
@@ -71,8 +74,10 @@ class EmbeddingCache:
         self.captions: list[str] = []
         self._index: dict[str, int] = {}
         self._pooled = [torch.zeros(0, self.dim)]  # chunks, concatenated lazily
-        self._tokens: list[torch.Tensor] | None = None
-        self._mask: list[torch.Tensor] | None = None
+        self._tokens: list[torch.Tensor] | None = None  # chunks of real tokens (T_i, D) float16
+        self._lengths: list[torch.Tensor] = []  # chunks of per-caption token counts (N_i,)
+        self._token_length = 0  # what get_tokens pads to
+        self._starts: torch.Tensor | None = None  # each caption's first row in the tokens (lazily)
         self.hits = self.misses = self.added = 0
 
     # ---- file
@@ -107,12 +112,21 @@ class EmbeddingCache:
         cache.captions = captions
         cache._index = {c: i for i, c in enumerate(captions)}
         cache._pooled = [pooled]
-        if d.get("tokens") is not None:
+        if d.get("tokens") is not None and "mask" in d:  # the first format: padded rows and their mask
             tokens, mask = d["tokens"], d["mask"]
             if tokens.shape[:1] != (len(captions),) or mask.shape != tokens.shape[:2]:
                 raise EmbeddingCacheError(f"caption-embedding cache {path}: tokens {tuple(tokens.shape)} and mask "
                                           f"{tuple(mask.shape)} do not match {len(captions)} captions. {fix}")
-            cache._tokens, cache._mask = [tokens], [mask]
+            flat, lengths = _ragged(tokens, mask)
+            cache._tokens, cache._lengths, cache._token_length = [flat], [lengths], int(tokens.shape[1])
+        elif d.get("tokens") is not None:
+            tokens, lengths = d["tokens"], d.get("lengths")
+            if (lengths is None or tokens.ndim != 2 or lengths.shape != (len(captions),)
+                    or int(lengths.sum()) != tokens.shape[0]):
+                raise EmbeddingCacheError(f"caption-embedding cache {path}: tokens {tuple(tokens.shape)} do not match "
+                                          f"{len(captions)} captions' lengths. {fix}")
+            cache._tokens, cache._lengths = [tokens], [lengths]
+            cache._token_length = int(d.get("token_length") or int(lengths.max(initial=1)))
         return cache
 
     def save(self) -> Path:
@@ -120,7 +134,8 @@ class EmbeddingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         d = {"key": self.key, "dim": self.dim, "captions": list(self.captions), "pooled": self.pooled.contiguous()}
         if self.has_tokens:
-            d["tokens"], d["mask"] = self.tokens.contiguous(), self.mask.contiguous()
+            d["tokens"], d["lengths"] = self.flat_tokens.contiguous(), self.lengths.contiguous()
+            d["token_length"] = self.token_length
         with files.atomic_write(self.path) as f:
             torch.save(d, f)
         return self.path
@@ -138,22 +153,61 @@ class EmbeddingCache:
 
     @property
     def token_length(self) -> int | None:
-        return int(self._tokens[0].shape[1]) if self._tokens is not None else None
+        """The length every caption's tokens are padded to when looked up (text.max_tokens when built)."""
+        return self._token_length if self._tokens is not None else None
 
     @property
-    def tokens(self) -> torch.Tensor | None:
+    def flat_tokens(self) -> torch.Tensor | None:
+        """Every caption's real tokens, one after another (T, D) float16."""
         if self._tokens is None:
             return None
         if len(self._tokens) > 1:
-            self._tokens, self._mask = [torch.cat(self._tokens)], [torch.cat(self._mask)]
+            self._tokens, self._lengths = [torch.cat(self._tokens)], [torch.cat(self._lengths)]
         return self._tokens[0]
 
     @property
-    def mask(self) -> torch.Tensor | None:
-        if self._mask is None:
+    def lengths(self) -> torch.Tensor | None:
+        """Each caption's real token count (N,)."""
+        if self._tokens is None:
             return None
-        self.tokens  # consolidates both
-        return self._mask[0]
+        self.flat_tokens  # consolidates both
+        return self._lengths[0]
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """Every caption padded to token_length (N, L, D) float16: for tests and small caches (it is the size the
+        file avoids)."""
+        if self._tokens is None:
+            return None
+        return torch.stack([self._padded(i)[0] for i in range(len(self))]) if len(self) else (
+            torch.zeros(0, self.token_length, self.dim, dtype=torch.float16))
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        if self._tokens is None:
+            return None
+        return torch.arange(self.token_length)[None] < self.lengths[:, None]
+
+    def nbytes(self) -> int:
+        """The tensors' bytes (what the file holds, beyond the captions' text)."""
+        n = self.pooled.numel() * self.pooled.element_size()
+        if self._tokens is not None:
+            n += self.flat_tokens.numel() * self.flat_tokens.element_size() + self.lengths.numel() * 4
+        return n
+
+    def padded_nbytes(self) -> int:
+        """The bytes the tokens would take padded to token_length (the first format): what ragged storage saves."""
+        return len(self) * (self.token_length or 0) * self.dim * 2
+
+    def _padded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i's tokens padded with zeros to token_length (L, D) float16, and its mask (L,)."""
+        if self._starts is None or self._starts.shape[0] != len(self):
+            lengths = self.lengths.long()
+            self._starts = torch.cumsum(lengths, 0) - lengths
+        n, start = int(self.lengths[i]), int(self._starts[i])
+        out = torch.zeros(self.token_length, self.dim, dtype=torch.float16)
+        out[:n] = self.flat_tokens[start:start + n]
+        return out, torch.arange(self.token_length) < n
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -169,8 +223,10 @@ class EmbeddingCache:
         return [c for c in dict.fromkeys(captions) if c not in self._index]
 
     def add(self, captions: Sequence[str], pooled: torch.Tensor, tokens: torch.Tensor | None = None,
-            mask: torch.Tensor | None = None) -> int:
-        """Add embeddings (captions already cached are skipped). Returns how many were added."""
+            mask: torch.Tensor | None = None, token_length: int = 0) -> int:
+        """Add embeddings (captions already cached are skipped). Returns how many were added. Tokens come padded
+        (N, L, D) with their mask and are stored at their real lengths; lookups pad them to the longest of
+        ``token_length`` and every L added."""
         captions = list(captions)
         if pooled.ndim != 2 or pooled.shape[0] != len(captions):
             raise ValueError(f"pooled must be ({len(captions)}, D), got {tuple(pooled.shape)}")
@@ -187,11 +243,8 @@ class EmbeddingCache:
             if self._tokens is None:
                 if len(self):
                     raise ValueError("this cache has no token embeddings for its existing captions; rebuild it")
-                self._tokens = [torch.zeros(0, tokens.shape[1], self.dim, dtype=torch.float16)]
-                self._mask = [torch.zeros(0, tokens.shape[1], dtype=torch.bool)]
-            elif tokens.shape[1] > self.token_length:  # longer than what is stored: pad what is stored
-                grown = [_pad_to(t, m, tokens.shape[1]) for t, m in zip(self._tokens, self._mask)]
-                self._tokens, self._mask = [t for t, _ in grown], [m for _, m in grown]
+                self._tokens, self._lengths = [torch.zeros(0, self.dim, dtype=torch.float16)], []
+            self._token_length = max(self._token_length, int(tokens.shape[1]), int(token_length))
         elif self._tokens is not None:
             raise ValueError("this cache stores token embeddings: give tokens and mask too")
         keep = []
@@ -205,9 +258,33 @@ class EmbeddingCache:
         idx = torch.tensor(keep)
         self._pooled.append(pooled.detach().float().cpu()[idx])
         if tokens is not None:
-            t, m = _pad_to(tokens.detach().cpu()[idx], mask.detach().cpu().bool()[idx], self.token_length)
-            self._tokens.append(t.to(torch.float16))
-            self._mask.append(m)
+            flat, lengths = _ragged(tokens.detach().cpu()[idx], mask.detach().cpu()[idx])
+            self._tokens.append(flat.to(torch.float16))
+            self._lengths.append(lengths)
+        self.added += len(keep)
+        return len(keep)
+
+    def extend(self, part: "EmbeddingCache") -> int:
+        """Add another cache's captions (a shard's part) as stored, without padding them; returns how many."""
+        if part.has_tokens != self.has_tokens and len(self):
+            raise ValueError(f"{part.path} and {self.path} differ in whether they hold token embeddings")
+        keep = [i for i, c in enumerate(part.captions) if c not in self._index]
+        if not keep:
+            return 0
+        for i in keep:
+            self._index[part.captions[i]] = len(self.captions)
+            self.captions.append(part.captions[i])
+        if not self.dim and not self.pooled.numel():
+            self.dim, self._pooled = part.dim, [torch.zeros(0, part.dim)]
+        self._pooled.append(part.pooled[keep])
+        if part.has_tokens:
+            if self._tokens is None:
+                self._tokens, self._lengths = [], []
+            starts = torch.cumsum(part.lengths.long(), 0) - part.lengths.long()
+            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + part.lengths[i])) for i in keep])
+            self._tokens.append(part.flat_tokens[rows])
+            self._lengths.append(part.lengths[keep])
+            self._token_length = max(self._token_length, part.token_length)
         self.added += len(keep)
         return len(keep)
 
@@ -231,8 +308,8 @@ class EmbeddingCache:
         if not self.has_tokens:
             raise EmbeddingCacheError(f"{self.path} has no per-token embeddings: set text.tokens=true and rerun "
                                       f"`{EMBED_COMMAND}`")
-        i = self._row(caption)
-        return self.tokens[i].float(), self.mask[i]
+        tokens, mask = self._padded(self._row(caption))
+        return tokens.float(), mask
 
     def get_batch(self, captions: Sequence[str]) -> torch.Tensor:
         """Pooled embeddings (B, D) of several captions."""
@@ -261,13 +338,13 @@ def _check_dim(encoder: TextEncoder, text_cfg) -> None:
 
 def _encode_into(cache: EmbeddingCache, encoder: TextEncoder, batch: list[str], want_tokens: bool,
                  token_length: int) -> None:
-    """Encode one batch of captions into ``cache``: pooled, and per-token padded to ``token_length`` if wanted."""
+    """Encode one batch of captions into ``cache``: pooled, and per-token (looked up padded to ``token_length``)."""
     pooled, tokens, mask = encoder.encode(batch)
     if want_tokens:
         if tokens is None:
             raise TextEncoderError(f"encoder {encoder.key!r} gives no token embeddings (text.tokens=true)")
-        tokens, mask = _pad_to(tokens, mask, token_length)
-        cache.add(batch, pooled, tokens, mask)
+        tokens, mask = tokens[:, :token_length], mask[:, :token_length]  # what a cut text.max_tokens keeps
+        cache.add(batch, pooled, tokens, mask, token_length=token_length)
     else:
         cache.add(batch, pooled)
 
@@ -323,7 +400,7 @@ def merge_embedding_shards(text_cfg, captions: Iterable[str], cache_dir: str | o
     for (path,) in parts:
         part = EmbeddingCache.load_path(path, cache.key, int(text_cfg.dim))
         if len(part):
-            cache.add(part.captions, part.pooled, *((part.tokens, part.mask) if part.has_tokens else ()))
+            cache.extend(part)
     left = cache.missing(captions)
     if left:  # cannot happen with parts of this plan; refuse rather than save a cache training would reject
         raise EmbeddingCacheError(f"the merged shards leave {len(left)} captions without an embedding "

@@ -92,5 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"text embed: {unique} unique captions ({n_manifest} from manifests, plus sample prompts and \"\"): "
           f"{cache.added} newly encoded, {unique - cache.added} already cached, {time.time() - t0:.1f} s")
     print(f"encoder {cache.key} ({cache.dim}-d{', with tokens' if cache.has_tokens else ''}); "
-          f"cache {cache.path} holds {len(cache)} captions")
+          f"cache {cache.path} holds {len(cache)} captions, {cache.nbytes() / 2**20:,.1f} MiB"
+          + (f" (tokens at their real lengths, {int(cache.lengths.sum()) / max(len(cache), 1):.1f} a caption on "
+             f"average; padded to {cache.token_length} they would take {cache.padded_nbytes() / 2**20:,.1f} MiB)"
+             if cache.has_tokens else ""))
     return 0

@@ -10,6 +10,8 @@ Encoders (``text.encoder``):
         last hidden state over the real tokens (attention mask), 512-d for openai/clip-vit-base-patch32.
   hash  the offline demo encoder: a deterministic bag of words, no download, not semantic.
   tiny  a tiny random-weight CLIPTextModel with a word-hash tokenizer, for tests and timing.
+  umt5  Wan 2.1's UMT5 encoder and tokenizer from ``text.name`` (a Wan pipeline repository or folder, whose
+        text_encoder/ and tokenizer/ it reads), run as WanPipeline runs it: per-token embeddings, padding zero.
 ``build_clip_b32_random()`` builds a random-weight model of CLIP B/32's size for benchmarks.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from t2v import hf
+from t2v.config_checks import TEXT_ENCODERS as ENCODERS
 from t2v.hf import MIN_TOKENIZER_VOCAB, hf_tokenize
 
 CLIP_MAX_POSITIONS = 77
@@ -185,6 +188,40 @@ class CLIPEncoder(TextEncoder):
         return mean_pool(hidden, mask).cpu(), hidden.cpu(), mask.cpu()
 
 
+class UMT5Encoder(TextEncoder):
+    """Wan 2.1's text encoder as ``WanPipeline`` runs it: the caption cleaned (the pipeline's own prompt_clean),
+    UMT5 run with the attention mask, every padding position set to zero. ``tokens`` are the real tokens only
+    (padded to the longest caption of the batch here, to Wan's 512 by the model: t2v.models.wan); ``pooled`` is
+    their mean (Wan does not read it)."""
+
+    def __init__(self, model, tokenizer, key: str, max_tokens: int, device: str | torch.device = "cpu"):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.tokenizer = tokenizer
+        self.key, self.max_tokens = key, int(max_tokens)
+        self.dim = int(model.config.d_model)
+        self.device = torch.device(device)
+
+    def to(self, device) -> "UMT5Encoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str]):
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        # Padding to the batch's longest caption instead of the pipeline's 512: with the mask, the real tokens'
+        # embeddings do not depend on how much padding follows them.
+        out = self.tokenizer([prompt_clean(c) for c in captions], padding="longest", max_length=self.max_tokens,
+                             truncation=True, add_special_tokens=True, return_attention_mask=True,
+                             return_tensors="pt")
+        ids, mask = out["input_ids"].to(self.device), out["attention_mask"].to(self.device)
+        hidden = self.model(ids, mask).last_hidden_state.float()
+        mask = mask.bool()
+        hidden = hidden * mask[..., None]  # the padding is zero, as WanPipeline makes it
+        return mean_pool(hidden, mask).cpu(), hidden.cpu(), mask.cpu()
+
+
 def _random_clip(seed: int, **config):
     """A random-weight CLIPTextModel; the seed fixes the weights without touching the global RNG."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -234,13 +271,16 @@ def encoder_key(text_cfg) -> str:
         return f"hash:{int(text_cfg.dim)}"
     if kind == "tiny":
         return f"tiny:{int(text_cfg.dim)}:{int(text_cfg.max_tokens)}:seed0"
+    if kind == "umt5":
+        p = Path(text_cfg.name).expanduser()
+        return f"umt5:{p.resolve() if p.is_dir() else text_cfg.name}@{int(text_cfg.max_tokens)}"
     if kind == "clip":
         p = Path(text_cfg.name).expanduser()
         name = str(p.resolve()) if p.is_dir() else text_cfg.name
         # Truncating below CLIP's 77 positions changes the embedding of long captions.
         suffix = f"@{int(text_cfg.max_tokens)}" if int(text_cfg.max_tokens) < CLIP_MAX_POSITIONS else ""
         return f"clip:{name}{suffix}"
-    raise TextEncoderError(f"unknown text.encoder {kind!r}: expected clip, hash or tiny")
+    raise TextEncoderError(f"unknown text.encoder {kind!r}: expected {', '.join(ENCODERS)}")
 
 
 def build_encoder(text_cfg, device: str | torch.device = "cpu") -> TextEncoder:
@@ -253,8 +293,10 @@ def build_encoder(text_cfg, device: str | torch.device = "cpu") -> TextEncoder:
         enc = build_tiny(text_cfg.dim, text_cfg.max_tokens, seed=0, device=device)
     elif kind == "clip":
         enc = _load_clip(text_cfg, device)
+    elif kind == "umt5":
+        enc = _load_umt5(text_cfg, device)
     else:
-        raise TextEncoderError(f"unknown text.encoder {kind!r}: expected clip, hash or tiny")
+        raise TextEncoderError(f"unknown text.encoder {kind!r}: expected {', '.join(ENCODERS)}")
     if enc.key != encoder_key(text_cfg):  # the cache is keyed by encoder_key: the two must agree (not an assert: -O)
         raise TextEncoderError(f"encoder key {enc.key!r} differs from the cache key {encoder_key(text_cfg)!r}")
     return enc
@@ -314,3 +356,41 @@ def _load_clip(text_cfg, device) -> CLIPEncoder:
     enc.tokenizer = tok
     enc.load_seconds = time.time() - t0
     return enc
+
+
+# ------------------------------------------------------------------------------------- Wan's UMT5
+
+
+def _how_to_get_umt5(name: str) -> str:
+    hub = name if hf.looks_like_hub_name(name) else "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    return hf.how_to_fetch("UMT5 text encoder", "from huggingface_hub import snapshot_download; "
+                           f"snapshot_download('{hub}', allow_patterns=['text_encoder/*', 'tokenizer/*'])", "text.name")
+
+
+def _load_umt5(text_cfg, device) -> UMT5Encoder:
+    """The UMT5 encoder and tokenizer of ``text.name``: a pipeline (text_encoder/ and tokenizer/ in it) or a folder
+    holding both, offline first."""
+    name = str(text_cfg.name)
+    try:
+        folder = hf.local_folder(name)
+    except FileNotFoundError:
+        raise TextEncoderError(f"text.name={name!r} looks like a local folder but it does not exist.\n"
+                               + _how_to_get_umt5(name)) from None
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    source = str(folder) if folder else name
+    nested = folder is None or (folder / "text_encoder").is_dir()
+    enc_sub, tok_sub = ({"subfolder": "text_encoder"}, {"subfolder": "tokenizer"}) if nested else ({}, {})
+
+    def load(local_only: bool):
+        model = UMT5EncoderModel.from_pretrained(source, local_files_only=local_only, **enc_sub)
+        return model, AutoTokenizer.from_pretrained(source, local_files_only=local_only, **tok_sub)
+
+    model, tok = hf.load_offline_first(load, name, folder, "text encoder", _how_to_get_umt5(name), TextEncoderError)
+    if int(model.config.d_model) != int(text_cfg.dim):
+        raise TextEncoderError(f"{source!r} gives {model.config.d_model}-d embeddings but text.dim={text_cfg.dim}: "
+                               f"set text.dim={model.config.d_model}")
+    if len(tok) > model.config.vocab_size:
+        raise TextEncoderError(f"{source!r}: tokenizer has {len(tok)} tokens but the model only "
+                               f"{model.config.vocab_size} embeddings; tokenizer and weights do not match")
+    return UMT5Encoder(model, tok, encoder_key(text_cfg), text_cfg.max_tokens, device)

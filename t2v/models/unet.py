@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from t2v.layers import caption_conditioning, run_block, timestep_embedding, zero_
+from t2v.models.layers import caption_conditioning, run_block, timestep_embedding, zero_
 
 # name -> (base_channels, channel_mults). "base" is the baseline: 64 channels scaling to 128 and 256.
 SIZES = {
@@ -339,15 +339,10 @@ def resolve_size(size: str, base_channels: int = 0, channel_mults: Sequence[int]
     return (base_channels or base), tuple(int(m) for m in (channel_mults or mults))
 
 
-def build_model(cfg, in_channels: int = 3) -> nn.Module:
-    """The model described by a t2v.config.Config (model section, conditioning dim from text.dim); ``in_channels``:
-    what its space gives it (t2v.space: 3 for RGB, the VAE's latent channels) unless model.in_channels says.
-    model.arch=unet: UNet3DCond; model.arch=dit: t2v.dit.VideoDiT (same forward interface)."""
+def build_unet(cfg, in_channels: int = 3) -> UNet3DCond:
+    """The UNet3DCond a t2v.config.Config describes (model section, conditioning dim from text.dim); ``in_channels``:
+    what its space gives it (t2v.space: 3 for RGB, the VAE's latent channels) unless model.in_channels says."""
     m = cfg.model
-    if m.arch == "dit":
-        from t2v.dit import build_dit  # here, not at the top: t2v.dit imports this module's helpers
-
-        return build_dit(cfg, in_channels)
     base, mults = resolve_size(m.size, m.base_channels, m.channel_mults)
     return UNet3DCond(
         in_channels=m.in_channels or in_channels,
@@ -364,7 +359,3 @@ def build_model(cfg, in_channels: int = 3) -> nn.Module:
         patch=m.patch or 1,
         downsample_time=m.downsample_time,
     )
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

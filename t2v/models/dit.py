@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from t2v.layers import caption_conditioning, run_block, timestep_embedding, zero_
+from t2v.models.layers import caption_conditioning, run_block, timestep_embedding, zero_
 
 # name -> (hidden, depth, heads). depth counts blocks (half spatial, half temporal), so it is even; heads keep
 # 64 channels each from small up (flash attention's favourite head size). Parameters at 3 input channels, text

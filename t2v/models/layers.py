@@ -1,4 +1,4 @@
-"""Small building blocks both networks use (t2v.model's UNet and t2v.dit's transformer)."""
+"""Small building blocks both networks use (t2v.models's UNet and t2v.models.dit's transformer)."""
 from __future__ import annotations
 
 import math

@@ -1,0 +1,220 @@
+"""Wan 2.1 (diffusers' ``WanTransformer3DModel``) as a t2v denoiser: ``model.arch=wan``, ``model.pretrained=`` a hub
+name (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``) or a local diffusers folder.
+
+What this family supplies, so that the loop, ``train_step``, checkpoints, DDP and tracking need no special case:
+
+  load_base(cfg)       the pretrained transformer, offline first through t2v.hf (the whole repository is resolved
+                       to one local folder, so the weights a run starts from can be hashed)
+  WanDenoiser          our forward (``b t c h w`` clips, model times, per-token captions) around it; its
+                       ``state_dict`` is what trains (the LoRA, or every weight with train.finetune=full) and its
+                       ``base`` the identity of what does not (name + sha256 of the weight files)
+  LORA_TARGETS         the modules a LoRA adapts by default: every attention projection (self and cross)
+
+Wan's conventions, as ``WanPipeline`` applies them at inference (and so must training):
+  * rectified flow, x_t = (1 - t) x0 + t eps, the network predicts eps - x0 and sees t * 1000 (t2v.objective.Flow);
+  * captions are UMT5 token embeddings with the padding set to zero, padded to TEXT_LEN = 512 tokens. The
+    cross-attention has no mask, so the padding length is part of the conditioning: a caption padded to 20
+    tokens is not the same input as one padded to 512 (t2v.text stores each caption at its real length);
+  * a dropped caption (classifier-free guidance) is all-zero tokens, the same "no text" sampling uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from t2v import hf
+from t2v.runlog import TrainingError
+
+TEXT_LEN = 512  # WanPipeline's max_sequence_length: every caption is zero-padded to it
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' Wan LoRA target modules (self and cross)
+HUB_EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+CLASS = "WanTransformer3DModel"
+
+
+class PretrainedError(TrainingError):
+    """A pretrained base cannot be loaded, or does not fit the run's settings."""
+
+
+def how_to_fetch(name: str) -> str:
+    hub = name if hf.looks_like_hub_name(name) else HUB_EXAMPLE
+    return ("How to get the Wan weights onto a compute node without internet:\n"
+            "  1. On a login node (which has internet), with HF_HOME on a shared scratch folder, run once:\n"
+            "       export HF_HOME=/scratch/$USER/hf\n"
+            f"       python -c \"from huggingface_hub import snapshot_download; snapshot_download('{hub}')\"\n"
+            "  2. In the job script: export HF_HOME=/scratch/$USER/hf HF_HUB_OFFLINE=1\n"
+            "  Or set model.pretrained=/path/to/a/diffusers/folder (WanPipeline.save_pretrained writes one).")
+
+
+def base_folder(name: str) -> Path:
+    """The local folder model.pretrained names (a pipeline repository or a transformer folder)."""
+    return hf.snapshot(name, what="pretrained Wan model", setting="model.pretrained", error=PretrainedError,
+                       how=how_to_fetch(name))
+
+
+def transformer_folder(root: Path) -> Path:
+    """Where the transformer's config.json lies: ``root`` itself for a transformer folder, else root/transformer.
+    Anything else is refused, saying what the folder holds."""
+    for folder in (root, root / "transformer"):
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                cls = json.loads(cfg.read_text()).get("_class_name")
+            except (OSError, ValueError) as e:
+                raise PretrainedError(f"{cfg}: unreadable ({e})") from None
+            if cls == CLASS:
+                return folder
+            if folder == root / "transformer" or cls:
+                raise PretrainedError(f"{cfg}: a {cls or 'model without _class_name'}, not a {CLASS}: "
+                                      f"model.pretrained={root} is not a Wan model (model.arch=wan)")
+    held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
+    raise PretrainedError(f"model.pretrained={root} is not a diffusers Wan model: no {CLASS} config.json in it or in "
+                          f"its transformer/ folder (it holds: {held})")
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the weight files of ``folder`` (names and bytes, in name order): what a checkpoint records of
+    the base it was trained from. A few seconds for the 1.3B model's 5.7 GB, once per start."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise PretrainedError(f"{folder}: no weight files (*.safetensors, *.bin)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_base(name: str):
+    """(the WanTransformer3DModel model.pretrained names, in fp32, frozen; its identity dict)."""
+    if importlib.util.find_spec("accelerate") is None:  # diffusers' own error ("low_cpu_mem_usage cannot be False
+        # when keep_in_fp32_modules is True") does not say what is missing
+        raise PretrainedError("model.arch=wan needs the accelerate package (diffusers loads Wan's fp32 layers "
+                              "through it): pip install 'accelerate>=1.0' (`make install` does)")
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    folder = transformer_folder(base_folder(name))
+    try:
+        transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"{folder}: the Wan transformer does not load ({str(e).splitlines()[0][:300]})") from None
+    identity = {"name": name, "folder": str(folder), "sha256": weights_digest(folder)}
+    return transformer.requires_grad_(False), identity
+
+
+def add_lora(transformer, rank: int, alpha: float, targets) -> None:
+    """A LoRA adapter (peft) on the modules ``targets`` names (module-name suffixes, or one regular expression that
+    must match whole names); only its weights train."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise PretrainedError("train.finetune=lora needs the peft package: pip install 'peft>=0.17' "
+                              "(`make install` does)") from None
+    targets = list(targets) or list(LORA_TARGETS)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets[0] if len(targets) == 1 and
+                        any(c in targets[0] for c in "*[]()|^$\\") else targets, init_lora_weights=True)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as e:
+        if "not found" not in str(e) and "match" not in str(e):
+            raise
+        names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+        raise PretrainedError(f"train.lora_targets={','.join(targets)} matches no module of the Wan transformer; "
+                              f"its Linear layers are named like {', '.join(names[:6])}, ... ({len(names)} in all): "
+                              "give name suffixes (to_q,to_k,to_v,to_out.0) or one regular expression") from None
+
+
+class WanDenoiser(nn.Module):
+    """A Wan transformer behind the interface every t2v denoiser has: ``(x b t c h w, model time (b,), pooled
+    captions, tokens=, token_mask=, cond_mask=) -> b t c h w``.
+
+    ``state_dict`` holds only what trains (``trainable``: fixed when training is set up, so an EMA copy with every
+    parameter frozen still saves the same keys); the frozen rest is the base, named by ``base``."""
+
+    def __init__(self, transformer, base: dict, text_len: int = TEXT_LEN):
+        super().__init__()
+        self.transformer = transformer
+        self.base = base
+        self.text_len = text_len
+        self.in_channels = int(transformer.config.in_channels)
+        self.text_dim = int(transformer.config.text_dim)
+        self.trainable: tuple[str, ...] = ()
+
+    def set_trainable(self) -> None:
+        self.trainable = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+
+    def captions(self, tokens: torch.Tensor | None, token_mask: torch.Tensor | None,
+                 cond_mask: torch.Tensor | None) -> torch.Tensor:
+        """(b l d) token embeddings -> Wan's (b TEXT_LEN d) context: padding and dropped captions zero."""
+        if tokens is None:
+            raise ValueError("model.arch=wan is conditioned on per-token caption embeddings: set text.tokens=true and "
+                             "rerun `python -m t2v.text embed`")
+        if tokens.shape[-1] != self.text_dim:
+            raise ValueError(f"caption tokens are {tokens.shape[-1]}-d but the Wan transformer takes {self.text_dim}-d "
+                             "(text.dim and text.encoder must be the base's own text encoder)")
+        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # b l
+        if token_mask is not None:
+            keep = keep & token_mask.bool()
+        if cond_mask is not None:
+            keep = keep & cond_mask.bool()[:, None]
+        tokens = tokens * keep[..., None].to(tokens.dtype)  # b l d
+        if tokens.shape[1] > self.text_len:
+            tokens = tokens[:, :self.text_len]  # WanPipeline truncates at the tokenizer: nothing real lies past it
+        return F.pad(tokens, (0, 0, 0, self.text_len - tokens.shape[1]))  # b TEXT_LEN d
+
+    def forward(self, x, t, text=None, tokens=None, token_mask=None, cond_mask=None, fps=None):
+        context = self.captions(tokens, token_mask, cond_mask).to(x.dtype)
+        h = rearrange(x, "b t c h w -> b c t h w")
+        out = self.transformer(hidden_states=h, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+        return rearrange(out, "b c t h w -> b t c h w")
+
+    # --- what a checkpoint holds: the trained part ---------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self.trainable)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing = sorted(set(self.trainable) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(self.trainable))
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n  missing: "
+                               f"{missing[:3]} ({len(missing)}), unexpected: {unexpected[:3]} ({len(unexpected)})")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def build(cfg, in_channels: int) -> WanDenoiser:
+    """The WanDenoiser ``cfg`` describes: model.pretrained's transformer with train.finetune's trainable part.
+    ``in_channels`` (what the space gives: 3 for pixels, 16 for Wan's VAE) must be what the transformer takes."""
+    transformer, identity = load_base(cfg.model.pretrained)
+    c = int(transformer.config.in_channels)
+    if c != in_channels:
+        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its transformer takes {c}-channel inputs "
+                              f"but model.space={cfg.model.space} gives {in_channels}")
+    if int(transformer.config.text_dim) != cfg.text.dim:
+        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its transformer takes "
+                              f"{transformer.config.text_dim}-d caption tokens; set text.dim="
+                              f"{transformer.config.text_dim} and its own text encoder")
+    if cfg.model.checkpointing:
+        transformer.enable_gradient_checkpointing()
+    t = cfg.train
+    if t.finetune == "full":
+        transformer.requires_grad_(True)
+    elif t.finetune == "lora":
+        add_lora(transformer, t.lora_rank, t.lora_alpha, t.lora_targets)
+    else:
+        raise PretrainedError(f"train.finetune={t.finetune}: Wan trains 'full' or 'lora' (train.finetune=motion "
+                              "trains AnimateDiff's motion modules, which Wan does not have)")
+    model = WanDenoiser(transformer, identity)
+    model.set_trainable()
+    return model
