@@ -64,6 +64,7 @@ SECTION_FNS = {
     "scale": "bench.scale:bench_scale",
     "exp": "bench.train_bench:bench_exp",
     "dit": "bench.dit_bench:bench_dit",
+    "finetune": "bench.finetune:bench_finetune",
 }
 SECTIONS = tuple(SECTION_FNS)
 
