@@ -143,3 +143,71 @@ def bench_finetune(args) -> SectionResult:
                         "-", None, "once per clip; bytes: mean and std of 1 + (F - 1)/4 latent frames in float16"))
     log(f"finetune: ours {speed:.2f}x the plain loop; Wan VAE cache {fmt_s(per_clip)}/clip, {row_bytes:,} B/clip")
     return res
+
+
+# Wan 2.1 T2V-1.3B's transformer config (diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers): 1,418,996,800 parameters
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
+    """What `make gpu-check`'s wan check measures: the 1.3B transformer (random weights, made on the GPU), bf16
+    autocast with activation checkpointing, 17 x 256 x 256 clips as Wan's latents (5 x 16 x 32 x 32), captions of 14
+    real tokens; a LoRA (rank 16) and then a full fine-tune, each ``steps`` steps of our train_step: peak memory and
+    clips/s (the first step, compile and allocator warm-up, excluded). ``rehearse``: the tiny config on CPU."""
+    device = torch.device("cpu" if rehearse else "cuda")
+    spec = WAN_QUICK if rehearse else WAN_1_3B
+    frames, side = (2, 4) if rehearse else (5, 32)
+    out = {"config": "tiny (CPU rehearsal)" if rehearse else "Wan 2.1 T2V-1.3B", "latent": [frames, 16, side, side]}
+    for mode in ("lora", "full"):
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            t = WanTransformer3DModel(**spec)
+        t = t.to_empty(device=device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for p in t.parameters():
+                p.normal_(0.0, 0.02)
+        t.rope.__init__(t.rope.attention_head_dim, t.rope.patch_size, t.rope.max_seq_len)  # buffers made on meta
+        t.rope.to(device)
+        t.enable_gradient_checkpointing()
+        t.requires_grad_(mode == "full")
+        if mode == "lora":
+            add_lora(t, 16, 16, ())
+        model = WanDenoiser(t, {"name": "random", "sha256": "-"})
+        model.set_trainable()
+        cfg = config.Config()
+        cfg.diffusion.objective, cfg.diffusion.shift = "flow", 3.0
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        ema = ema_copy(model)
+        state = StepState(model, model, ema, opt, torch.amp.GradScaler(device.type, enabled=False),
+                          build_objective(cfg.diffusion, device), cfg.diffusion, cfg.train,
+                          "fp32" if rehearse else "bf16", device)
+        x0 = torch.randn(1, frames, 16, side, side, device=device)
+        cond = Cond(torch.zeros(1, spec["text_dim"], device=device), torch.randn(1, 14, spec["text_dim"], device=device),
+                    torch.ones(1, 14, dtype=torch.bool, device=device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            loss = train_step(state, i, x0, cond).loss
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        out[mode] = {"parameters": count_params(model), "trained": count_params(model, trainable=True),
+                     "clips_per_s": (steps - 1) / sum(times[1:]), "peak_gib": peak, "loss": loss}
+        del model, ema, opt, state, t
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+if __name__ == "__main__":  # tools/gpu_check.py's wan check: one JSON line
+    import json
+    import sys
+
+    print(json.dumps(wan_at_real_size(rehearse="--rehearse" in sys.argv)))

@@ -43,8 +43,8 @@ def test_a_failed_check_skips_what_needs_it_and_fails_the_summary(tmp_path, monk
     results = G.run_checks(plan, list(G.CHECKS), tmp_path / "log")
     status = {r.name: r.status for r in results}
     assert status == {"setup": "ok", "bf16": "FAIL", "preempt": "skipped", "fp16": "ok", "compile": "ok",
-                      "sample": "skipped", "dit": "ok", "bench": "ok"}
-    assert ran == ["setup", "fp16", "compile", "dit", "bench"]
+                      "sample": "skipped", "dit": "ok", "bench": "ok", "wan": "ok"}
+    assert ran == ["setup", "fp16", "compile", "dit", "bench", "wan"]
     text = G.summary(results, "test")
     assert "| bf16 | FAIL |" in text and "**FAILED: bf16**" in text and "needs bf16, which failed" in text
 
@@ -67,3 +67,4 @@ def test_rehearsal_runs_the_whole_flow_on_cpu(tmp_path):
     assert "| preempt | ok |" in text and "bit-exact" in text  # on CPU the resume is exact
     assert "| fp16 | skipped |" in text and "| sample | ok |" in text
     assert "| dit | ok |" in text and "10 Euler steps sampled" in text
+    assert "| wan | ok |" in text and "lora (0.0 M of 0 M trained)" in text

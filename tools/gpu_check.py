@@ -13,6 +13,9 @@ Checks, each a real command line (the ones users run), in this order:
            tokens) with rectified flow, bf16 and train.compile=true, 30 steps on 8x32x32 clips (at patch 2 the token
            grid of 256 px latents); clips/s per GPU and peak GPU memory, then a 10-step Euler sample
   bench    `bench/run.py --only gpu` with the batch search capped so that everything fits
+  wan      Wan 2.1 T2V-1.3B's transformer at its real size (random weights, bf16, activation checkpointing) on
+           17 x 256 x 256 clips as its latents: a LoRA and a full fine-tune through our train_step, peak GPU memory
+           and clips/s of each (bench/finetune.py)
 
     python tools/gpu_check.py                  # on a GPU machine (make gpu-check installs first)
     python tools/gpu_check.py --rehearse       # the same flow on CPU with a tiny model: tests the script itself
@@ -36,7 +39,10 @@ from t2v.runlog import REQUEUE_EXIT  # noqa: E402
 
 # (name, seconds it may take at most on one H100/H200): 445 s together, so the script ends inside 8 minutes
 # with room for Python start-up and the summary.
-BUDGET = {"setup": 50, "bf16": 50, "preempt": 70, "fp16": 40, "compile": 85, "sample": 25, "dit": 45, "bench": 80}
+# wan: the 1.3B model made on the GPU, 4 LoRA and 4 full fine-tuning steps (its time taken from compile, bench, setup,
+# fp16, dit and preempt, whose budgets were estimates with room)
+BUDGET = {"setup": 40, "bf16": 50, "preempt": 65, "fp16": 35, "compile": 70, "sample": 25, "dit": 40, "bench": 65,
+          "wan": 60}
 CHECKS = tuple(BUDGET)
 
 
@@ -249,8 +255,28 @@ def check_bench(plan: Plan, log: Path) -> Result:
     return Result("bench", "ok", detail=detail, data={"file": str(found[-1])})
 
 
+def check_wan(plan: Plan, log: Path) -> Result:
+    out = plan.workdir / "wan.json"
+    cmd = py("-m", "bench.finetune", *(["--rehearse"] if plan.rehearse else []))
+    with open(out, "w") as f, open(log, "a") as errors:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=errors, timeout=plan.timeouts["wan"], check=False)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(f"timed out after {plan.timeouts['wan']:.0f} s (log {log})") from None
+    expect_rc(proc, 0, "python -m bench.finetune", log)
+    got = json.loads(out.read_text().strip().splitlines()[-1])
+    parts = [f"{mode} ({got[mode]['trained'] / 1e6:,.1f} M of {got[mode]['parameters'] / 1e6:,.0f} M trained): "
+             f"{got[mode]['clips_per_s']:.2f} clips/s, peak {got[mode]['peak_gib']:.1f} GiB" for mode in ("lora", "full")]
+    bad = [m for m in ("lora", "full") if not got[m]["loss"] == got[m]["loss"]]
+    if bad:
+        raise CheckFailed(f"non-finite loss in {', '.join(bad)}: {got}")
+    return Result("wan", "ok", detail=f"{got['config']}, latents {'x'.join(map(str, got['latent']))}: " + "; ".join(parts),
+                  data=got)
+
+
 RUNNERS = {"setup": check_setup, "bf16": check_bf16, "preempt": check_preempt, "fp16": check_fp16,
-           "compile": check_compile, "sample": check_sample, "dit": check_dit, "bench": check_bench}
+           "compile": check_compile, "sample": check_sample, "dit": check_dit, "bench": check_bench,
+           "wan": check_wan}
 NEEDS = {"preempt": "bf16", "sample": "bf16"}  # compares with / samples from the bf16 run
 
 
