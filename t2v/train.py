@@ -35,7 +35,7 @@ from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
-from t2v.models import build_model, count_params, ema_copy, identity
+from t2v.models import build_model, count_params, ema_copy, identity, set_null_caption
 from t2v.objective import build_objective
 from t2v import runlog
 from t2v import tracking
@@ -187,6 +187,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     model = build_model(cfg, space.channels).to(device)
+    set_null_caption(model, emb)  # a pretrained family drops a caption to the empty one's embedding (t2v.models)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     ema = ema_copy(model)  # what trains, averaged; a pretrained model's frozen base is shared, not copied

@@ -50,14 +50,15 @@ class Raw(PixelSpace):
 
 
 def test_sampler_equals_wan_pipeline(pixel_wan):
-    """Same initial noise and caption embeddings: our UniPC sampling (with guidance, a dropped caption as zeros) gives
-    WanPipeline's latents, its scheduler loaded from the same folder."""
+    """Same initial noise and caption embeddings: our UniPC sampling (with guidance against the empty caption's
+    embedding) gives WanPipeline's latents, its scheduler loaded from the same folder."""
     from diffusers import WanPipeline
 
     from t2v.sample import generate
 
     cfg = wan_config(pixel_wan, "train.finetune=full")
     model = build_model(cfg, 3).eval()
+    model.null = torch.randn(2, TEXT_DIM)  # the empty caption: two real tokens
     tokens = torch.randn(2, 6, TEXT_DIM)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False
@@ -67,7 +68,9 @@ def test_sampler_equals_wan_pipeline(pixel_wan):
     noise = torch.randn((2, 5, 3, 16, 16), generator=torch.Generator().manual_seed(3))  # what generate drew, b t c h w
     prompt = model.captions(tokens, mask, None)  # b 512 d: the padding zero, as WanPipeline.encode_prompt makes it
     assert prompt.shape == (2, TEXT_LEN, TEXT_DIM) and prompt[1, 4:].abs().max() == 0
-    theirs = pipe(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), num_frames=5, height=16,
+    negative = model.captions(model.null[None].expand(2, -1, -1), None, None)  # b 512 d
+    assert negative[:, :2].abs().min() > 0 and negative[:, 2:].abs().max() == 0
+    theirs = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, num_frames=5, height=16,
                   width=16, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=4, guidance_scale=5.0,
                   output_type="latent").frames  # b c t h w
     torch.testing.assert_close(ours, theirs.permute(0, 2, 1, 3, 4), rtol=0, atol=2e-5)
@@ -173,7 +176,9 @@ def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, 
     assert train(cut) == 0
     a, b = load(tmp_path / "whole" / "ckpt_000008.pt"), load(tmp_path / "cut" / "ckpt_000008.pt")
     assert_states_equal(a, b)
-    assert set(a["model"]) == set(a["ema"]) and all("lora_" in n for n in a["model"]) and len(a["model"]) == 32
+    assert set(a["model"]) == set(a["ema"]) and len(a["model"]) == 33
+    assert all("lora_" in n for n in a["model"] if n != "null_tokens")
+    assert a["model"]["null_tokens"].shape == (1, TEXT_DIM)  # the hash encoder's "": its start token
     assert a["data"]["base"]["name"] == str(base) and len(a["data"]["base"]["sha256"]) == 64
     assert (tmp_path / "whole" / "ckpt_000008.pt").stat().st_size < 200_000  # the base's 150 kB are not in it
 
@@ -281,7 +286,8 @@ def test_wan_in_its_vae_space_trains_resumes_and_samples_what_wan_pipeline_decod
     pipe.transformer = model.transformer  # the fine-tuned transformer (its LoRA applied)
     noise = torch.randn((1, 2, 16, 2, 2), generator=torch.Generator().manual_seed(7))  # b t c h w, as generate drew
     prompt = model.captions(tokens, mask, None)
-    theirs = pipe(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), num_frames=5, height=16,
+    negative = model.captions(model.null[None], None, None)  # the empty caption, from the checkpoint
+    theirs = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, num_frames=5, height=16,
                   width=16, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=3, guidance_scale=4.0,
                   output_type="pt").frames  # b t 3 h w in [0, 1]
     torch.testing.assert_close(ours, theirs * 2 - 1, rtol=0, atol=1e-4)

@@ -4,11 +4,13 @@
   unet.py     UNet3DCond (model.arch=unet, the baseline), trained from scratch
   dit.py      VideoDiT (model.arch=dit), trained from scratch
   layers.py   what those two share
+  pretrained.py  what every pretrained family's denoiser shares
   wan.py      Wan 2.1's transformer from pretrained weights (model.arch=wan: full or LoRA fine-tuning)
 
 A pretrained family's module also says what of it trains: its ``state_dict`` holds only that (a LoRA run's
 checkpoints are megabytes), and its ``base`` names the frozen rest, which a checkpoint records and a resume or a
-sampler must find unchanged (``check_base``).
+sampler must find unchanged (``check_base``). Its dropped caption is the empty caption's embedding
+(``set_null_caption``, from the caption cache).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import copy
 
 import torch.nn as nn
 
+from t2v.models.pretrained import set_null_caption  # noqa: F401 (t2v.train: the dropped caption of a family)
 from t2v.models.unet import build_unet
 
 def build_model(cfg, in_channels: int = 3) -> nn.Module:

@@ -7,7 +7,7 @@ What this family supplies, so that the loop, ``train_step``, checkpoints, DDP an
                        to one local folder, so the weights a run starts from can be hashed)
   WanDenoiser          our forward (``b t c h w`` clips, model times, per-token captions) around it; its
                        ``state_dict`` is what trains (the LoRA, or every weight with train.finetune=full) and its
-                       ``base`` the identity of what does not (name + sha256 of the weight files)
+                       ``base`` the identity of what does not (t2v.models.pretrained)
   LORA_TARGETS         the modules a LoRA adapts by default: every attention projection (self and cross)
 
 Wan's conventions, as ``WanPipeline`` applies them at inference (and so must training):
@@ -15,7 +15,8 @@ Wan's conventions, as ``WanPipeline`` applies them at inference (and so must tra
   * captions are UMT5 token embeddings with the padding set to zero, padded to TEXT_LEN = 512 tokens. The
     cross-attention has no mask, so the padding length is part of the conditioning: a caption padded to 20
     tokens is not the same input as one padded to 512 (t2v.text stores each caption at its real length);
-  * a dropped caption (classifier-free guidance) is all-zero tokens, the same "no text" sampling uses.
+  * a dropped caption (classifier-free guidance) is the empty caption's embedding, WanPipeline's default negative
+    prompt, which sampling uses too.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from t2v import hf
+from t2v.models.pretrained import PretrainedDenoiser
 from t2v.runlog import TrainingError
 
 TEXT_LEN = 512  # WanPipeline's max_sequence_length: every caption is zero-padded to it
@@ -134,40 +136,31 @@ def add_lora(transformer, rank: int, alpha: float, targets) -> None:
                               "give name suffixes (to_q,to_k,to_v,to_out.0) or one regular expression") from None
 
 
-class WanDenoiser(nn.Module):
+class WanDenoiser(PretrainedDenoiser):
     """A Wan transformer behind the interface every t2v denoiser has: ``(x b t c h w, model time (b,), pooled
-    captions, tokens=, token_mask=, cond_mask=) -> b t c h w``.
-
-    ``state_dict`` holds only what trains (``trainable``: fixed when training is set up, so an EMA copy with every
-    parameter frozen still saves the same keys); the frozen rest is the base, named by ``base``."""
+    captions, tokens=, token_mask=, cond_mask=) -> b t c h w``; what trains, what a checkpoint holds and a dropped
+    caption: t2v.models.pretrained."""
 
     def __init__(self, transformer, base: dict, text_len: int = TEXT_LEN):
-        super().__init__()
+        super().__init__(base)
         self.transformer = transformer
-        self.base = base
         self.text_len = text_len
         self.in_channels = int(transformer.config.in_channels)
         self.text_dim = int(transformer.config.text_dim)
-        self.trainable: tuple[str, ...] = ()
-
-    def set_trainable(self) -> None:
-        self.trainable = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 
     def captions(self, tokens: torch.Tensor | None, token_mask: torch.Tensor | None,
                  cond_mask: torch.Tensor | None) -> torch.Tensor:
-        """(b l d) token embeddings -> Wan's (b TEXT_LEN d) context: padding and dropped captions zero."""
+        """(b l d) token embeddings -> Wan's (b TEXT_LEN d) context: padding zero, dropped captions the empty one."""
         if tokens is None:
             raise ValueError("model.arch=wan is conditioned on per-token caption embeddings: set text.tokens=true and "
                              "rerun `python -m t2v.text embed`")
         if tokens.shape[-1] != self.text_dim:
             raise ValueError(f"caption tokens are {tokens.shape[-1]}-d but the Wan transformer takes {self.text_dim}-d "
                              "(text.dim and text.encoder must be the base's own text encoder)")
-        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # b l
-        if token_mask is not None:
-            keep = keep & token_mask.bool()
-        if cond_mask is not None:
-            keep = keep & cond_mask.bool()[:, None]
-        tokens = tokens * keep[..., None].to(tokens.dtype)  # b l d
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if token_mask is None else (
+            token_mask.bool())  # b l
+        tokens, mask = self.drop_captions(tokens, mask, cond_mask)
+        tokens = tokens * mask[..., None].to(tokens.dtype)  # b l d
         if tokens.shape[1] > self.text_len:
             tokens = tokens[:, :self.text_len]  # WanPipeline truncates at the tokenizer: nothing real lies past it
         return F.pad(tokens, (0, 0, 0, self.text_len - tokens.shape[1]))  # b TEXT_LEN d
@@ -177,20 +170,6 @@ class WanDenoiser(nn.Module):
         h = rearrange(x, "b t c h w -> b c t h w")
         out = self.transformer(hidden_states=h, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
         return rearrange(out, "b c t h w -> b t c h w")
-
-    # --- what a checkpoint holds: the trained part ---------------------------------------------------------
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self.trainable)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        missing = sorted(set(self.trainable) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(self.trainable))
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n  missing: "
-                               f"{missing[:3]} ({len(missing)}), unexpected: {unexpected[:3]} ({len(unexpected)})")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
 def build(cfg, in_channels: int) -> WanDenoiser:
