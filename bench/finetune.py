@@ -22,7 +22,8 @@ from t2v import config
 from t2v.data.latents import build_latents
 from t2v.data.manifest import read_manifest
 from t2v.models import count_params, ema_copy
-from t2v.models.wan import TEXT_LEN, WanDenoiser, add_lora
+from t2v.models.pretrained import add_lora
+from t2v.models.wan import TEXT_LEN, WanDenoiser
 from t2v.objective import build_objective
 from t2v.step import Cond, StepState, train_step
 

@@ -32,8 +32,9 @@ from t2v.runlog import TrainingError
 # What a checkpoint's weights were trained for: resuming with another value would continue silently from
 # incompatible weights (another text space, noise schedule, target or clip shape).
 # The temporal settings are here too: a run that changed how far apart its frames are would mix two kinds of motion.
-RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.objective", "diffusion.prediction", "diffusion.schedule",
-                     "diffusion.timesteps", "diffusion.shift", "data.frames", "data.size", "vae.name", "vae.subfolder",
+RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.objective", "diffusion.prediction",
+                     "diffusion.schedule", "diffusion.timesteps", "diffusion.shift", "diffusion.beta_start",
+                     "diffusion.beta_end", "data.frames", "data.size", "vae.name", "vae.subfolder",
                      "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
                      "data.max_seconds", "train.finetune", "train.lora_rank", "train.lora_alpha", "train.lora_targets")
 
@@ -49,7 +50,7 @@ def incompatible_changes(saved: config.Config, cfg: config.Config, channels: int
     for d in (a, b):
         d["model"]["in_channels"] = d["model"]["in_channels"] or channels
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
-    unused = {"text.name"} if cfg.text.encoder not in ("clip", "umt5") else set()  # only these read it
+    unused = {"text.name"} if cfg.text.encoder not in ("clip", "umt5", "sd_clip") else set()  # only these read it
     if saved.model.space != "latent" and cfg.model.space != "latent":
         unused |= {"vae.name", "vae.subfolder"}  # pixel space has no VAE
     keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]

@@ -54,7 +54,8 @@ class DataConfig:
 @dataclass
 class TextConfig:
     # "clip" (Hugging Face CLIP text model), "hash" (offline demo encoder), "tiny" (tests), "umt5" (Wan's, with text.name
-    # its pipeline: per-token, text.tokens=true, text.dim=4096, text.max_tokens=512)
+    # its pipeline: per-token, text.tokens=true, text.dim=4096, text.max_tokens=512), "sd_clip" (Stable Diffusion's
+    # CLIP ViT-L from text.name's text_encoder/: all 77 tokens, no mask, for model.arch=animatediff)
     encoder: str = "clip"
     name: str = "openai/clip-vit-base-patch32"  # hub name or local folder for encoder=clip or umt5
     dim: int = 512
@@ -89,7 +90,9 @@ class ModelConfig:
     # "unet": the 3D UNet above; "dit": a video transformer (t2v.models.dit: Latte's alternating spatial/temporal blocks);
     # "wan": Wan 2.1's pretrained transformer from model.pretrained (t2v.models.wan), fine-tuned (train.finetune)
     arch: str = "unet"
-    pretrained: str = ""  # wan: a hub name (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder
+    # "animatediff": a Stable Diffusion 1.5 UNet from model.pretrained inflated with a motion adapter (t2v.models.animatediff)
+    pretrained: str = ""  # wan, animatediff: a hub name (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder
+    motion_adapter: str = ""  # animatediff: a MotionAdapter's hub name or folder; "" = a fresh one, zero-initialised
     # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller. unet: p x p pixels
     # become one position with p²·c channels before the first level (space-to-depth); 0 = 1, none
     patch: int = 0
@@ -108,6 +111,9 @@ class DiffusionConfig:
     objective: str = "ddpm"
     timesteps: int = 1000  # ddpm: the chain's length; flow: t = timestep / this (val_timesteps, the model's input)
     schedule: str = "cosine"  # ddpm only
+    # ddpm, schedule=linear: the betas' ends; 0 = Ho et al.'s 1e-4 and 0.02 (AnimateDiff: 0.00085 and 0.012)
+    beta_start: float = 0.0
+    beta_end: float = 0.0
     # every SNR divided by shift² (1 = none): ddpm, a shifted schedule; flow, SD3's t -> shift t / (1 + (shift-1) t)
     shift: float = 1.0
     prediction: str = "eps"  # ddpm only: "eps" (the baseline) or "v"
@@ -344,7 +350,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 def uses_tokens(cfg: Config) -> bool:
     """Whether the model reads per-token caption embeddings (cross-attention, or a pretrained family whose text
     input is tokens), not only the pooled one."""
-    return bool(cfg.model.cross_attention or cfg.model.arch == "wan")
+    return bool(cfg.model.cross_attention or cfg.model.pretrained)
 
 
 def cache_dir(cfg: Config, kind: str = "data") -> Path:

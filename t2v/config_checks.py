@@ -20,10 +20,11 @@ def _int_list(values) -> tuple[int, ...] | None:
 SAMPLINGS = ("even", "window", "random_window")
 WANDB_MODES = ("off", "offline", "online")
 OBJECTIVES = ("ddpm", "flow")
-SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("euler", "heun", "unipc")}  # t2v.objective's methods
-ARCHS = ("unet", "dit", "wan")
+SAMPLERS = {"ddpm": ("ddim", "ddpm", "sd-ddim"), "flow": ("euler", "heun", "unipc")}  # t2v.objective's methods
+ARCHS = ("unet", "dit", "wan", "animatediff")
+PRETRAINED = ("wan", "animatediff")  # the families of t2v/models that load model.pretrained
 FINETUNES = ("full", "lora", "motion")
-TEXT_ENCODERS = ("clip", "hash", "tiny", "umt5")  # t2v.text.encoders builds each
+TEXT_ENCODERS = ("clip", "hash", "tiny", "umt5", "sd_clip")  # t2v.text.encoders builds each
 
 
 def _window_checks(cfg) -> list[tuple[bool, str]]:
@@ -59,33 +60,51 @@ def _window_checks(cfg) -> list[tuple[bool, str]]:
 
 
 def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
-    """A pretrained family (model.arch=wan): its weights, the objective and captions they were trained with."""
-    m, t = cfg.model, cfg.train
+    """A pretrained family (model.arch=wan or animatediff): its weights, the objective and captions they were trained
+    with, and the options of the networks trained from scratch, which its weights fix."""
+    m, t, d = cfg.model, cfg.train, cfg.diffusion
     checks = [
         (t.finetune in FINETUNES, f"train.finetune must be one of {', '.join(FINETUNES)}, got {t.finetune!r}"),
         (t.lora_rank >= 1 and t.lora_alpha >= 0, "train.lora_rank must be >= 1 and train.lora_alpha >= 0 (0 = rank)"),
+        (d.beta_start >= 0 and d.beta_end >= 0 and (d.beta_start < d.beta_end or not d.beta_end),
+         f"diffusion.beta_start and beta_end must be 0 (Ho et al.'s) or 0 <= beta_start < beta_end, got "
+         f"{d.beta_start:g} and {d.beta_end:g}"),
     ]
-    if m.arch != "wan":
-        return checks + [(not m.pretrained, f"model.pretrained applies to model.arch=wan only (it is {m.arch!r})")]
+    if m.arch not in PRETRAINED:
+        return checks + [(not m.pretrained and not m.motion_adapter,
+                          f"model.pretrained and model.motion_adapter apply to model.arch={' or '.join(PRETRAINED)} "
+                          f"only (it is {m.arch!r})")]
+    fixed = [(not getattr(m, k), f"model.{k} applies to model.arch=unet or dit; model.arch={m.arch}'s network is "
+                                 "fixed by its weights")
+             for k in ("cross_attention", "temporal_attention", "coords", "frame_cond", "fps_cond", "downsample_time",
+                       "patch", "hidden", "depth", "heads", "base_channels", "channel_mults")]
+    checks += [(bool(m.pretrained.strip()), f"model.arch={m.arch} needs model.pretrained: a hub name "
+                                            f"({'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' if m.arch == 'wan' else 'runwayml/stable-diffusion-v1-5'})"
+                                            " or a local diffusers folder"),
+               (cfg.text.tokens, f"model.arch={m.arch} is conditioned on per-token caption embeddings: set "
+                                 "text.tokens=true"), *fixed]
+    if m.arch == "animatediff":
+        return checks + [
+            (d.objective == "ddpm" and d.prediction == "eps",
+             "model.arch=animatediff was trained with DDPM predicting the noise: set diffusion.objective=ddpm and "
+             "diffusion.prediction=eps"),
+            (cfg.data.size % 8 == 0, f"data.size must be a multiple of 8 (the SD UNet halves it three times), got "
+                                     f"{cfg.data.size}"),
+        ]
     side = cfg.data.size // 8 if m.space == "latent" else cfg.data.size
     return checks + [
-        (bool(m.pretrained.strip()), "model.arch=wan needs model.pretrained: a hub name "
-                                     "(Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder"),
+        (not m.motion_adapter, "model.motion_adapter applies to model.arch=animatediff"),
         (t.finetune != "motion", "train.finetune=motion trains AnimateDiff's motion modules, which Wan does not have: "
                                  "use train.finetune=lora or full"),
-        (cfg.diffusion.objective == "flow", "model.arch=wan was trained with rectified flow: set diffusion.objective=flow"),
-        (cfg.text.tokens, "model.arch=wan is conditioned on per-token caption embeddings: set text.tokens=true"),
+        (d.objective == "flow", "model.arch=wan was trained with rectified flow: set diffusion.objective=flow"),
         (side % 2 == 0, f"data.size must give frames ({side}x{side}) divisible by Wan's 2x2 patches"),
-        *[(not getattr(m, k), f"model.{k} applies to model.arch=unet or dit; Wan's transformer is fixed by its weights")
-          for k in ("cross_attention", "temporal_attention", "coords", "frame_cond", "fps_cond", "downsample_time",
-                    "patch", "hidden", "depth", "heads", "base_channels", "channel_mults")],
     ]
 
 
 def _arch_checks(cfg) -> list[tuple[bool, str]]:
     """The frame size each architecture takes, and the options that belong to the other one."""
     m, size = cfg.model, cfg.data.size
-    if m.arch == "wan":
+    if m.arch in PRETRAINED:
         return _pretrained_checks(cfg)
     if m.arch != "dit":  # latent frames (SIZE / 8) are checked against the UNet by t2v.space, with the VAE at hand
         unit = 8 * (m.patch or 1) if m.space == "pixel" else 8
@@ -164,7 +183,7 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (cfg.model.patch >= 0 and cfg.model.hidden >= 0 and cfg.model.depth >= 0 and cfg.model.heads >= 0,
          "model.patch, model.hidden, model.depth and model.heads must be >= 0 (0 = from model.size)"),
         *_arch_checks(cfg),
-        *(_pretrained_checks(cfg) if cfg.model.arch != "wan" else []),
+        *(_pretrained_checks(cfg) if cfg.model.arch not in PRETRAINED else []),
         (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),
         (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),

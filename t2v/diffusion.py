@@ -53,8 +53,11 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> t
     return (1 - acp[1:] / acp[:-1]).clamp(max=max_beta)
 
 
-def linear_betas(timesteps: int) -> torch.Tensor:
-    """Ho et al. 2020: 1e-4 .. 0.02 over 1000 steps, rescaled so other lengths keep the same ᾱ_T."""
+def linear_betas(timesteps: int, start: float = 0.0, end: float = 0.0) -> torch.Tensor:
+    """Ho et al. 2020: 1e-4 .. 0.02 over 1000 steps, rescaled so other lengths keep the same ᾱ_T; or ``start`` ..
+    ``end`` as given (AnimateDiff's 0.00085 .. 0.012, what its pretrained weights were trained on)."""
+    if start or end:
+        return torch.linspace(start, end, timesteps, dtype=torch.float64)
     scale = 1000 / timesteps
     return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
 
@@ -71,11 +74,12 @@ def shift_betas(betas: torch.Tensor, shift: float) -> torch.Tensor:
     return 1.0 - acp / prev
 
 
-def make_schedule(timesteps: int = 1000, kind: str = "cosine", shift: float = 1.0) -> Schedule:
+def make_schedule(timesteps: int = 1000, kind: str = "cosine", shift: float = 1.0, beta_start: float = 0.0,
+                  beta_end: float = 0.0) -> Schedule:
     if kind == "cosine":
         betas = cosine_betas(timesteps)
     elif kind == "linear":
-        betas = linear_betas(timesteps)
+        betas = linear_betas(timesteps, beta_start, beta_end)
     else:
         raise ValueError(f"unknown schedule {kind!r}: expected 'cosine' or 'linear'")
     if not shift > 0:

@@ -1,21 +1,21 @@
 """Export a fine-tuned pretrained model as diffusers users load it:
-`python -m t2v.export RUN_OR_CKPT [--format lora|full] [--out DIR]`.
+`python -m t2v.export RUN_OR_CKPT [--format lora|motion|full] [--out DIR]`.
 
-  lora  (a train.finetune=lora run; its default) ``pytorch_lora_weights.safetensors``, which
-        ``WanPipeline.load_lora_weights(DIR)`` reads; the adapter's rank, alpha and targets are in the file's
-        metadata, so diffusers scales it as it was trained (without them it assumes alpha = rank)
-  full  a whole pipeline folder for ``WanPipeline.from_pretrained(DIR)``: the fine-tuned transformer (a LoRA merged
-        into its weights) written with save_pretrained, every other component (VAE, text encoder, tokenizer,
-        scheduler) a symbolic link to the base's folder, which must stay where it is
+Each family writes its own formats (``export`` and ``EXPORTS`` in t2v/models/wan.py and animatediff.py):
 
-The EMA weights are exported, as `python -m t2v.sample` samples them. The default folder is RUN/export/ckpt_NNNNNN/.
+  lora    ``pytorch_lora_weights.safetensors`` for the pipeline's ``load_lora_weights(DIR)``, with the adapter's
+          rank, alpha and targets in the file's metadata, so diffusers scales it as it was trained
+  motion  (AnimateDiff) the motion modules as a ``MotionAdapter`` folder
+  full    the fine-tuned network (a LoRA merged into it) with save_pretrained; for Wan a whole pipeline folder
+
+The EMA weights are exported, as `python -m t2v.sample` samples them; the default folder is RUN/export/ckpt_NNNNNN/
+(never one that is not empty), and its t2v_export.json says where it came from and how to load it.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,63 +23,36 @@ from t2v import checkpoint as ckpt
 from t2v.runlog import TrainingError
 from t2v.sample import load_ema, resolve_checkpoint
 
-FORMATS = ("lora", "full")
-LORA_FILE = "pytorch_lora_weights.safetensors"
+FORMATS = ("lora", "motion", "full")
 
 
 class ExportError(RuntimeError):
     pass
 
 
-def export_lora(model, out: Path) -> Path:
-    """The LoRA of ``model`` (a WanDenoiser with an adapter) -> out/pytorch_lora_weights.safetensors."""
-    from diffusers import WanPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    transformer = model.transformer
-    layers = get_peft_model_state_dict(transformer)
-    metadata = transformer.peft_config["default"].to_dict()
-    WanPipeline.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
-    return out / LORA_FILE
-
-
-def export_full(model, base_folder: Path, out: Path) -> Path:
-    """``model``'s transformer (LoRA merged) -> out/transformer; the base pipeline's other parts linked beside it."""
-    transformer = model.transformer
-    if getattr(transformer, "peft_config", None):
-        transformer.fuse_lora()
-        transformer.unload_lora()
-    transformer.save_pretrained(out / "transformer")
-    root = base_folder.parent if base_folder.name == "transformer" else None
-    if root is not None and (root / "model_index.json").is_file():
-        for entry in sorted(root.iterdir()):
-            if entry.name == "transformer" or entry.name.startswith("."):
-                continue
-            if entry.name == "model_index.json":
-                shutil.copyfile(entry, out / entry.name)
-            else:
-                os.symlink(entry.resolve(), out / entry.name)
-    return out
-
-
 def export(path: str | Path, fmt: str = "", out: str | Path | None = None) -> Path:
-    """Export the checkpoint (or a run folder's newest) ``path``; returns what was written."""
+    """Export the checkpoint (or a run folder's newest) ``path`` in its family's format ``fmt`` ("" = what trained:
+    lora, motion or full); returns what was written."""
     src = resolve_checkpoint(path)
     cfg, model, step = load_ema(src)
-    if not getattr(model, "base", None):
+    family = {"wan": "t2v.models.wan", "animatediff": "t2v.models.animatediff"}.get(cfg.model.arch)
+    if family is None or not getattr(model, "base", None):
         raise ExportError(f"{src}: model.arch={cfg.model.arch} was trained from scratch; export writes a "
-                          "pretrained family's fine-tune (model.arch=wan)")
-    fmt = fmt or ("lora" if cfg.train.finetune == "lora" else "full")
-    if fmt == "lora" and cfg.train.finetune != "lora":
-        raise ExportError(f"{src}: --format lora needs a train.finetune=lora run (this one is "
+                          "pretrained family's fine-tune (model.arch=wan or animatediff)")
+    module = importlib.import_module(family)
+    fmt = fmt or cfg.train.finetune
+    if fmt not in module.EXPORTS:
+        raise ExportError(f"--format {fmt}: model.arch={cfg.model.arch} exports {', '.join(module.EXPORTS)}")
+    if fmt in ("lora", "motion") and cfg.train.finetune != fmt:
+        raise ExportError(f"{src}: --format {fmt} needs a train.finetune={fmt} run (this one is "
                           f"{cfg.train.finetune}); use --format full")
     dest = Path(out) if out else src.parent / "export" / src.stem
     if dest.exists() and any(dest.iterdir()):
         raise ExportError(f"{dest} exists and is not empty: nothing already saved is overwritten; give --out")
     dest.mkdir(parents=True, exist_ok=True)
-    written = export_lora(model, dest) if fmt == "lora" else export_full(model, Path(model.base["folder"]), dest)
+    written, load = module.export(model, fmt, dest)
     (dest / "t2v_export.json").write_text(json.dumps({"checkpoint": str(src), "step": step, "format": fmt,
-                                                      "base": model.base}, indent=2) + "\n")
+                                                      "base": model.base, "load": load}, indent=2) + "\n")
     return written
 
 
@@ -87,7 +60,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2v.export", description=__doc__.split("\n")[0])
     p.add_argument("ckpt", help="checkpoint file or run folder (its newest valid checkpoint)")
     p.add_argument("--format", choices=FORMATS, default="",
-                   help="lora (default for a LoRA run) or full (a whole pipeline folder)")
+                   help="lora, motion (AnimateDiff: a MotionAdapter) or full; default: what the run trained")
     p.add_argument("--out", default=None, help="output folder (default: RUN/export/ckpt_NNNNNN)")
     args = p.parse_args(argv)
     try:
@@ -96,10 +69,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {written}")
-    if written.name == LORA_FILE:
-        print(f"load it: pipe = WanPipeline.from_pretrained(BASE); pipe.load_lora_weights('{written.parent}')")
-    else:
-        print(f"load it: pipe = WanPipeline.from_pretrained('{written}')")
+    record = (written if written.is_dir() else written.parent) / "t2v_export.json"
+    print(f"load it: {json.loads(record.read_text())['load']}")
     return 0
 
 

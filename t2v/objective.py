@@ -35,8 +35,11 @@ class DDPM:
     sched: diffusion.Schedule
     prediction: str = "eps"
     snr_gamma: float = 0.0
+    beta_start: float = 0.0  # the linear schedule's ends, for sd-ddim's scheduler (0: Ho et al.'s)
+    beta_end: float = 0.0
     name = "ddpm"
-    methods = ("ddim", "ddpm")
+    # ddim, ddpm: t2v.diffusion; sd-ddim: diffusers' DDIMScheduler as Stable Diffusion and AnimateDiff run it
+    methods = ("ddim", "ddpm", "sd-ddim")
 
     def draw_times(self, g: torch.Generator, n: int, device) -> torch.Tensor:
         return torch.randint(0, self.sched.num_timesteps, (n,), generator=g, device=device)
@@ -61,6 +64,14 @@ class DDPM:
 
     def sample(self, denoise: Denoise, shape: Sequence[int], steps: int, method: str = "", *,
                generator=None, device="cpu", eta: float = 0.0, progress: bool = False, clip: bool = True):
+        if method == "sd-ddim":  # no clipping of x0 (clip_sample=False): the library's sampler, as the pipeline runs it
+            linear = diffusion.linear_betas(self.sched.num_timesteps, self.beta_start, self.beta_end).float()
+            if not torch.allclose(self.sched.betas.cpu(), linear, rtol=1e-5, atol=1e-9):
+                raise ValueError("sd-ddim is diffusers' DDIM over linear betas (diffusion.schedule=linear, "
+                                 "diffusion.shift=1); this model was trained on another schedule: use ddim")
+            sched = scheduling.sd_ddim(self.sched.num_timesteps, self.beta_start, self.beta_end, self.prediction, eta)
+            return scheduling.sample_loop(denoise, sched, shape, steps, generator=generator, device=device,
+                                          progress=progress)
         return diffusion.sample_loop(denoise, shape, self.sched.to(device), method=method or "ddim", steps=steps,
                                      prediction=self.prediction, generator=generator, device=device, eta=eta,
                                      progress=progress, clip=clip)
@@ -120,4 +131,5 @@ def build_objective(d: config.DiffusionConfig, device="cpu") -> Objective:
         return Flow(d.timesteps, d.shift, d.logit_mean, d.logit_std)
     if d.objective != "ddpm":
         raise ValueError(f"unknown diffusion.objective {d.objective!r}: expected one of {config_checks.OBJECTIVES}")
-    return DDPM(diffusion.make_schedule(d.timesteps, d.schedule, d.shift).to(device), d.prediction, d.snr_gamma)
+    return DDPM(diffusion.make_schedule(d.timesteps, d.schedule, d.shift, d.beta_start, d.beta_end).to(device),
+                d.prediction, d.snr_gamma, d.beta_start, d.beta_end)

@@ -16,7 +16,8 @@ from pretrained import save_wan_pipeline
 from runs import assert_states_equal, load, prepare, tiny_config
 from t2v import config as C
 from t2v.models import build_model, ema_copy
-from t2v.models.wan import TEXT_LEN, PretrainedError
+from t2v.models.pretrained import PretrainedError
+from t2v.models.wan import TEXT_LEN
 from t2v.objective import build_objective
 from t2v.space import PixelSpace
 from t2v.step import Cond, StepState, step_generator, train_step

@@ -6,6 +6,7 @@
   layers.py   what those two share
   pretrained.py  what every pretrained family's denoiser shares
   wan.py      Wan 2.1's transformer from pretrained weights (model.arch=wan: full or LoRA fine-tuning)
+  animatediff.py  an SD 1.5 UNet inflated with motion modules (model.arch=animatediff: motion, LoRA or full)
 
 A pretrained family's module also says what of it trains: its ``state_dict`` holds only that (a LoRA run's
 checkpoints are megabytes), and its ``base`` names the frozen rest, which a checkpoint records and a resume or a
@@ -29,8 +30,12 @@ def build_model(cfg, in_channels: int = 3) -> nn.Module:
         from t2v.models.dit import build_dit
 
         return build_dit(cfg, in_channels)
-    if arch == "wan":  # imported here: it loads diffusers' transformer classes
+    if arch == "wan":  # imported here: they load diffusers' model classes
         from t2v.models.wan import build
+
+        return build(cfg, cfg.model.in_channels or in_channels)
+    if arch == "animatediff":
+        from t2v.models.animatediff import build
 
         return build(cfg, cfg.model.in_channels or in_channels)
     return build_unet(cfg, in_channels)

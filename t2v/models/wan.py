@@ -8,7 +8,7 @@ What this family supplies, so that the loop, ``train_step``, checkpoints, DDP an
   WanDenoiser          our forward (``b t c h w`` clips, model times, per-token captions) around it; its
                        ``state_dict`` is what trains (the LoRA, or every weight with train.finetune=full) and its
                        ``base`` the identity of what does not (t2v.models.pretrained)
-  LORA_TARGETS         the modules a LoRA adapts by default: every attention projection (self and cross)
+  add_lora             (t2v.models.pretrained) by default on every attention projection, self and cross
 
 Wan's conventions, as ``WanPipeline`` applies them at inference (and so must training):
   * rectified flow, x_t = (1 - t) x0 + t eps, the network predicts eps - x0 and sees t * 1000 (t2v.objective.Flow);
@@ -20,9 +20,10 @@ Wan's conventions, as ``WanPipeline`` applies them at inference (and so must tra
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,17 +32,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from t2v import hf
-from t2v.models.pretrained import PretrainedDenoiser
-from t2v.runlog import TrainingError
+from t2v.models.pretrained import PretrainedDenoiser, PretrainedError, add_lora, weights_digest
 
 TEXT_LEN = 512  # WanPipeline's max_sequence_length: every caption is zero-padded to it
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' Wan LoRA target modules (self and cross)
 HUB_EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 CLASS = "WanTransformer3DModel"
-
-
-class PretrainedError(TrainingError):
-    """A pretrained base cannot be loaded, or does not fit the run's settings."""
 
 
 def how_to_fetch(name: str) -> str:
@@ -80,21 +75,6 @@ def transformer_folder(root: Path) -> Path:
                           f"its transformer/ folder (it holds: {held})")
 
 
-def weights_digest(folder: Path) -> str:
-    """sha256 over the weight files of ``folder`` (names and bytes, in name order): what a checkpoint records of
-    the base it was trained from. A few seconds for the 1.3B model's 5.7 GB, once per start."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    if not files:
-        raise PretrainedError(f"{folder}: no weight files (*.safetensors, *.bin)")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def load_base(name: str):
     """(the WanTransformer3DModel model.pretrained names, in fp32, frozen; its identity dict)."""
     if importlib.util.find_spec("accelerate") is None:  # diffusers' own error ("low_cpu_mem_usage cannot be False
@@ -112,28 +92,6 @@ def load_base(name: str):
         raise PretrainedError(f"{folder}: the Wan transformer does not load ({str(e).splitlines()[0][:300]})") from None
     identity = {"name": name, "folder": str(folder), "sha256": weights_digest(folder)}
     return transformer.requires_grad_(False), identity
-
-
-def add_lora(transformer, rank: int, alpha: float, targets) -> None:
-    """A LoRA adapter (peft) on the modules ``targets`` names (module-name suffixes, or one regular expression that
-    must match whole names); only its weights train."""
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise PretrainedError("train.finetune=lora needs the peft package: pip install 'peft>=0.17' "
-                              "(`make install` does)") from None
-    targets = list(targets) or list(LORA_TARGETS)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets[0] if len(targets) == 1 and
-                        any(c in targets[0] for c in "*[]()|^$\\") else targets, init_lora_weights=True)
-    try:
-        transformer.add_adapter(config)
-    except ValueError as e:
-        if "not found" not in str(e) and "match" not in str(e):
-            raise
-        names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
-        raise PretrainedError(f"train.lora_targets={','.join(targets)} matches no module of the Wan transformer; "
-                              f"its Linear layers are named like {', '.join(names[:6])}, ... ({len(names)} in all): "
-                              "give name suffixes (to_q,to_k,to_v,to_out.0) or one regular expression") from None
 
 
 class WanDenoiser(PretrainedDenoiser):
@@ -197,3 +155,39 @@ def build(cfg, in_channels: int) -> WanDenoiser:
     model = WanDenoiser(transformer, identity)
     model.set_trainable()
     return model
+
+
+# --- export (python -m t2v.export) -------------------------------------------------------------------------------
+EXPORTS = ("lora", "full")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def export(model: WanDenoiser, fmt: str, out: Path) -> tuple[Path, str]:
+    """lora: out/pytorch_lora_weights.safetensors with its adapter metadata (rank, alpha, targets) for
+    ``WanPipeline.load_lora_weights``; full: a pipeline folder, the transformer (LoRA merged) written with
+    save_pretrained and the base's other parts linked beside it. Returns (what was written, how to load it)."""
+    transformer = model.transformer
+    if fmt == "lora":
+        from diffusers import WanPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        WanPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                      transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+        load = f"pipe = WanPipeline.from_pretrained('{model.base['name']}'); pipe.load_lora_weights('{out}')"
+        written = out / LORA_FILE
+    else:
+        if getattr(transformer, "peft_config", None):
+            transformer.fuse_lora()
+            transformer.unload_lora()
+        transformer.save_pretrained(out / "transformer")
+        base = Path(model.base["folder"])
+        root = base.parent if base.name == "transformer" else None
+        if root is not None and (root / "model_index.json").is_file():
+            for entry in sorted(root.iterdir()):  # the base's VAE, text encoder, tokenizer, scheduler: linked
+                if entry.name == "model_index.json":
+                    shutil.copyfile(entry, out / entry.name)
+                elif entry.name != "transformer" and not entry.name.startswith("."):
+                    os.symlink(entry.resolve(), out / entry.name)
+        load = f"pipe = WanPipeline.from_pretrained('{out}')"
+        written = out
+    return written, load

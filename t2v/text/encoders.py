@@ -12,6 +12,8 @@ Encoders (``text.encoder``):
   tiny  a tiny random-weight CLIPTextModel with a word-hash tokenizer, for tests and timing.
   umt5  Wan 2.1's UMT5 encoder and tokenizer from ``text.name`` (a Wan pipeline repository or folder, whose
         text_encoder/ and tokenizer/ it reads), run as WanPipeline runs it: per-token embeddings, padding zero.
+  sd_clip  Stable Diffusion 1.5's CLIP ViT-L from ``text.name`` (an SD repository or folder), as its pipelines and
+        AnimateDiff run it: all 77 token outputs, no mask.
 ``build_clip_b32_random()`` builds a random-weight model of CLIP B/32's size for benchmarks.
 """
 from __future__ import annotations
@@ -222,6 +224,33 @@ class UMT5Encoder(TextEncoder):
         return mean_pool(hidden, mask).cpu(), hidden.cpu(), mask.cpu()
 
 
+class SDCLIPEncoder(TextEncoder):
+    """Stable Diffusion 1.5's text encoder (CLIP ViT-L/14) as its pipelines and AnimateDiffPipeline run it: every
+    caption padded to 77 tokens, the model run without a mask, and all 77 outputs the conditioning (the UNet
+    attends to the padding positions too). ``mask`` is therefore all True; ``pooled`` is the mean over the real
+    tokens (the UNet does not read it)."""
+
+    def __init__(self, model, tokenizer, key: str, device: str | torch.device = "cpu"):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.tokenizer = tokenizer
+        self.key, self.dim = key, int(model.config.hidden_size)
+        self.max_tokens = int(min(tokenizer.model_max_length, model.config.max_position_embeddings))
+        self.device = torch.device(device)
+
+    def to(self, device) -> "SDCLIPEncoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str]):
+        out = self.tokenizer(list(captions), padding="max_length", max_length=self.max_tokens, truncation=True,
+                             return_tensors="pt")
+        ids, real = out["input_ids"].to(self.device), out["attention_mask"].bool()
+        hidden = self.model(ids).last_hidden_state.float().cpu()  # no mask, as StableDiffusionPipeline
+        return mean_pool(hidden, real), hidden, torch.ones(hidden.shape[:2], dtype=torch.bool)
+
+
 def _random_clip(seed: int, **config):
     """A random-weight CLIPTextModel; the seed fixes the weights without touching the global RNG."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -274,6 +303,9 @@ def encoder_key(text_cfg) -> str:
     if kind == "umt5":
         p = Path(text_cfg.name).expanduser()
         return f"umt5:{p.resolve() if p.is_dir() else text_cfg.name}@{int(text_cfg.max_tokens)}"
+    if kind == "sd_clip":
+        p = Path(text_cfg.name).expanduser()
+        return f"sd_clip:{p.resolve() if p.is_dir() else text_cfg.name}"
     if kind == "clip":
         p = Path(text_cfg.name).expanduser()
         name = str(p.resolve()) if p.is_dir() else text_cfg.name
@@ -295,6 +327,8 @@ def build_encoder(text_cfg, device: str | torch.device = "cpu") -> TextEncoder:
         enc = _load_clip(text_cfg, device)
     elif kind == "umt5":
         enc = _load_umt5(text_cfg, device)
+    elif kind == "sd_clip":
+        enc = _load_sd_clip(text_cfg, device)
     else:
         raise TextEncoderError(f"unknown text.encoder {kind!r}: expected {', '.join(ENCODERS)}")
     if enc.key != encoder_key(text_cfg):  # the cache is keyed by encoder_key: the two must agree (not an assert: -O)
@@ -358,39 +392,57 @@ def _load_clip(text_cfg, device) -> CLIPEncoder:
     return enc
 
 
-# ------------------------------------------------------------------------------------- Wan's UMT5
+# ------------------------------------------------------------- Wan's UMT5 and Stable Diffusion's CLIP, from a pipeline
 
 
-def _how_to_get_umt5(name: str) -> str:
-    hub = name if hf.looks_like_hub_name(name) else "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    return hf.how_to_fetch("UMT5 text encoder", "from huggingface_hub import snapshot_download; "
+def _how_to_get(name: str, what: str, example: str) -> str:
+    hub = name if hf.looks_like_hub_name(name) else example
+    return hf.how_to_fetch(what, "from huggingface_hub import snapshot_download; "
                            f"snapshot_download('{hub}', allow_patterns=['text_encoder/*', 'tokenizer/*'])", "text.name")
 
 
-def _load_umt5(text_cfg, device) -> UMT5Encoder:
-    """The UMT5 encoder and tokenizer of ``text.name``: a pipeline (text_encoder/ and tokenizer/ in it) or a folder
-    holding both, offline first."""
+def _load_from_pipeline(text_cfg, model_cls, what: str, example: str):
+    """(text encoder, tokenizer) of ``text.name``: a pipeline repository or folder (text_encoder/ and tokenizer/ in
+    it) or a folder holding both, offline first; the encoder's width checked against text.dim."""
+    from transformers import AutoTokenizer
+
     name = str(text_cfg.name)
+    how = _how_to_get(name, what, example)
     try:
         folder = hf.local_folder(name)
     except FileNotFoundError:
-        raise TextEncoderError(f"text.name={name!r} looks like a local folder but it does not exist.\n"
-                               + _how_to_get_umt5(name)) from None
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
+        raise TextEncoderError(f"text.name={name!r} looks like a local folder but it does not exist.\n" + how) from None
     source = str(folder) if folder else name
     nested = folder is None or (folder / "text_encoder").is_dir()
     enc_sub, tok_sub = ({"subfolder": "text_encoder"}, {"subfolder": "tokenizer"}) if nested else ({}, {})
 
     def load(local_only: bool):
-        model = UMT5EncoderModel.from_pretrained(source, local_files_only=local_only, **enc_sub)
+        model = model_cls.from_pretrained(source, local_files_only=local_only, **enc_sub)
         return model, AutoTokenizer.from_pretrained(source, local_files_only=local_only, **tok_sub)
 
-    model, tok = hf.load_offline_first(load, name, folder, "text encoder", _how_to_get_umt5(name), TextEncoderError)
-    if int(model.config.d_model) != int(text_cfg.dim):
-        raise TextEncoderError(f"{source!r} gives {model.config.d_model}-d embeddings but text.dim={text_cfg.dim}: "
-                               f"set text.dim={model.config.d_model}")
+    model, tok = hf.load_offline_first(load, name, folder, "text encoder", how, TextEncoderError)
+    width = int(getattr(model.config, "d_model", 0) or model.config.hidden_size)
+    if width != int(text_cfg.dim):
+        raise TextEncoderError(f"{source!r} gives {width}-d embeddings but text.dim={text_cfg.dim}: set text.dim={width}")
     if len(tok) > model.config.vocab_size:
         raise TextEncoderError(f"{source!r}: tokenizer has {len(tok)} tokens but the model only "
                                f"{model.config.vocab_size} embeddings; tokenizer and weights do not match")
+    return model, tok
+
+
+def _load_umt5(text_cfg, device) -> UMT5Encoder:
+    """Wan's UMT5 encoder and tokenizer of ``text.name``."""
+    from transformers import UMT5EncoderModel
+
+    model, tok = _load_from_pipeline(text_cfg, UMT5EncoderModel, "UMT5 text encoder",
+                                     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     return UMT5Encoder(model, tok, encoder_key(text_cfg), text_cfg.max_tokens, device)
+
+
+def _load_sd_clip(text_cfg, device) -> SDCLIPEncoder:
+    """Stable Diffusion 1.5's CLIP text encoder and tokenizer of ``text.name``."""
+    from transformers import CLIPTextModel
+
+    model, tok = _load_from_pipeline(text_cfg, CLIPTextModel, "Stable Diffusion text encoder",
+                                     "runwayml/stable-diffusion-v1-5")
+    return SDCLIPEncoder(model, tok, encoder_key(text_cfg), device)
