@@ -34,7 +34,7 @@ def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_m
     disturbs the training RNG (previews keep resume bit-exact). ``space`` (t2v.space; built from the config once per
     process if not given) says what is sampled and how it becomes frames: a latent-space model's latents are decoded
     through its VAE. ``fps``: the frame rate a model.fps_cond model is asked for. ``method``: one of the objective's
-    samplers (ddim or ddpm for diffusion.objective=ddpm, euler, heun or unipc for flow); "" = its first (ddim, euler)."""
+    samplers (ddim, ddpm or sd-ddim for diffusion.objective=ddpm, euler, heun or unipc for flow); "" = its first (ddim, euler)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -192,9 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="checkpoint file or run folder (newest valid checkpoint)")
     p.add_argument("--prompt", action="append", required=True, help="caption to sample (repeatable)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<ckpt name>)")
-    p.add_argument("--method", choices=("ddim", "ddpm", "euler", "heun", "unipc"), default=None,
-                   help="ddim or ddpm for a diffusion.objective=ddpm model; euler, heun or unipc (Wan's own) for "
-                        "flow (default: the run's train.sample_method, else ddim or euler)")
+    p.add_argument("--method", choices=("ddim", "ddpm", "sd-ddim", "euler", "heun", "unipc"), default=None,
+                   help="ddim, ddpm or sd-ddim (AnimateDiff's) for a diffusion.objective=ddpm model; euler, heun or "
+                        "unipc (Wan's own) for flow (default: the run's train.sample_method, else ddim or euler)")
     p.add_argument("--steps", type=int, default=50,
                    help="DDIM, Euler, Heun or UniPC steps (DDPM always uses all timesteps; Heun calls the model 2 x steps - 1 times)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: config)")

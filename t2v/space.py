@@ -150,11 +150,11 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
                        "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "
                        "whose latent window cache holds every frame, or data.sampling=even")
     try:  # a dit needs only the patch to divide the latent frame (t2v.config_checks); the UNet halves its patches
-        halvings = (0 if cfg.model.arch in ("dit", "wan") else
+        halvings = (0 if cfg.model.arch != "unet" else
                     len(resolve_size(cfg.model.size, cfg.model.base_channels, cfg.model.channel_mults)[1]) - 1)
     except ValueError as e:
         raise VAEError(str(e)) from None
-    patch = 1 if cfg.model.arch in ("dit", "wan") else cfg.model.patch or 1  # their patches: t2v.config_checks
+    patch = 1 if cfg.model.arch != "unet" else cfg.model.patch or 1  # the others' sizes: t2v.config_checks
     unit = patch * 2 ** halvings
     if cfg.data.size % latent.factor or (cfg.data.size // latent.factor) % unit:
         raise VAEError(f"data.size={cfg.data.size}: latent frames are SIZE/{latent.factor} cells, which the UNet "
