@@ -66,9 +66,17 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
     checks = [
         (t.finetune in FINETUNES, f"train.finetune must be one of {', '.join(FINETUNES)}, got {t.finetune!r}"),
         (t.lora_rank >= 1 and t.lora_alpha >= 0, "train.lora_rank must be >= 1 and train.lora_alpha >= 0 (0 = rank)"),
-        (d.beta_start >= 0 and d.beta_end >= 0 and (d.beta_start < d.beta_end or not d.beta_end),
-         f"diffusion.beta_start and beta_end must be 0 (Ho et al.'s) or 0 <= beta_start < beta_end, got "
-         f"{d.beta_start:g} and {d.beta_end:g}"),
+        (d.beta_start == d.beta_end == 0 or 0 < d.beta_start < d.beta_end < 1,
+         f"diffusion.beta_start and beta_end must both be 0 (Ho et al.'s 1e-4 and 0.02) or 0 < beta_start < beta_end "
+         f"< 1, got {d.beta_start:g} and {d.beta_end:g}"),
+        (d.beta_start == d.beta_end == 0 or (d.objective == "ddpm" and d.schedule == "linear"),
+         "diffusion.beta_start and beta_end apply to diffusion.objective=ddpm with diffusion.schedule=linear"),
+        (t.sample_method != "sd-ddim" or (d.schedule == "linear" and d.shift == 1),
+         "train.sample_method=sd-ddim is diffusers' DDIM over linear betas: it needs diffusion.schedule=linear and "
+         "diffusion.shift=1"),
+        (cfg.text.encoder != "sd_clip" or cfg.text.max_tokens == 77,
+         f"text.encoder=sd_clip conditions on all 77 of CLIP's positions, as Stable Diffusion: set text.max_tokens=77 "
+         f"(got {cfg.text.max_tokens})"),
     ]
     if m.arch not in PRETRAINED:
         return checks + [(not m.pretrained and not m.motion_adapter,

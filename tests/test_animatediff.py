@@ -158,6 +158,12 @@ def test_bad_settings_are_refused_by_name(sd, tmp_path):
     with pytest.raises(PretrainedError, match="a AutoencoderKL, not a UNet2DConditionModel"):
         shutil.copytree(sd / "vae", tmp_path / "bad" / "unet")
         build_model(ad_config(tmp_path / "bad"), 3)
+    for bad, says in ((["text.encoder=sd_clip", "text.max_tokens=300"], "set text.max_tokens=77"),
+                      (["diffusion.beta_start=0.001", "diffusion.beta_end=0"], "0 < beta_start < beta_end < 1"),
+                      (["diffusion.schedule=cosine"], "apply to diffusion.objective=ddpm with diffusion.schedule=linear"),
+                      (["train.sample_method=sd-ddim", "diffusion.shift=2"], "needs diffusion.schedule=linear and")):
+        with pytest.raises(C.ConfigError, match=says):
+            ad_config(sd, *bad)
     cosine = ad_config(sd, "diffusion.schedule=cosine", "diffusion.beta_start=0", "diffusion.beta_end=0")
     with pytest.raises(ValueError, match="sd-ddim is diffusers' DDIM over linear betas"):
         build_objective(cosine.diffusion).sample(lambda x, t: x, (1, 2, 3, 8, 8), 2, "sd-ddim")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import slurmtest
 from slurmtest import (PY, REPO, assert_bit_identical, data_args, job, losses_consistent, make_submit,
@@ -250,6 +251,41 @@ def test_two_task_ddp_job_is_preempted_and_resumes(cluster, demo):
     assert "; requeueing" in out and "restart 1: training finished" in out
     losses_consistent(run)  # every step after the resume continues where the saved one stopped
     assert (run / "ckpt_000400.pt").is_file()
+
+
+def test_wan_lora_run_is_preempted_and_resumes_bit_exact(cluster, demo):
+    """A pretrained fine-tune through the same job script: a LoRA on a tiny Wan saved in the hub's layout,
+    preempted once, requeued, and at the end bit-identical to the same run uninterrupted on the host; its
+    checkpoints hold the adapter only."""
+    from pretrained import save_wan_pipeline
+
+    base = save_wan_pipeline(cluster / "wan_base", in_channels=3, text_dim=64)  # pixels; tiny.yaml's 64-d captions
+    text = cluster / "wan_text"  # per-token captions, beside the shared cache (which has none)
+    wan = ["model.arch=wan", f"model.pretrained={base}", "diffusion.objective=flow", "text.tokens=true",
+           f"text.cache_dir={text}", "train.finetune=lora", "train.lora_rank=4", "train.log_every=1",
+           "train.ckpt_every=20", "train.val_every=0"]
+    embed = subprocess.run([PY, "-m", "t2v.text", "embed", "--config", "configs/tiny.yaml", *data_args(demo), *wan],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert embed.returncode == 0, embed.stderr
+    steps = 120
+    run = cluster / "wan_lora"
+    jid = make_submit(run, demo, steps, *wan)
+    ref = cluster / "wan_reference"
+    host = subprocess.Popen([PY, "-m", "t2v.train", "--config", "configs/tiny.yaml", *data_args(demo), *wan,
+                             f"train.outdir={ref}", f"train.steps={steps}"], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: progressed(run, 0, 10), 300, "the Wan LoRA to train")
+    preempt()
+    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
+    info = wait_ended(jid, 600)
+    out = (run / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    assert host.wait(timeout=600) == 0, host.stderr.read()
+    final = f"ckpt_{steps:06d}.pt"
+    assert_bit_identical(run / final, ref / final)
+    state = torch.load(run / final, map_location="cpu", weights_only=True)
+    assert all("lora_" in k for k in state["model"] if k != "null_tokens") and state["data"]["base"]["name"] == str(base)
 
 
 @pytest.mark.parametrize("sampling", ["even", "window"])

@@ -250,6 +250,13 @@ def test_round_trip_with_tokens(tmp_path):
     assert later.tokens.shape == (5, 9, 8) and later.get_tokens("")[1].sum() == 1
     with pytest.raises(text.EmbeddingCacheError, match="text.tokens=true"):
         text.EmbeddingCache.load(tmp_path / "none", "hash:8").get_tokens("")
+    # adding a caption already cached changes nothing; a mask that is not a prefix is refused before any change
+    n, length = len(later), later.token_length
+    assert later.add([""], torch.zeros(1, 8), torch.ones(1, 12, 8), torch.ones(1, 12, dtype=torch.bool)) == 0
+    assert later.token_length == length
+    with pytest.raises(ValueError, match="prefix"):
+        later.add(["z"], torch.zeros(1, 8), torch.ones(1, 3, 8), torch.tensor([[False, True, True]]))
+    assert len(later) == n and "z" not in later
 
 
 def test_cache_errors(tmp_path):

@@ -118,10 +118,37 @@ def test_full_and_lora_state_dicts_hold_what_trains(pixel_wan):
     assert {tuple(lora.state_dict()[n].shape) for n in names if "lora_A" in n} == {(4, 24)}
     ema = ema_copy(lora)
     assert list(ema.state_dict()) == names  # the EMA saves the same keys although nothing in it trains
+    wrapped = torch.nn.ModuleDict({"module": lora})  # as DDP or torch.compile hold it
+    assert list(wrapped.state_dict()) == [f"module.{n}" for n in names]
+    assert not wrapped.load_state_dict(wrapped.state_dict()).missing_keys  # the frozen base is not "missing"
     base = [p for n, p in lora.named_parameters() if "lora_" not in n]
     shared = {id(p) for p in ema.parameters()}
     assert all(id(p) in shared for p in base)  # the frozen base is not copied for the EMA
     assert not any(id(p) in shared for n, p in lora.named_parameters() if "lora_" in n)
+
+
+def test_the_base_digest_is_what_from_pretrained_loads(pixel_wan, tmp_path):
+    """A fuller download of the same repository (fp16 or other variants beside the weights) is the same base."""
+    from t2v.models.pretrained import weights_digest
+
+    folder = tmp_path / "transformer"
+    shutil.copytree(pixel_wan / "transformer", folder)
+    before = weights_digest(folder)
+    (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"other bytes")
+    assert weights_digest(folder) == before
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights")
+    assert weights_digest(folder) != before
+
+
+def test_a_cache_without_the_empty_caption_is_refused(pixel_wan, tmp_path):
+    from t2v.models import set_null_caption
+    from t2v.text import embed_captions
+
+    cfg = wan_config(pixel_wan)
+    model = build_model(cfg, 3)
+    cache = embed_captions(cfg.text, ["a red circle"], tmp_path, progress=False)
+    with pytest.raises(PretrainedError, match='no per-token embedding of the empty caption "".*t2v.text embed'):
+        set_null_caption(model, cache)
 
 
 def test_bad_bases_and_settings_are_refused_by_name(pixel_wan, tmp_path, monkeypatch):

@@ -66,7 +66,8 @@ def model_folder(name: str, setting: str, cls: str, sub: str) -> Path:
                                       f"({setting}={name})")
     held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
     raise PretrainedError(f"{setting}={name} holds no {cls} (no config.json naming it in {root} or {root / sub}; "
-                          f"it holds: {held})")
+                          f"it holds: {held}). A repository downloaded in part (allow_patterns) lacks it: fetch "
+                          f"{sub}/ too.\n" + how_to_fetch(name, setting))
 
 
 def fresh_adapter(unet2d):

@@ -11,6 +11,7 @@ behind our interface, of which only a part trains.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -27,14 +28,30 @@ class PretrainedError(TrainingError):
     """A pretrained base cannot be loaded, or does not fit the run's settings."""
 
 
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # what from_pretrained reads
+
+
+def loaded_files(folder: Path) -> list[Path]:
+    """The files ``from_pretrained(folder)`` reads: its config and the default weights (safetensors first, one file
+    or the shards its index names), never the fp16, non-EMA or other variants beside them."""
+    for name in WEIGHT_NAMES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as e:
+                raise PretrainedError(f"{index}: unreadable shard index ({e})") from None
+            return [folder / "config.json", index, *(folder / s for s in shards)]
+        if (folder / name).is_file():
+            return [folder / "config.json", folder / name]
+    raise PretrainedError(f"{folder}: no weights ({' or '.join(WEIGHT_NAMES)}, or their sharded index)")
+
+
 def weights_digest(folder: Path) -> str:
-    """sha256 over the weight files of ``folder`` (names and bytes, in name order): what a checkpoint records of
-    the base it was trained from. A few seconds for the 1.3B model's 5.7 GB, once per start."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    if not files:
-        raise PretrainedError(f"{folder}: no weight files (*.safetensors, *.bin)")
+    """sha256 over the config and weight files ``from_pretrained(folder)`` loads (names and bytes): what a checkpoint
+    records of the base it was trained from. Reads them once per start, about a second per GB."""
     h = hashlib.sha256()
-    for p in files:
+    for p in loaded_files(folder):
         h.update(p.name.encode())
         with open(p, "rb") as f:
             while chunk := f.read(1 << 24):
@@ -72,6 +89,9 @@ class PretrainedDenoiser(nn.Module):
         self.base = base
         self.trainable: tuple[str, ...] = ()
         self.null: torch.Tensor | None = None  # the empty caption's real tokens (n d)
+        self._register_state_dict_hook(self._keep_trained)
+        self._register_load_state_dict_pre_hook(self._take_null)
+        self.register_load_state_dict_post_hook(self._base_not_missing)
 
     def set_trainable(self) -> None:
         self.trainable = tuple(n for n, p in self.named_parameters() if p.requires_grad)
@@ -95,30 +115,33 @@ class PretrainedDenoiser(nn.Module):
                 torch.where(drop[:, None], null_mask[None], mask))
 
     # --- what a checkpoint holds: the trained part and the empty caption ------------------------------------
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        out = type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self.trainable)
+    # Hooks rather than overridden methods, so that the same holds when a wrapper (DDP, torch.compile) or any parent
+    # module saves or loads it: the frozen base is left out of the state dict, and is not missing when loading.
+    def _keep_trained(self, module, state_dict, prefix, local_metadata) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in self.trainable]:
+            del state_dict[key]
         if self.null is not None:
-            out[prefix + NULL_KEY] = self.null.detach().clone()
-        return out
+            state_dict[prefix + NULL_KEY] = self.null.detach().clone()
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        state_dict = dict(state_dict)
-        null = state_dict.pop(NULL_KEY, None)
-        missing = sorted(set(self.trainable) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(self.trainable))
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n  missing: "
-                               f"{missing[:3]} ({len(missing)}), unexpected: {unexpected[:3]} ({len(unexpected)})")
+    def _take_null(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        null = state_dict.pop(prefix + NULL_KEY, None)
         if null is not None:
             self.null = null.float().to(next(self.parameters()).device)
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        self._load_prefix = prefix
+
+    def _base_not_missing(self, module, incompatible) -> None:
+        prefix = getattr(self, "_load_prefix", "")
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not k.startswith(prefix) or k[len(prefix):] in self.trainable]
 
 
 def set_null_caption(model: nn.Module, captions) -> None:
     """Give a pretrained family its dropped caption: the empty caption's tokens from the caption cache ``captions``
     (t2v.text.EmbeddingCache). A model trained from scratch learns its own null: nothing to do."""
-    if isinstance(model, PretrainedDenoiser) and captions.has_tokens and "" in captions:
+    if isinstance(model, PretrainedDenoiser):
+        if not (captions.has_tokens and "" in captions):
+            raise PretrainedError(f"{captions.path} has no per-token embedding of the empty caption \"\", which a "
+                                  "dropped caption and guidance use: rerun `python -m t2v.text embed` with this run's "
+                                  "--config and key=value arguments (it always embeds \"\")")
         tokens, mask = captions.get_tokens("")
         model.null = tokens[mask].float().to(next(model.parameters()).device)

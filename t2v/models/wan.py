@@ -72,7 +72,8 @@ def transformer_folder(root: Path) -> Path:
                                       f"model.pretrained={root} is not a Wan model (model.arch=wan)")
     held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
     raise PretrainedError(f"model.pretrained={root} is not a diffusers Wan model: no {CLASS} config.json in it or in "
-                          f"its transformer/ folder (it holds: {held})")
+                          f"its transformer/ folder (it holds: {held}). A repository downloaded in part (allow_patterns)"
+                          f" lacks it: fetch the whole of it.\n" + how_to_fetch(str(root)))
 
 
 def load_base(name: str):
@@ -165,7 +166,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def export(model: WanDenoiser, fmt: str, out: Path) -> tuple[Path, str]:
     """lora: out/pytorch_lora_weights.safetensors with its adapter metadata (rank, alpha, targets) for
     ``WanPipeline.load_lora_weights``; full: a pipeline folder, the transformer (LoRA merged) written with
-    save_pretrained and the base's other parts linked beside it. Returns (what was written, how to load it)."""
+    save_pretrained and the base's other parts linked beside it (where the base is a pipeline folder; a transformer
+    folder gives the transformer alone). Returns (what was written, how to load it)."""
     transformer = model.transformer
     if fmt == "lora":
         from diffusers import WanPipeline
@@ -188,6 +190,9 @@ def export(model: WanDenoiser, fmt: str, out: Path) -> tuple[Path, str]:
                     shutil.copyfile(entry, out / entry.name)
                 elif entry.name != "transformer" and not entry.name.startswith("."):
                     os.symlink(entry.resolve(), out / entry.name)
-        load = f"pipe = WanPipeline.from_pretrained('{out}')"
+            load = f"pipe = WanPipeline.from_pretrained('{out}')"
+        else:  # the base was a transformer folder: there is no pipeline to complete
+            load = (f"pipe = WanPipeline.from_pretrained('<the Wan repository>', transformer="
+                    f"WanTransformer3DModel.from_pretrained('{out / 'transformer'}'))")
         written = out
     return written, load

@@ -126,7 +126,7 @@ class EmbeddingCache:
                 raise EmbeddingCacheError(f"caption-embedding cache {path}: tokens {tuple(tokens.shape)} do not match "
                                           f"{len(captions)} captions' lengths. {fix}")
             cache._tokens, cache._lengths = [tokens], [lengths]
-            cache._token_length = int(d.get("token_length") or int(lengths.max(initial=1)))
+            cache._token_length = int(d.get("token_length") or (int(lengths.max()) if len(lengths) else 1))
         return cache
 
     def save(self) -> Path:
@@ -240,11 +240,9 @@ class EmbeddingCache:
             if tokens.shape[:1] != (len(captions),) or tokens.shape[2] != self.dim or mask.shape != tokens.shape[:2]:
                 raise ValueError(f"tokens must be ({len(captions)}, L, {self.dim}) with mask (N, L), "
                                  f"got {tuple(tokens.shape)} and {tuple(mask.shape)}")
-            if self._tokens is None:
-                if len(self):
-                    raise ValueError("this cache has no token embeddings for its existing captions; rebuild it")
-                self._tokens, self._lengths = [torch.zeros(0, self.dim, dtype=torch.float16)], []
-            self._token_length = max(self._token_length, int(tokens.shape[1]), int(token_length))
+            if self._tokens is None and len(self):
+                raise ValueError("this cache has no token embeddings for its existing captions; rebuild it")
+            flat_all, lengths_all = _ragged(tokens.detach().cpu(), mask.detach().cpu())  # refused before any change
         elif self._tokens is not None:
             raise ValueError("this cache stores token embeddings: give tokens and mask too")
         keep = []
@@ -258,9 +256,13 @@ class EmbeddingCache:
         idx = torch.tensor(keep)
         self._pooled.append(pooled.detach().float().cpu()[idx])
         if tokens is not None:
-            flat, lengths = _ragged(tokens.detach().cpu()[idx], mask.detach().cpu()[idx])
-            self._tokens.append(flat.to(torch.float16))
-            self._lengths.append(lengths)
+            if self._tokens is None:
+                self._tokens, self._lengths = [torch.zeros(0, self.dim, dtype=torch.float16)], []
+            self._token_length = max(self._token_length, int(tokens.shape[1]), int(token_length))
+            starts = torch.cumsum(lengths_all.long(), 0) - lengths_all.long()
+            rows = [torch.arange(int(starts[i]), int(starts[i] + lengths_all[i])) for i in keep]
+            self._tokens.append(flat_all[torch.cat(rows)].to(torch.float16))
+            self._lengths.append(lengths_all[idx])
         self.added += len(keep)
         return len(keep)
 
