@@ -221,7 +221,7 @@ def test_round_trip_with_tokens(tmp_path):
     cfg = hash_cfg(dim=8, max_tokens=6, tokens=True)
     caps = ["a red circle", "one two three four five six seven", ""]
     cache = text.embed_captions(cfg, caps, tmp_path, progress=False)
-    assert cache.tokens.shape == (3, 6, 8) and cache.tokens.dtype == torch.float16
+    assert cache.flat_tokens.shape == (11, 8) and cache.flat_tokens.dtype == torch.float16 and cache.token_length == 6
     d = torch.load(cache.path, weights_only=True)
     # stored at the real lengths (4 + 6 + 1 tokens: the start token and the words, cut at max_tokens), padded at load
     assert set(d) == {"key", "dim", "captions", "pooled", "tokens", "lengths", "token_length"}
@@ -247,7 +247,7 @@ def test_round_trip_with_tokens(tmp_path):
     assert later.added == 1 and later.get_tokens("a new caption")[1].sum() == 4
     # add() with longer tokens than stored pads what is stored
     later.add(["x y z"], torch.zeros(1, 8), torch.ones(1, 9, 8), torch.ones(1, 9, dtype=torch.bool))
-    assert later.tokens.shape == (5, 9, 8) and later.get_tokens("")[1].sum() == 1
+    assert later.token_length == 9 and later.get_tokens("")[0].shape == (9, 8) and later.get_tokens("")[1].sum() == 1
     with pytest.raises(text.EmbeddingCacheError, match="text.tokens=true"):
         text.EmbeddingCache.load(tmp_path / "none", "hash:8").get_tokens("")
     # adding a caption already cached changes nothing; a mask that is not a prefix is refused before any change

@@ -23,51 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 from einops import rearrange
 
-from t2v import hf
-from t2v.models.pretrained import PretrainedDenoiser, PretrainedError, add_lora, weights_digest
+from t2v.models.pretrained import (PretrainedDenoiser, PretrainedError, add_lora, check_fits, model_folder,
+                                    weights_digest)
 
 UNET = "UNet2DConditionModel"
 HUB_EXAMPLE = "runwayml/stable-diffusion-v1-5"
 ADAPTER_EXAMPLE = "guoyww/animatediff-motion-adapter-v1-5-2"
-
-
-def how_to_fetch(name: str, setting: str) -> str:
-    hub = name if hf.looks_like_hub_name(name) else (ADAPTER_EXAMPLE if setting == "model.motion_adapter"
-                                                      else HUB_EXAMPLE)
-    return ("How to get the AnimateDiff weights onto a compute node without internet:\n"
-            "  1. On a login node (which has internet), with HF_HOME on a shared scratch folder, run once:\n"
-            "       export HF_HOME=/scratch/$USER/hf\n"
-            f"       python -c \"from huggingface_hub import snapshot_download; snapshot_download('{hub}')\"\n"
-            "  2. In the job script: export HF_HOME=/scratch/$USER/hf HF_HUB_OFFLINE=1\n"
-            f"  Or set {setting}=/path/to/a/diffusers/folder.")
-
-
-def model_folder(name: str, setting: str, cls: str, sub: str) -> Path:
-    """The folder holding the ``cls`` config of ``name``: the repository itself, or its ``sub`` folder."""
-    root = hf.snapshot(name, what=f"pretrained {cls}", setting=setting, error=PretrainedError,
-                       how=how_to_fetch(name, setting))
-    for folder in (root, root / sub):
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            try:
-                found = json.loads(cfg.read_text()).get("_class_name")
-            except (OSError, ValueError) as e:
-                raise PretrainedError(f"{cfg}: unreadable ({e})") from None
-            if found == cls:
-                return folder
-            if folder == root / sub or found:
-                raise PretrainedError(f"{cfg}: a {found or 'model without _class_name'}, not a {cls} "
-                                      f"({setting}={name})")
-    held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
-    raise PretrainedError(f"{setting}={name} holds no {cls} (no config.json naming it in {root} or {root / sub}; "
-                          f"it holds: {held}). A repository downloaded in part (allow_patterns) lacks it: fetch "
-                          f"{sub}/ too.\n" + how_to_fetch(name, setting))
 
 
 def fresh_adapter(unet2d):
@@ -95,11 +61,12 @@ def load_base(pretrained: str, motion_adapter: str):
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
-    unet_dir = model_folder(pretrained, "model.pretrained", UNET, "unet")
+    unet_dir = model_folder(pretrained, "model.pretrained", UNET, "unet", HUB_EXAMPLE)
     try:
         unet2d = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
         if motion_adapter:
-            adapter_dir = model_folder(motion_adapter, "model.motion_adapter", "MotionAdapter", "motion_adapter")
+            adapter_dir = model_folder(motion_adapter, "model.motion_adapter", "MotionAdapter", "motion_adapter",
+                                       ADAPTER_EXAMPLE)
             adapter = MotionAdapter.from_pretrained(adapter_dir, torch_dtype=torch.float32)
         else:
             adapter_dir, adapter = None, fresh_adapter(unet2d)
@@ -144,14 +111,7 @@ class AnimateDiffDenoiser(PretrainedDenoiser):
 def build(cfg, in_channels: int) -> AnimateDiffDenoiser:
     """The AnimateDiffDenoiser ``cfg`` describes, with train.finetune's trainable part."""
     unet, identity = load_base(cfg.model.pretrained, cfg.model.motion_adapter)
-    c = int(unet.config.in_channels)
-    if c != in_channels:
-        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its UNet takes {c}-channel inputs but "
-                              f"model.space={cfg.model.space} gives {in_channels}")
-    if int(unet.config.cross_attention_dim) != cfg.text.dim:
-        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its UNet attends to "
-                              f"{unet.config.cross_attention_dim}-d caption tokens; set text.dim="
-                              f"{unet.config.cross_attention_dim} and its own text encoder (text.encoder=sd_clip)")
+    check_fits(cfg, "UNet", int(unet.config.in_channels), int(unet.config.cross_attention_dim), in_channels)
     if cfg.data.frames > int(unet.config.motion_max_seq_length):
         raise PretrainedError(f"data.frames={cfg.data.frames}: the motion adapter's positions reach "
                               f"{unet.config.motion_max_seq_length} frames")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from t2v import hf
 from t2v.runlog import TrainingError
 
 NULL_KEY = "null_tokens"
@@ -57,6 +58,51 @@ def weights_digest(folder: Path) -> str:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def how_to_fetch(name: str, setting: str, example: str) -> str:
+    """How to get a pretrained repository onto compute nodes: ``name`` (or ``example`` where it is a folder)."""
+    hub = name if hf.looks_like_hub_name(name) else example
+    return ("How to get the weights onto a compute node without internet:\n"
+            "  1. On a login node (which has internet), with HF_HOME on a shared scratch folder, run once:\n"
+            "       export HF_HOME=/scratch/$USER/hf\n"
+            f"       python -c \"from huggingface_hub import snapshot_download; snapshot_download('{hub}')\"\n"
+            "  2. In the job script: export HF_HOME=/scratch/$USER/hf HF_HUB_OFFLINE=1\n"
+            f"  Or set {setting}=/path/to/a/diffusers/folder (a pipeline's save_pretrained writes one).")
+
+
+def model_folder(name: str, setting: str, cls: str, sub: str, example: str) -> Path:
+    """The local folder holding the ``cls`` config of ``name`` (a hub name, resolved offline first through t2v.hf, or
+    a folder): the repository itself, or its ``sub`` folder. Anything else is refused, saying what it holds."""
+    how = how_to_fetch(name, setting, example)
+    root = hf.snapshot(name, what=f"pretrained {cls}", setting=setting, error=PretrainedError, how=how)
+    for folder in (root, root / sub):
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                found = json.loads(cfg.read_text()).get("_class_name")
+            except (OSError, ValueError) as e:
+                raise PretrainedError(f"{cfg}: unreadable ({e})") from None
+            if found == cls:
+                return folder
+            if folder == root / sub or found:
+                raise PretrainedError(f"{cfg}: a {found or 'model without _class_name'}, not a {cls} "
+                                      f"({setting}={name})")
+    held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
+    raise PretrainedError(f"{setting}={name} holds no {cls} (no config.json naming it in {root} or {root / sub}; "
+                          f"it holds: {held}). A repository downloaded in part (allow_patterns) lacks it: fetch "
+                          f"{sub}/ too.\n" + how)
+
+
+def check_fits(cfg, what: str, channels: int, text_dim: int, in_channels: int) -> None:
+    """Refuse a base whose input ``channels`` differ from what the space gives (``in_channels``) or whose caption
+    width ``text_dim`` differs from text.dim, naming the settings to change."""
+    if channels != in_channels:
+        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its {what} takes {channels}-channel inputs "
+                              f"but model.space={cfg.model.space} gives {in_channels}")
+    if text_dim != cfg.text.dim:
+        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its {what} takes {text_dim}-d caption "
+                              f"tokens; set text.dim={text_dim} and the base's own text encoder (text.encoder)")
 
 
 def add_lora(model, rank: int, alpha: float, targets) -> None:

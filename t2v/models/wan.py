@@ -21,7 +21,6 @@ Wan's conventions, as ``WanPipeline`` applies them at inference (and so must tra
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -31,49 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from t2v import hf
-from t2v.models.pretrained import PretrainedDenoiser, PretrainedError, add_lora, weights_digest
+from t2v.models.pretrained import (PretrainedDenoiser, PretrainedError, add_lora, check_fits, model_folder,
+                                    weights_digest)
 
 TEXT_LEN = 512  # WanPipeline's max_sequence_length: every caption is zero-padded to it
 HUB_EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 CLASS = "WanTransformer3DModel"
-
-
-def how_to_fetch(name: str) -> str:
-    hub = name if hf.looks_like_hub_name(name) else HUB_EXAMPLE
-    return ("How to get the Wan weights onto a compute node without internet:\n"
-            "  1. On a login node (which has internet), with HF_HOME on a shared scratch folder, run once:\n"
-            "       export HF_HOME=/scratch/$USER/hf\n"
-            f"       python -c \"from huggingface_hub import snapshot_download; snapshot_download('{hub}')\"\n"
-            "  2. In the job script: export HF_HOME=/scratch/$USER/hf HF_HUB_OFFLINE=1\n"
-            "  Or set model.pretrained=/path/to/a/diffusers/folder (WanPipeline.save_pretrained writes one).")
-
-
-def base_folder(name: str) -> Path:
-    """The local folder model.pretrained names (a pipeline repository or a transformer folder)."""
-    return hf.snapshot(name, what="pretrained Wan model", setting="model.pretrained", error=PretrainedError,
-                       how=how_to_fetch(name))
-
-
-def transformer_folder(root: Path) -> Path:
-    """Where the transformer's config.json lies: ``root`` itself for a transformer folder, else root/transformer.
-    Anything else is refused, saying what the folder holds."""
-    for folder in (root, root / "transformer"):
-        cfg = folder / "config.json"
-        if cfg.is_file():
-            try:
-                cls = json.loads(cfg.read_text()).get("_class_name")
-            except (OSError, ValueError) as e:
-                raise PretrainedError(f"{cfg}: unreadable ({e})") from None
-            if cls == CLASS:
-                return folder
-            if folder == root / "transformer" or cls:
-                raise PretrainedError(f"{cfg}: a {cls or 'model without _class_name'}, not a {CLASS}: "
-                                      f"model.pretrained={root} is not a Wan model (model.arch=wan)")
-    held = ", ".join(sorted(p.name for p in root.iterdir())[:12]) or "nothing"
-    raise PretrainedError(f"model.pretrained={root} is not a diffusers Wan model: no {CLASS} config.json in it or in "
-                          f"its transformer/ folder (it holds: {held}). A repository downloaded in part (allow_patterns)"
-                          f" lacks it: fetch the whole of it.\n" + how_to_fetch(str(root)))
 
 
 def load_base(name: str):
@@ -86,7 +48,7 @@ def load_base(name: str):
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
-    folder = transformer_folder(base_folder(name))
+    folder = model_folder(name, "model.pretrained", CLASS, "transformer", HUB_EXAMPLE)
     try:
         transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -135,14 +97,7 @@ def build(cfg, in_channels: int) -> WanDenoiser:
     """The WanDenoiser ``cfg`` describes: model.pretrained's transformer with train.finetune's trainable part.
     ``in_channels`` (what the space gives: 3 for pixels, 16 for Wan's VAE) must be what the transformer takes."""
     transformer, identity = load_base(cfg.model.pretrained)
-    c = int(transformer.config.in_channels)
-    if c != in_channels:
-        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its transformer takes {c}-channel inputs "
-                              f"but model.space={cfg.model.space} gives {in_channels}")
-    if int(transformer.config.text_dim) != cfg.text.dim:
-        raise PretrainedError(f"model.pretrained={cfg.model.pretrained}: its transformer takes "
-                              f"{transformer.config.text_dim}-d caption tokens; set text.dim="
-                              f"{transformer.config.text_dim} and its own text encoder")
+    check_fits(cfg, "transformer", int(transformer.config.in_channels), int(transformer.config.text_dim), in_channels)
     if cfg.model.checkpointing:
         transformer.enable_gradient_checkpointing()
     t = cfg.train

@@ -173,21 +173,6 @@ class EmbeddingCache:
         self.flat_tokens  # consolidates both
         return self._lengths[0]
 
-    @property
-    def tokens(self) -> torch.Tensor | None:
-        """Every caption padded to token_length (N, L, D) float16: for tests and small caches (it is the size the
-        file avoids)."""
-        if self._tokens is None:
-            return None
-        return torch.stack([self._padded(i)[0] for i in range(len(self))]) if len(self) else (
-            torch.zeros(0, self.token_length, self.dim, dtype=torch.float16))
-
-    @property
-    def mask(self) -> torch.Tensor | None:
-        if self._tokens is None:
-            return None
-        return torch.arange(self.token_length)[None] < self.lengths[:, None]
-
     def nbytes(self) -> int:
         """The tensors' bytes (what the file holds, beyond the captions' text)."""
         n = self.pooled.numel() * self.pooled.element_size()
