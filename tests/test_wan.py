@@ -182,7 +182,7 @@ def test_bad_bases_and_settings_are_refused_by_name(pixel_wan, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, tmp_path):
+def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, tmp_path, capsys):
     """A LoRA fine-tune of the demo data: interrupted and resumed equals uninterrupted bit for bit; its checkpoints
     hold the adapter only; the exported file loads into WanPipeline with its alpha and gives our EMA model's output;
     a resume or a sample against other base weights is refused, naming the base."""
@@ -224,6 +224,12 @@ def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, 
     torch.testing.assert_close(after, mine, rtol=0, atol=1e-6)  # ... and diffusers loads that change, alpha 8 / rank 4
     with pytest.raises(export_mod.ExportError, match="not empty"):
         export_mod.export(tmp_path / "whole")
+    capsys.readouterr()
+    assert export_mod.main([str(tmp_path / "whole"), "--out", str(tmp_path / "cli")]) == 0  # the command users run
+    printed = capsys.readouterr().out
+    assert "exported" in printed and f"pipe.load_lora_weights('{tmp_path / 'cli'}')" in printed
+    assert export_mod.main([str(tmp_path / "whole"), "--format", "motion", "--out", str(tmp_path / "m")]) == 2
+    assert "exports lora, full" in capsys.readouterr().err
     full = export_mod.export(tmp_path / "whole", "full", tmp_path / "full")
     with torch.no_grad():
         merged = WanPipeline.from_pretrained(full).transformer(hidden_states=x, timestep=t,
