@@ -77,13 +77,19 @@ def plain_loop(model, x0, tokens, lr: float):
     return run
 
 
-def our_step(model: WanDenoiser, x0, tokens, mask, lr: float):
+def flow_step_state(model: WanDenoiser, device: torch.device, precision: str, lr: float) -> StepState:
+    """The StepState t2v.train builds for a Wan fine-tune: rectified flow at shift 3, fused AdamW over what trains,
+    the EMA sharing the frozen base."""
     cfg = config.Config()
     cfg.diffusion.objective, cfg.diffusion.shift, cfg.train.lr = "flow", 3.0, lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
                             weight_decay=0.0, fused=True)
-    state = StepState(model, model, ema_copy(model), opt, torch.amp.GradScaler("cpu", enabled=False),
-                      build_objective(cfg.diffusion), cfg.diffusion, cfg.train, "fp32", x0.device)
+    return StepState(model, model, ema_copy(model), opt, torch.amp.GradScaler(device.type, enabled=False),
+                     build_objective(cfg.diffusion, device), cfg.diffusion, cfg.train, precision, device)
+
+
+def our_step(model: WanDenoiser, x0, tokens, mask, lr: float):
+    state = flow_step_state(model, x0.device, "fp32", lr)
     cond = Cond(torch.zeros(x0.shape[0], tokens.shape[-1]), tokens, mask)
     step = [0]
 
@@ -179,15 +185,10 @@ def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
             add_lora(t, 16, 16, ())
         model = WanDenoiser(t, {"name": "random", "sha256": "-"})
         model.set_trainable()
-        cfg = config.Config()
-        cfg.diffusion.objective, cfg.diffusion.shift = "flow", 3.0
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-        ema = ema_copy(model)
-        state = StepState(model, model, ema, opt, torch.amp.GradScaler(device.type, enabled=False),
-                          build_objective(cfg.diffusion, device), cfg.diffusion, cfg.train,
-                          "fp32" if rehearse else "bf16", device)
+        state = flow_step_state(model, device, "fp32" if rehearse else "bf16", 1e-4)  # t2v.train's default lr
         x0 = torch.randn(1, frames, 16, side, side, device=device)
-        cond = Cond(torch.zeros(1, spec["text_dim"], device=device), torch.randn(1, 14, spec["text_dim"], device=device),
+        d = spec["text_dim"]
+        cond = Cond(torch.zeros(1, d, device=device), torch.randn(1, 14, d, device=device),
                     torch.ones(1, 14, dtype=torch.bool, device=device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -201,7 +202,7 @@ def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         out[mode] = {"parameters": count_params(model), "trained": count_params(model, trainable=True),
                      "clips_per_s": (steps - 1) / sum(times[1:]), "peak_gib": peak, "loss": loss}
-        del model, ema, opt, state, t
+        del model, state, t
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out

@@ -53,11 +53,11 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    # "clip" (Hugging Face CLIP text model), "hash" (offline demo encoder), "tiny" (tests), "umt5" (Wan's, with text.name
-    # its pipeline: per-token, text.tokens=true, text.dim=4096, text.max_tokens=512), "sd_clip" (Stable Diffusion's
-    # CLIP ViT-L from text.name's text_encoder/: all 77 tokens, no mask, for model.arch=animatediff)
+    # "clip" (Hugging Face CLIP text model), "hash" (offline demo encoder), "tiny" (tests), "umt5" (Wan's, with
+    # text.name its pipeline: per-token, text.tokens=true, text.dim=4096, text.max_tokens=512), "sd_clip" (Stable
+    # Diffusion's CLIP ViT-L from text.name's text_encoder/: all 77 tokens, no mask, for model.arch=animatediff)
     encoder: str = "clip"
-    name: str = "openai/clip-vit-base-patch32"  # hub name or local folder for encoder=clip or umt5
+    name: str = "openai/clip-vit-base-patch32"  # hub name or local folder for encoder=clip, umt5 or sd_clip
     dim: int = 512
     max_tokens: int = 77
     tokens: bool = False  # also cache per-token embeddings (needed by model.cross_attention)
@@ -87,10 +87,11 @@ class ModelConfig:
     frame_cond: bool = False  # one FiLM conditioning per frame: an MLP of (caption + timestep, frame index)
     checkpointing: bool = False  # activation checkpointing of the UNet blocks: less memory, ~1 more forward
     fps_cond: bool = False  # condition on the clip's frame rate (data.sampling=window), as ModelScope/VideoCrafter
-    # "unet": the 3D UNet above; "dit": a video transformer (t2v.models.dit: Latte's alternating spatial/temporal blocks);
-    # "wan": Wan 2.1's pretrained transformer from model.pretrained (t2v.models.wan), fine-tuned (train.finetune)
+    # "unet": the 3D UNet above; "dit": a video transformer (t2v.models.dit: Latte's alternating spatial/temporal
+    # blocks); "wan": Wan 2.1's pretrained transformer from model.pretrained (t2v.models.wan), fine-tuned
+    # (train.finetune); "animatediff": a Stable Diffusion 1.5 UNet from model.pretrained inflated with a motion
+    # adapter (t2v.models.animatediff)
     arch: str = "unet"
-    # "animatediff": a Stable Diffusion 1.5 UNet from model.pretrained inflated with a motion adapter (t2v.models.animatediff)
     pretrained: str = ""  # wan, animatediff: a hub name (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder
     motion_adapter: str = ""  # animatediff: a MotionAdapter's hub name or folder; "" = a fresh one, zero-initialised
     # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller. unet: p x p pixels
@@ -171,7 +172,7 @@ class TrainConfig:
     finetune: str = "full"
     lora_rank: int = 16
     lora_alpha: float = 0.0  # 0 = lora_rank (scale 1)
-    lora_targets: tuple = ()  # module-name suffixes or one regular expression; () = the family's (Wan: to_q,to_k,to_v,to_out.0)
+    lora_targets: tuple = ()  # module-name suffixes or one regular expression; () = to_q,to_k,to_v,to_out.0
     allow_changes: tuple = ()  # keys a resume may change although the checkpoint's weights were trained for them
 
 

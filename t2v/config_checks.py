@@ -86,9 +86,9 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
                                  "fixed by its weights")
              for k in ("cross_attention", "temporal_attention", "coords", "frame_cond", "fps_cond", "downsample_time",
                        "patch", "hidden", "depth", "heads", "base_channels", "channel_mults")]
-    checks += [(bool(m.pretrained.strip()), f"model.arch={m.arch} needs model.pretrained: a hub name "
-                                            f"({'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' if m.arch == 'wan' else 'runwayml/stable-diffusion-v1-5'})"
-                                            " or a local diffusers folder"),
+    example = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" if m.arch == "wan" else "runwayml/stable-diffusion-v1-5"
+    checks += [(bool(m.pretrained.strip()), f"model.arch={m.arch} needs model.pretrained: a hub name ({example}) "
+                                            "or a local diffusers folder"),
                (cfg.text.tokens, f"model.arch={m.arch} is conditioned on per-token caption embeddings: set "
                                  "text.tokens=true"), *fixed]
     if m.arch == "animatediff":
@@ -112,8 +112,8 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
 def _arch_checks(cfg) -> list[tuple[bool, str]]:
     """The frame size each architecture takes, and the options that belong to the other one."""
     m, size = cfg.model, cfg.data.size
-    if m.arch in PRETRAINED:
-        return _pretrained_checks(cfg)
+    if m.arch in PRETRAINED:  # their sizes are fixed by their weights: _pretrained_checks
+        return []
     if m.arch != "dit":  # latent frames (SIZE / 8) are checked against the UNet by t2v.space, with the VAE at hand
         unit = 8 * (m.patch or 1) if m.space == "pixel" else 8
         after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
@@ -191,7 +191,7 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (cfg.model.patch >= 0 and cfg.model.hidden >= 0 and cfg.model.depth >= 0 and cfg.model.heads >= 0,
          "model.patch, model.hidden, model.depth and model.heads must be >= 0 (0 = from model.size)"),
         *_arch_checks(cfg),
-        *(_pretrained_checks(cfg) if cfg.model.arch not in PRETRAINED else []),
+        *_pretrained_checks(cfg),
         (cfg.diffusion.schedule in ("cosine", "linear"), "diffusion.schedule must be 'cosine' or 'linear'"),
         (0 <= cfg.diffusion.cond_dropout < 1, "diffusion.cond_dropout must be in [0, 1)"),
         (cfg.train.steps >= 0, "train.steps must be >= 0"),

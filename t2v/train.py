@@ -115,7 +115,8 @@ def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = No
     text = torch.stack([emb.get(p) for p in prompts]).to(device)
     tokens, mask = caption_tokens(emb, prompts, device) if config.uses_tokens(cfg) else (None, None)
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
-                      method=cfg.train.sample_method, guidance=cfg.train.guidance, seed=cfg.train.seed, device=device, space=space, fps=fps)
+                      method=cfg.train.sample_method, guidance=cfg.train.guidance, seed=cfg.train.seed, device=device,
+                      space=space, fps=fps)
     path = runlog.preview_path(cfg.train.outdir, step)
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -193,12 +194,13 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     ema = ema_copy(model)  # what trains, averaged; a pretrained model's frozen base is shared, not copied
     # fused: one kernel for all parameters (measured before -> after in bench/results/latest.md); only what trains
     # has optimizer state (a LoRA: the adapter's weights)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=(0.9, 0.999), fused=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
     objective = build_objective(cfg.diffusion, device)  # DDPM or rectified flow: what x_t and the target are
 
-    checkpointer.attach(model, ema, opt, scaler, global_batch, data={**space.checkpoint_data(), "fps": fps, **identity(model)})
+    checkpointer.attach(model, ema, opt, scaler, global_batch,
+                        data={**space.checkpoint_data(), "fps": fps, **identity(model)})
     if state is not None:
         start_step = checkpointer.load_state_dict(state, resumed_from, restart, nodes)
         del state

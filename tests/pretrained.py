@@ -7,6 +7,18 @@ from pathlib import Path
 import torch
 
 
+def step_state(model, cfg):
+    """The StepState t2v.train builds for ``model`` (AdamW over what trains, the EMA sharing the frozen base), on
+    CPU in fp32, for tests that check one step's loss."""
+    from t2v.models import ema_copy
+    from t2v.objective import build_objective
+    from t2v.step import StepState
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    return StepState(model, model, ema_copy(model), opt, torch.amp.GradScaler("cpu", enabled=False),
+                     build_objective(cfg.diffusion), cfg.diffusion, cfg.train, "fp32", torch.device("cpu"))
+
+
 def wan_transformer(in_channels: int = 16, text_dim: int = 32, seed: int = 0):
     from diffusers import WanTransformer3DModel
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrained import save_sd_pipeline
+from pretrained import save_sd_pipeline, step_state
 from runs import assert_states_equal, load, prepare, tiny_config
 from t2v import config as C
-from t2v.models import build_model, ema_copy
+from t2v.models import build_model
 from t2v.models.pretrained import PretrainedError
 from t2v.objective import build_objective
-from t2v.step import Cond, StepState, step_generator, train_step
+from t2v.step import Cond, step_generator, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_DIM = 64
@@ -102,10 +102,8 @@ def test_training_loss_is_animatediffs_ddpm_loss(sd):
 
     cfg = ad_config(sd, "train.finetune=motion", "diffusion.cond_dropout=0")
     model = build_model(cfg, 3)
-    objective = build_objective(cfg.diffusion)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    state = StepState(model, model, ema_copy(model), opt, torch.amp.GradScaler("cpu", enabled=False), objective,
-                      cfg.diffusion, cfg.train, "fp32", torch.device("cpu"))
+    state = step_state(model, cfg)
+    objective = state.objective
     x0 = torch.rand(2, 4, 3, 16, 16) * 2 - 1
     tokens = torch.randn(2, 77, TEXT_DIM)
     step = 5

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from pretrained import save_wan_pipeline
+from pretrained import save_wan_pipeline, step_state
 from runs import assert_states_equal, load, prepare, tiny_config
 from t2v import config as C
 from t2v.models import build_model, ema_copy
 from t2v.models.pretrained import PretrainedError
 from t2v.models.wan import TEXT_LEN
-from t2v.objective import build_objective
 from t2v.space import PixelSpace
-from t2v.step import Cond, StepState, step_generator, train_step
+from t2v.step import Cond, step_generator, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_DIM = 64  # the demo's hash encoder: tokens of text.dim values, Wan's text_dim
@@ -83,10 +82,8 @@ def test_training_loss_is_wans_flow_loss(pixel_wan):
     calls it: x_t = (1 - sigma) x0 + sigma eps, timestep 1000 sigma, context zero-padded to 512, target eps - x0."""
     cfg = wan_config(pixel_wan, "train.finetune=full", "diffusion.cond_dropout=0")
     model = build_model(cfg, 3)
-    objective = build_objective(cfg.diffusion)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    state = StepState(model, model, ema_copy(model), opt, torch.amp.GradScaler("cpu", enabled=False), objective,
-                      cfg.diffusion, cfg.train, "fp32", torch.device("cpu"))
+    state = step_state(model, cfg)
+    objective = state.objective
     x0 = torch.rand(2, 5, 3, 16, 16) * 2 - 1  # b t c h w
     tokens, mask = torch.randn(2, 7, TEXT_DIM), torch.arange(7)[None] < torch.tensor([[7], [3]])
     step = 11

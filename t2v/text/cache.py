@@ -227,51 +227,41 @@ class EmbeddingCache:
                                  f"got {tuple(tokens.shape)} and {tuple(mask.shape)}")
             if self._tokens is None and len(self):
                 raise ValueError("this cache has no token embeddings for its existing captions; rebuild it")
-            flat_all, lengths_all = _ragged(tokens.detach().cpu(), mask.detach().cpu())  # refused before any change
+            flat, lengths = _ragged(tokens.detach().cpu(), mask.detach().cpu())  # refused before any change
+            token_length = max(int(tokens.shape[1]), int(token_length))
         elif self._tokens is not None:
             raise ValueError("this cache stores token embeddings: give tokens and mask too")
-        keep = []
-        for i, c in enumerate(captions):
-            if c not in self._index:
-                self._index[c] = len(self.captions)
-                self.captions.append(c)
-                keep.append(i)
-        if not keep:
-            return 0
-        idx = torch.tensor(keep)
-        self._pooled.append(pooled.detach().float().cpu()[idx])
-        if tokens is not None:
-            if self._tokens is None:
-                self._tokens, self._lengths = [torch.zeros(0, self.dim, dtype=torch.float16)], []
-            self._token_length = max(self._token_length, int(tokens.shape[1]), int(token_length))
-            starts = torch.cumsum(lengths_all.long(), 0) - lengths_all.long()
-            rows = [torch.arange(int(starts[i]), int(starts[i] + lengths_all[i])) for i in keep]
-            self._tokens.append(flat_all[torch.cat(rows)].to(torch.float16))
-            self._lengths.append(lengths_all[idx])
-        self.added += len(keep)
-        return len(keep)
+        else:
+            flat = lengths = None
+        return self._append(captions, pooled.detach().float().cpu(), flat, lengths, token_length)
 
     def extend(self, part: "EmbeddingCache") -> int:
         """Add another cache's captions (a shard's part) as stored, without padding them; returns how many."""
         if part.has_tokens != self.has_tokens and len(self):
             raise ValueError(f"{part.path} and {self.path} differ in whether they hold token embeddings")
-        keep = [i for i, c in enumerate(part.captions) if c not in self._index]
+        if not self.dim and not self.pooled.numel():
+            self.dim, self._pooled = part.dim, [torch.zeros(0, part.dim)]
+        return self._append(part.captions, part.pooled, part.flat_tokens, part.lengths, part.token_length or 0)
+
+    def _append(self, captions: list[str], pooled: torch.Tensor, flat: torch.Tensor | None,
+                lengths: torch.Tensor | None, token_length: int) -> int:
+        """The captions not cached yet, with their rows of ``pooled`` (N, D) and, when ``flat`` is given, their real
+        tokens (rows of ``flat`` by ``lengths``, as _ragged stores them); returns how many were added."""
+        keep = [i for i, c in enumerate(captions) if c not in self._index]
         if not keep:
             return 0
         for i in keep:
-            self._index[part.captions[i]] = len(self.captions)
-            self.captions.append(part.captions[i])
-        if not self.dim and not self.pooled.numel():
-            self.dim, self._pooled = part.dim, [torch.zeros(0, part.dim)]
-        self._pooled.append(part.pooled[keep])
-        if part.has_tokens:
+            self._index[captions[i]] = len(self.captions)
+            self.captions.append(captions[i])
+        self._pooled.append(pooled[keep])
+        if flat is not None:
             if self._tokens is None:
                 self._tokens, self._lengths = [], []
-            starts = torch.cumsum(part.lengths.long(), 0) - part.lengths.long()
-            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + part.lengths[i])) for i in keep])
-            self._tokens.append(part.flat_tokens[rows])
-            self._lengths.append(part.lengths[keep])
-            self._token_length = max(self._token_length, part.token_length)
+            starts = torch.cumsum(lengths.long(), 0) - lengths.long()
+            rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + lengths[i])) for i in keep])
+            self._tokens.append(flat[rows].to(torch.float16))
+            self._lengths.append(lengths[keep])
+            self._token_length = max(self._token_length, int(token_length))
         self.added += len(keep)
         return len(keep)
 

@@ -78,6 +78,18 @@ class TextEncoder:
         return f"{type(self).__name__}(key={self.key!r}, dim={self.dim})"
 
 
+class ModelEncoder(TextEncoder):
+    """An encoder around a torch text model (``self.model``) that can move between devices."""
+
+    model: torch.nn.Module
+    device: torch.device
+
+    def to(self, device) -> "ModelEncoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+
 class HashEncoder(TextEncoder):
     """Offline demo encoder: a deterministic bag of words. NOT semantic.
 
@@ -159,7 +171,7 @@ class WordHashTokenizer:
         return input_ids, mask
 
 
-class CLIPEncoder(TextEncoder):
+class CLIPEncoder(ModelEncoder):
     """A CLIPTextModel (real or random weights) + a tokenize function; mean-pooled last hidden state.
 
     ``tokenize(captions, max_tokens) -> (input_ids (B, L) long, attention_mask (B, L))`` must pad to the
@@ -175,11 +187,6 @@ class CLIPEncoder(TextEncoder):
         self.max_tokens = min(int(max_tokens), int(model.config.max_position_embeddings))
         self.device = torch.device(device)
 
-    def to(self, device) -> "CLIPEncoder":
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
     @torch.no_grad()
     def encode(self, captions: Sequence[str]):
         self.model.eval()
@@ -190,7 +197,7 @@ class CLIPEncoder(TextEncoder):
         return mean_pool(hidden, mask).cpu(), hidden.cpu(), mask.cpu()
 
 
-class UMT5Encoder(TextEncoder):
+class UMT5Encoder(ModelEncoder):
     """Wan 2.1's text encoder as ``WanPipeline`` runs it: the caption cleaned (the pipeline's own prompt_clean),
     UMT5 run with the attention mask, every padding position set to zero. ``tokens`` are the real tokens only
     (padded to the longest caption of the batch here, to Wan's 512 by the model: t2v.models.wan); ``pooled`` is
@@ -202,11 +209,6 @@ class UMT5Encoder(TextEncoder):
         self.key, self.max_tokens = key, int(max_tokens)
         self.dim = int(model.config.d_model)
         self.device = torch.device(device)
-
-    def to(self, device) -> "UMT5Encoder":
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]):
@@ -224,7 +226,7 @@ class UMT5Encoder(TextEncoder):
         return mean_pool(hidden, mask).cpu(), hidden.cpu(), mask.cpu()
 
 
-class SDCLIPEncoder(TextEncoder):
+class SDCLIPEncoder(ModelEncoder):
     """Stable Diffusion 1.5's text encoder (CLIP ViT-L/14) as its pipelines and AnimateDiffPipeline run it: every
     caption padded to 77 tokens, the model run without a mask, and all 77 outputs the conditioning (the UNet
     attends to the padding positions too). ``mask`` is therefore all True; ``pooled`` is the mean over the real
@@ -236,11 +238,6 @@ class SDCLIPEncoder(TextEncoder):
         self.key, self.dim = key, int(model.config.hidden_size)
         self.max_tokens = int(min(tokenizer.model_max_length, model.config.max_position_embeddings))
         self.device = torch.device(device)
-
-    def to(self, device) -> "SDCLIPEncoder":
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]):
@@ -300,15 +297,13 @@ def encoder_key(text_cfg) -> str:
         return f"hash:{int(text_cfg.dim)}"
     if kind == "tiny":
         return f"tiny:{int(text_cfg.dim)}:{int(text_cfg.max_tokens)}:seed0"
+    p = Path(text_cfg.name).expanduser()
+    name = str(p.resolve()) if p.is_dir() else text_cfg.name  # a folder by its absolute path, a hub name as it is
     if kind == "umt5":
-        p = Path(text_cfg.name).expanduser()
-        return f"umt5:{p.resolve() if p.is_dir() else text_cfg.name}@{int(text_cfg.max_tokens)}"
+        return f"umt5:{name}@{int(text_cfg.max_tokens)}"
     if kind == "sd_clip":
-        p = Path(text_cfg.name).expanduser()
-        return f"sd_clip:{p.resolve() if p.is_dir() else text_cfg.name}"
+        return f"sd_clip:{name}"
     if kind == "clip":
-        p = Path(text_cfg.name).expanduser()
-        name = str(p.resolve()) if p.is_dir() else text_cfg.name
         # Truncating below CLIP's 77 positions changes the embedding of long captions.
         suffix = f"@{int(text_cfg.max_tokens)}" if int(text_cfg.max_tokens) < CLIP_MAX_POSITIONS else ""
         return f"clip:{name}{suffix}"
