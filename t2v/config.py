@@ -43,6 +43,9 @@ class DataConfig:
     cuts: bool = True  # window: find scene cuts when caching (PySceneDetect); a window never spans one
     cut_threshold: float = 27.0  # window: the content detector's threshold (its default); higher = fewer cuts
     short_clips: str = "skip"  # window: a clip with no shot as long as a window is "skip"ped or "pad"ded
+    # window with a video VAE (Wan's): its latents belong to a whole window, so the latent window cache encodes this
+    # many windows of data.frames per clip, spread over its shots, and each draw takes one of them
+    latent_windows: int = 4
     cache: bool = True  # pre-decode clips into a memory-mapped uint8 cache (built once)
     cache_dir: str = ""  # "" = <manifest folder>/.t2v_cache
     skip_bad_lines: bool = False  # train on a manifest with bad lines, skipping them

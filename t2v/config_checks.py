@@ -41,6 +41,7 @@ def _window_checks(cfg) -> list[tuple[bool, str]]:
         (d.max_seconds > 0, f"data.max_seconds must be > 0, got {d.max_seconds}"),
         (d.cut_threshold > 0, f"data.cut_threshold must be > 0, got {d.cut_threshold}"),
         (d.short_clips in ("skip", "pad"), f"data.short_clips must be 'skip' or 'pad', got {d.short_clips!r}"),
+        (d.latent_windows >= 1, f"data.latent_windows must be >= 1, got {d.latent_windows}"),
         (d.sampling == "window" or not cfg.model.fps_cond,
          "model.fps_cond needs data.sampling=window (the frame rate is known only for windows)"),
     ]

@@ -141,10 +141,10 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
     problem = latent.frames_problem(cfg.data.frames)
     if problem:
         raise VAEError(problem)
-    if latent.temporal > 1 and cfg.data.sampling != "even":
-        raise VAEError(f"data.sampling={cfg.data.sampling!r}: the latents of a video VAE ({cfg.vae.name}) belong to a "
-                       "whole window, which the window cache does not encode yet; use data.sampling=even (one "
-                       "window of data.frames frames per clip, encoded once)")
+    if latent.temporal > 1 and cfg.data.sampling == "window" and tuple(cfg.data.strides) != (1,):
+        raise VAEError(f"data.strides={list(cfg.data.strides)}: the latents of a video VAE ({cfg.vae.name}) belong to "
+                       "a whole window, encoded once at the cache's rate (data.latent_windows per clip); set "
+                       "data.strides=1 and choose the rate with data.fps")
     if cfg.data.sampling == "random_window":  # decoded per sample: every draw would run the encoder
         raise VAEError("data.sampling='random_window' cannot train in latent space (its frames are decoded per "
                        "sample, and training never runs the VAE encoder); use data.sampling=window with data.fps, "

@@ -101,7 +101,8 @@ def window_x0(cfg: config.Config, path: Path, all_clips: list, n: int, space=Non
     if space is not None:  # latent space: its cached posterior means
         from t2v.data.latents import open_latent_windows
 
-        cache = open_latent_windows(all_clips, d.size, rate, config.cache_dir(cfg, "data"), space.identity)
+        cache = open_latent_windows(all_clips, d.size, rate, config.cache_dir(cfg, "data"), space.identity, d.frames,
+                                    d.latent_windows)
         if cache is None:
             return [], [], f"no latent window cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     videos, fps = [], []
@@ -111,7 +112,7 @@ def window_x0(cfg: config.Config, path: Path, all_clips: list, n: int, space=Non
             if got is None:
                 return [], [], f"{path}:{clip.line}: clip {i} could not be read into the cache: validation loss off"
             rows, clip_fps = got
-            videos.append(cache.space.normalize(torch.from_numpy(cache.array[rows][:, 0].astype("float32"))))
+            videos.append(cache.space.normalize(torch.from_numpy(cache.item(rows)[0].astype("float32"))))  # mean
         else:
             try:
                 u8, clip_fps = fixed_window(clip, d, NOISE_SEED, i)

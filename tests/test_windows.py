@@ -232,6 +232,51 @@ def test_window_items_from_latents_are_posteriors_of_the_same_frames(videos, tmp
         decode_clip(str(tmp_path / "missing.mp4"), 16, Rate(fps=8.0))
 
 
+def test_a_video_vae_caches_whole_windows_inside_shots_and_each_draw_takes_one(videos, tmp_path):
+    """Wan's causal VAE (4x in time): its latents belong to a window, so the latent window cache holds up to
+    data.latent_windows windows of data.frames frames per clip, each inside one shot and spread over them, each the
+    posterior of exactly those frames encoded as one video. A draw takes one of its clip's windows; a clip with no
+    shot that long is padded or skipped; shards write the bytes of one build."""
+    from pretrained import wan_vae
+    from t2v.data import latents as L
+    from t2v.data.video import to_model
+    from t2v.vae import encode_clip
+
+    clips, rate, vae = read_manifest(videos["manifest"]), Rate(fps=8.0), wan_vae().eval()
+    npy = L.build_latent_windows(clips, 16, rate, tmp_path / "one", vae, "wan", progress=False, frames=5, per_clip=3)
+    cache = L.open_latent_windows(clips, 16, rate, tmp_path / "one", "wan", 5, 3)
+    assert isinstance(cache, L.LatentVideoWindows) and cache.array.shape == (9, 2, 2, 16, 2, 2)  # 3 clips x 3
+    assert L.open_latent_windows(clips, 16, rate, tmp_path / "one", "wan", 9, 3) is None  # other windows: not these
+    pixels = build_windows(clips, 16, rate, tmp_path / "px", progress=False)  # the same frames, decoded alike
+    assert [len(s) for s in cache.starts] == [3, 3, 1] and cache.starts[2] == [-1]  # "short": ~3 frames at 8 fps
+    assert cache.too_short(5, (1,)) == [2]
+    for i in (0, 1):
+        bounds = [*pixels.shots[i], pixels.length(i)]
+        for j, start in enumerate(cache.starts[i]):
+            assert any(a <= start and start + 5 <= b for a, b in zip(bounds[:-1], bounds[1:]))  # inside one shot
+            frames = pixels.array[pixels.offsets[i] + start:pixels.offsets[i] + start + 5]
+            mean, std = encode_clip(vae, to_model(np.ascontiguousarray(frames)))  # t' c h w: those frames, now
+            row = torch.from_numpy(cache.array[cache.offsets[i] + j].astype(np.float32))
+            torch.testing.assert_close(row[0], mean, rtol=0, atol=2e-3)  # float16 on disk
+            torch.testing.assert_close(row[1], std, rtol=0, atol=2e-3)
+    assert cache.starts[1][0] == 0 and cache.starts[1][-1] == pixels.length(1) - 5  # the first and last window
+
+    ds = ClipDataset(clips, Captions(), frames=5, size=16, seed=0, sampling="window", windows=cache)
+    drawn = {int(np.argmax([np.array_equal(ds[(1, d)]["latent"].numpy(), cache.array[cache.offsets[1] + j])
+                            for j in range(3)])) for d in range(12)}
+    assert drawn == {0, 1, 2}  # every window of the clip gets drawn
+    assert torch.equal(ds[(1, 5)]["latent"], ds[(1, 5)]["latent"])  # a pure function of (seed, draw)
+    assert cache.window(2, 5, (1,), np.random.default_rng(0)) is None  # skipped, unless padded:
+    assert cache.window(2, 5, (1,), np.random.default_rng(0), pad=True)[0] == cache.offsets[2]
+
+    for i in range(2):
+        L.build_latent_windows(clips, 16, rate, tmp_path / "sharded", vae, "wan", progress=False, shard=(i, 2),
+                               frames=5, per_clip=3)
+    merged = L.build_latent_windows(clips, 16, rate, tmp_path / "sharded", vae, "wan", progress=False,
+                                    merge_shards=2, frames=5, per_clip=3)
+    assert merged.read_bytes() == npy.read_bytes()
+
+
 @pytest.fixture(scope="module")
 def shots_dir(tmp_path_factory):
     """The "shots" demo set (a few clips) with its caption embeddings."""

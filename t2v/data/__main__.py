@@ -205,18 +205,26 @@ def _latent_windows(cfg, clips, manifest, vae, vae_id, args, device) -> None:
     from t2v.data.windows import Rate, cached_seconds_line
 
     t0, rate = time.time(), Rate.of(cfg.data)
+    windows = (cfg.data.frames, cfg.data.latent_windows)  # used by a video VAE only
     npy = build_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae, vae_id, cfg.vae.batch_size,
-                               shard=args.shard, merge_shards=args.merge)
+                               shard=args.shard, merge_shards=args.merge, frames=windows[0], per_clip=windows[1])
     if args.shard:
         print(f"latent window cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {npy} ({time.time() - t0:.1f} s)")
         return
-    cache = open_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae_id)
+    cache = open_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae_id, *windows)
     if cache is None:
         raise CacheError(f"latent window cache {npy}: source videos changed during the build; run it again")
-    s = cache.space
-    print(f"latent window cache: {cache.npy} ({manifest}, {s.channels}x{cfg.data.size // s.factor}x"
-          f"{cfg.data.size // s.factor} latents of {cfg.vae.name} at {rate.describe()}: {cached_seconds_line(cache)}; "
-          f"{time.time() - t0:.1f} s on {device})")
+    s, side, took = cache.space, cfg.data.size // cache.space.factor, f"{time.time() - t0:.1f} s on {device}"
+    if s.temporal > 1:  # whole windows encoded: count them, and their bytes
+        n = sum(len(w) for w in cache.starts)
+        row = cache.array[0].nbytes if len(cache.array) else 0
+        print(f"latent window cache: {cache.npy} ({manifest}, {n} windows of {cfg.data.frames} frames at "
+              f"{rate.describe()} in {len(cache) - len(cache.bad)} clips, each {s.latent_frames(cfg.data.frames)}x"
+              f"{s.channels}x{side}x{side} latents of {cfg.vae.name}: {row:,} bytes a window, "
+              f"{cache.array.nbytes / max(len(cache), 1):,.0f} bytes a clip, {len(cache.bad)} bad; {took})")
+        return
+    print(f"latent window cache: {cache.npy} ({manifest}, {s.channels}x{side}x{side} latents of {cfg.vae.name} at "
+          f"{rate.describe()}: {cached_seconds_line(cache)}; {took})")
 
 
 def cmd_demo(args) -> int:

@@ -173,9 +173,7 @@ class ClipDataset(torch.utils.data.Dataset):
             if got is None:
                 return None
             rows, fps = got
-            if self.windows.array.dtype != np.uint8:  # latent rows: t 2 c h w -> 2 t c h w
-                return np.ascontiguousarray(self.windows.array[rows].swapaxes(0, 1)), fps
-            return self.windows.array[rows], fps  # t h w c
+            return self.windows.item(rows), fps  # pixels t h w c, or a posterior 2 t c h w
         clip = self.clips[i]
         try:
             u8, plan, shots = decode_clip(str(clip.video), self.size, self.rate, clip.start, clip.end)

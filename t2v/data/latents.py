@@ -31,7 +31,8 @@ from t2v.data.cache import ClipCache, MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
 from t2v.data.video import VideoError, decode_uint8, to_model
 from t2v.data.window_build import Store, build, build_shard, merge
-from t2v.data.windows import Rate, Windowed, files, open_index, read_index, window_key
+from t2v.data.windows import (Rate, Windowed, files, open_index, padded_window, read_index, window_key,
+                              window_starts)
 from t2v.files import write_text
 from t2v.progress import progress as progress_counter
 from t2v.vae import LatentSpace, encode, encode_clip
@@ -258,6 +259,67 @@ class LatentWindowCache(Windowed):
 
     space: LatentSpace | None = None
 
+    def item(self, rows) -> np.ndarray:
+        return np.ascontiguousarray(self.array[rows].swapaxes(0, 1))  # t 2 c h w -> 2 t c h w
+
+
+@dataclass
+class LatentVideoWindows(Windowed):
+    """A video VAE's window cache. Rows: whole windows, (2, t', C, h, w) float16 each (the posterior's mean and std
+    of ``window`` frames at the cache's rate, encoded together), up to ``per_clip`` of them per clip, spread over
+    its shots (t2v.data.windows.window_starts); each draw takes one of its clip's windows."""
+
+    space: LatentSpace | None = None
+    window_frames: int = 0
+    starts: list = field(default_factory=list)  # per clip, each encoded window's first frame (-1: padded)
+    frames: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per clip, its frames at the rate
+
+    def length(self, i: int) -> int:
+        return int(self.frames[i])
+
+    def _choices(self, i: int, pad: bool) -> list[int]:
+        return [] if i in self.bad else [j for j, s in enumerate(self.starts[i]) if s >= 0 or pad]
+
+    def window(self, i: int, frames: int, strides, rng, pad: bool = False):
+        """(row of clip i's window this draw takes, its fps), or None if it has none. ``frames`` and ``strides``
+        were fixed when the windows were encoded (t2v.space checks them)."""
+        choices = self._choices(i, pad)
+        if not choices:
+            return None
+        return int(self.offsets[i]) + choices[int(rng.integers(len(choices)))], float(self.fps[i])
+
+    def too_short(self, frames: int, strides) -> list[int]:
+        return [i for i in range(len(self)) if i not in self.bad and not self._choices(i, pad=False)]
+
+    def item(self, rows) -> np.ndarray:
+        return self.array[rows]  # 2 t' c h w
+
+
+def _video_id(vae_id: str, frames: int, per_clip: int) -> str:
+    """What a video VAE's window cache depends on beyond the frame cache's settings: its windows."""
+    return f"{vae_id}|{per_clip} windows of {frames} frames"
+
+
+def video_latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, space: LatentSpace, frames: int,
+                       per_clip: int, vae=None) -> Store:
+    """A video VAE's window cache as the shared builder writes it: each clip decoded at ``size`` and the rate, and up
+    to ``per_clip`` windows of ``frames`` frames inside its shots each encoded as one video."""
+    h = size // space.factor
+    row = (2, space.latent_frames(frames), space.channels, h, h)
+
+    def encode_windows(u8: np.ndarray, shots) -> tuple[np.ndarray, list[int]]:
+        starts = window_starts(len(u8), shots, frames, per_clip)
+        out = np.zeros((len(starts), *row), np.float16)
+        for j, start in enumerate(starts):
+            rows = np.arange(start, start + frames) if start >= 0 else padded_window(len(u8), shots, frames)
+            mean, std = encode_clip(vae, to_model(np.ascontiguousarray(u8[rows])))  # t' c h w each
+            out[j, 0], out[j, 1] = mean.numpy(), std.numpy()
+        return out, starts
+
+    return Store("latwin", window_key(clips, size, rate, _video_id(vae_id, frames, per_clip)), row, "float16",
+                 encode_windows if vae is not None else None, resumable=True, what="latent window cache",
+                 per_clip=per_clip)
+
 
 def latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, space: LatentSpace, vae=None,
                  batch_frames: int = 16) -> Store:
@@ -272,38 +334,53 @@ def latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, spac
                  encode_frames if vae is not None else None, resumable=True, what="latent window cache")
 
 
-def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae_id: str):
-    """The latent window cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
-    key = window_key(clips, size, rate, vae_id)
-    f = files(cache_dir, "latwin", key)
-    npy, meta_path = f.npy, f.meta
-    try:
-        space = LatentSpace.from_dict(json.loads(meta_path.read_text())["space"]) if meta_path.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        space = None
-    if space is None:
-        return None
-    h = size // space.factor
-    got = open_index(npy, meta_path, key, clips, (2, space.channels, h, h), np.float16, "latent window cache")
-    if got is None:
-        return None
-    arr, meta = got
-    return LatentWindowCache(npy, size, rate, meta["paths"], _array=arr, space=space, **read_index(meta))
+def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae_id: str, frames: int = 0,
+                        per_clip: int = 0):
+    """The latent window cache of exactly these clips, settings and VAE, or None if it is missing or incomplete:
+    an image VAE's frames, or (given ``frames`` and ``per_clip``) a video VAE's encoded windows."""
+    keys = [window_key(clips, size, rate, vae_id)]
+    if frames and per_clip:
+        keys.append(window_key(clips, size, rate, _video_id(vae_id, frames, per_clip)))
+    for key in keys:
+        f = files(cache_dir, "latwin", key)
+        try:
+            space = LatentSpace.from_dict(json.loads(f.meta.read_text())["space"]) if f.meta.is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            space = None
+        if space is None:
+            continue
+        h = size // space.factor
+        video = space.temporal > 1
+        row = (2, space.latent_frames(frames), space.channels, h, h) if video else (2, space.channels, h, h)
+        got = open_index(f.npy, f.meta, key, clips, row, np.float16, "latent window cache")
+        if got is None:
+            return None
+        arr, meta = got
+        if video:
+            return LatentVideoWindows(f.npy, size, rate, meta["paths"], _array=arr, space=space, window_frames=frames,
+                                      starts=meta["starts"], frames=np.asarray(meta["frames"]), **read_index(meta))
+        return LatentWindowCache(f.npy, size, rate, meta["paths"], _array=arr, space=space, **read_index(meta))
+    return None
 
 
 def build_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae, vae_id: str,
                          batch_frames: int = 16, progress: bool = True, shard: tuple[int, int] | None = None,
-                         merge_shards: int = 0, workers: int = 1, save_every_s: float = 30.0) -> Path:
+                         merge_shards: int = 0, workers: int = 1, save_every_s: float = 30.0, frames: int = 0,
+                         per_clip: int = 0) -> Path:
     """Decode every clip at the target rate, find its cuts and encode its frames with the VAE into the latent window
-    cache (never a pixel cache in between: at 256 px that would be ~12x the latents). With ``shard`` (I, N) only
-    that contiguous run of clips, into a part; with ``merge_shards`` N the parts assembled. A killed full build
-    resumes without re-encoding the clips it finished. Returns the .npy written."""
-    space = _space(vae, size)
+    cache (never a pixel cache in between: at 256 px that would be ~12x the latents); a video VAE encodes
+    ``per_clip`` windows of ``frames`` frames inside shots instead. With ``shard`` (I, N) only that contiguous run of
+    clips, into a part; with ``merge_shards`` N the parts assembled. A killed full build resumes without
+    re-encoding the clips it finished. Returns the .npy written."""
+    space = _space(vae, size, frames or 1)
     if space.temporal > 1:
-        raise CacheError("the latent window cache encodes frame by frame; a video VAE's latents belong to a whole "
-                         "window (use data.sampling=even with it)")
-    store = latent_store(clips, size, rate, vae_id, space, vae, batch_frames)
-    extra = {"vae": vae_id, "space": space.to_dict()}
+        if frames < 1 or per_clip < 1:
+            raise CacheError("a video VAE's latent window cache encodes whole windows: it needs data.frames and "
+                             "data.latent_windows >= 1")
+        store = video_latent_store(clips, size, rate, vae_id, space, frames, per_clip, vae)
+    else:
+        store = latent_store(clips, size, rate, vae_id, space, vae, batch_frames)
+    extra = {"vae": vae_id, "space": space.to_dict(), **({"window": frames} if space.temporal > 1 else {})}
     if shard is not None:
         return build_shard(clips, size, rate, cache_dir, store, *shard, progress=progress, workers=workers)
     if merge_shards:

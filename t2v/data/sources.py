@@ -19,7 +19,8 @@ def open_training_windows(cfg: Config, clips, log, vae_id: str | None):
     have been encoded), its too-short clips reported by line; None with data.cache=false (decoded per draw)."""
     rate, where = Rate.of(cfg.data), cache_dir(cfg, "data")
     if vae_id is not None:
-        windows = open_latent_windows(clips, cfg.data.size, rate, where, vae_id)
+        windows = open_latent_windows(clips, cfg.data.size, rate, where, vae_id, cfg.data.frames,
+                                      cfg.data.latent_windows)
         if windows is None:
             raise TrainingError(f"{cfg.data.manifest}: no latent window cache for these clips at {cfg.data.size}x"
                                 f"{cfg.data.size}, {rate.describe()} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")

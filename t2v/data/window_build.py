@@ -26,7 +26,8 @@ from t2v.files import write_text
 
 log = logging.getLogger("t2v.data")
 
-TABLE = ("lengths", "shots", "fps", "source_fps", "repeat", "bad")  # the per-clip index a build writes
+# the per-clip index a build writes (starts and frames: a store of encoded windows, Store.per_clip)
+TABLE = ("lengths", "shots", "fps", "source_fps", "repeat", "bad", "starts", "frames")
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,13 @@ class Store:
     key: str  # t2v.data.windows.window_key
     row: tuple  # one frame's row shape
     dtype: str
-    encode: Callable[[np.ndarray], np.ndarray] | None = None  # (F, H, W, 3) uint8 -> (F, *row); None: the pixels
+    encode: Callable | None = None  # (F, H, W, 3) uint8 -> (F, *row); None: the pixels
     resumable: bool = False  # a killed full build resumes from its partial file (the latent build on a GPU)
     what: str = "window cache"
+    # 0: a row per frame. k > 0: k rows per clip, each a whole window encoded (a video VAE's latents belong to a
+    # window, not a frame): encode(frames, shots) gives at most k rows and the first frame of each (-1: a clip with
+    # no shot as long as a window, its longest shot padded); rows it leaves are zeros
+    per_clip: int = 0
 
 
 def _decode_job(job: tuple):
@@ -63,12 +68,17 @@ def _plans(clips: Sequence[Clip], rows: range, rate: Rate) -> dict[int, Plan | s
     return out
 
 
-def _entry(clip: Clip, i: int, p: Plan | str, shots, error: str) -> dict:
+def _rows(store: Store, p: Plan | str) -> int:
+    """How many rows a clip takes: its frames, or the store's encoded windows."""
+    return 0 if not isinstance(p, Plan) else store.per_clip or len(p.indices)
+
+
+def _entry(clip: Clip, i: int, p: Plan | str, shots, error: str, rows: int, starts=(), frames: int = 0) -> dict:
     """One clip's line of the index."""
     ok = isinstance(p, Plan)
     bad = [] if not error else [{"index": i, "path": str(clip.video), "line": clip.line, "error": error}]
-    return {"lengths": len(p.indices) if ok else 0, "shots": shots, "fps": p.fps if ok else 0.0,
-            "source_fps": p.source_fps if ok else 0.0, "repeat": bool(ok and p.repeat), "bad": bad}
+    return {"lengths": rows, "shots": shots, "fps": p.fps if ok else 0.0, "source_fps": p.source_fps if ok else 0.0,
+            "repeat": bool(ok and p.repeat), "bad": bad, "starts": list(starts), "frames": frames}
 
 
 def _table(entries: list[dict]) -> dict:
@@ -84,7 +94,7 @@ def _write_rows(out_npy: Path, clips, rows: range, plans, size: int, rate: Rate,
                 progress: bool, desc: str, save_every_s: float = 30.0) -> dict:
     """Decode (and encode) ``rows`` clip after clip at their planned lengths into out_npy; returns their index.
     A resumable store fills it in place (t2v.cachebuild.Partial), its state being each clip's index line."""
-    lengths = [len(plans[i].indices) if isinstance(plans[i], Plan) else 0 for i in rows]
+    lengths = [_rows(store, plans[i]) for i in rows]
     first = dict(zip(rows, np.cumsum([0] + lengths[:-1]).tolist()))  # each clip's first row
     shape = (sum(lengths), *store.row)
     partial, entries = None, [None] * len(rows)
@@ -101,14 +111,19 @@ def _write_rows(out_npy: Path, clips, rows: range, plans, size: int, rate: Rate,
             for i in todo if isinstance(plans[i], Plan)]
     for i in todo:  # clips that could not even be planned
         if isinstance(plans[i], str):
-            entries[i - rows.start] = _entry(clips[i], i, plans[i], [0], plans[i])
+            entries[i - rows.start] = _entry(clips[i], i, plans[i], [0], plans[i], 0)
 
     def fill(out: np.ndarray) -> None:
         save_due = Every(save_every_s)
         for i, u8, shots, error in run_jobs(_decode_job, jobs, workers, progress, desc):
-            if u8 is not None:
+            starts = ()
+            if u8 is not None and store.per_clip:
+                encoded, starts = store.encode(u8, shots)
+                out[first[i]:first[i] + len(encoded)] = encoded
+            elif u8 is not None:
                 out[first[i]:first[i] + len(u8)] = u8 if store.encode is None else store.encode(u8)
-            entries[i - rows.start] = _entry(clips[i], i, plans[i], shots, error)
+            entries[i - rows.start] = _entry(clips[i], i, plans[i], shots, error, lengths[i - rows.start], starts,
+                                             0 if u8 is None else len(u8))
             if partial is not None and save_due():
                 partial.save([json.dumps(entries).encode()])
 
@@ -127,7 +142,8 @@ def write_index(path: Path, key: str, clips, size: int, rate: Rate, table: dict,
     offsets = np.concatenate([[0], np.cumsum(table["lengths"])]).astype(int).tolist()
     meta = {"key": key, "version": VERSION, "size": size, "rate": rate.__dict__, "paths": [str(c.video) for c in clips],
             "offsets": offsets, "shots": table["shots"], "fps": table["fps"], "source_fps": table["source_fps"],
-            "repeat": [i for i, r in enumerate(table["repeat"]) if r], "bad": table["bad"], **extra}
+            "repeat": [i for i, r in enumerate(table["repeat"]) if r], "bad": table["bad"],
+            **({k: table[k] for k in ("starts", "frames")} if any(table["starts"]) else {}), **extra}
     write_text(path, json.dumps(meta))  # last: its presence means the .npy is complete
 
 
@@ -146,7 +162,7 @@ def build(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store,
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows = range(len(clips))
     plans = _plans(clips, rows, rate)
-    planned = sum(len(p.indices) for p in plans.values() if isinstance(p, Plan))
+    planned = sum(_rows(store, p) for p in plans.values())
     log.info("%s at %s: %s", store.what, rate.describe(),
              size_line(len(clips), planned, int(np.prod(store.row)) * np.dtype(store.dtype).itemsize))
     table = _write_rows(f.npy, clips, rows, plans, size, rate, store, workers, progress,

@@ -161,6 +161,25 @@ def pick_window(length: int, shots: Sequence[int], frames: int, strides: Sequenc
     raise AssertionError("unreachable")
 
 
+def window_starts(length: int, shots: Sequence[int], frames: int, k: int) -> list[int]:
+    """Up to ``k`` first frames of windows of ``frames`` consecutive frames inside one shot, spread evenly over
+    every such window of the clip (its beginning, middle and end, across its shots): what a cache that must encode
+    whole windows keeps of a clip. No shot that long: [-1] (its longest shot, padded), or [] for no frames."""
+    bounds = [int(s) for s in shots if 0 <= s < length] + [length]
+    starts = [a + j for a, b in zip(bounds[:-1], bounds[1:]) for j in range(max(0, b - a - frames + 1))]
+    if not starts:
+        return [-1] if length else []
+    picks = np.unique(np.linspace(0, len(starts) - 1, k).round().astype(int))
+    return [starts[p] for p in picks]
+
+
+def padded_window(length: int, shots: Sequence[int], frames: int) -> np.ndarray:
+    """The frames of a clip's longest shot from its start, its last frame repeated up to ``frames``."""
+    bounds = [int(s) for s in shots if 0 <= s < length] + [length]
+    a, b = max(zip(bounds[:-1], bounds[1:]), key=lambda ab: ab[1] - ab[0])
+    return np.minimum(a + np.arange(frames), b - 1)
+
+
 def longest_shot(length: int, shots: Sequence[int]) -> int:
     bounds = list(shots) + [length]
     return max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
@@ -200,6 +219,10 @@ class Windowed(MappedCache):
         if rows[-1] - rows[0] == stride * (len(rows) - 1):  # evenly spaced (not padded): a view, no gather
             rows = slice(int(rows[0]), int(rows[-1]) + 1, stride)
         return rows, float(self.fps[i]) / stride
+
+    def item(self, rows) -> np.ndarray:
+        """What a draw of ``rows`` (from window()) gives the dataset: (T, H, W, 3) uint8 pixels here."""
+        return self.array[rows]
 
     def too_short(self, frames: int, strides: Sequence[int]) -> list[int]:
         """Clips (not bad) with no room for one window of ``frames`` at the smallest stride."""
