@@ -25,6 +25,7 @@ from t2v import config
 from t2v import distributed
 from t2v import runlog
 from t2v.checkpoint import rng_state, set_rng_state
+from t2v.config_checks import space_facts
 from t2v.models import check_base
 from t2v.runlog import TrainingError
 
@@ -51,8 +52,8 @@ def incompatible_changes(saved: config.Config, cfg: config.Config, channels: int
         d["model"]["in_channels"] = d["model"]["in_channels"] or channels
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
     unused = {"text.name"} if cfg.text.encoder not in ("clip", "umt5", "sd_clip") else set()  # only these read it
-    if saved.model.space != "latent" and cfg.model.space != "latent":
-        unused |= {"vae.name", "vae.subfolder"}  # pixel space has no VAE
+    if not (space_facts(saved).vae or space_facts(cfg).vae):
+        unused |= {"vae.name", "vae.subfolder"}  # neither space has a VAE
     keys = [k for k in keys if k not in cfg.train.allow_changes and k not in unused]
     get = lambda d, key: d[key.split(".")[0]][key.split(".")[1]]  # noqa: E731
     return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]

@@ -6,6 +6,7 @@ module stays about reading and writing settings, and this one about what they ma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def _int_list(values) -> tuple[int, ...] | None:
@@ -25,6 +26,25 @@ ARCHS = ("unet", "dit", "wan", "animatediff")
 PRETRAINED = ("wan", "animatediff")  # the families of t2v/models that load model.pretrained
 FINETUNES = ("full", "lora", "motion")
 TEXT_ENCODERS = ("clip", "hash", "tiny", "umt5", "sd_clip")  # t2v.text.encoders builds each
+
+
+@dataclass(frozen=True)
+class SpaceFacts:
+    """What the checks need to know of a model.space without building it (t2v.space builds the real one, with its
+    VAE, and checks the real factor): how many pixels on a side one cell the model sees spans, and whether a VAE
+    makes the cells."""
+
+    cell: int
+    vae: bool
+
+
+# the spaces by name: this table and t2v/space.py are the only places that name them
+SPACES = {"pixel": SpaceFacts(cell=1, vae=False), "latent": SpaceFacts(cell=8, vae=True)}  # 8: SD's and Wan's VAEs
+
+
+def space_facts(cfg) -> SpaceFacts:
+    """model.space described (an unknown name as pixels: the range check in ``problems`` names it)."""
+    return SPACES.get(cfg.model.space, SPACES["pixel"])
 
 
 def _window_checks(cfg) -> list[tuple[bool, str]]:
@@ -100,7 +120,7 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
             (cfg.data.size % 8 == 0, f"data.size must be a multiple of 8 (the SD UNet halves it three times), got "
                                      f"{cfg.data.size}"),
         ]
-    side = cfg.data.size // 8 if m.space == "latent" else cfg.data.size
+    side = cfg.data.size // space_facts(cfg).cell
     return checks + [
         (not m.motion_adapter, "model.motion_adapter applies to model.arch=animatediff"),
         (t.finetune != "motion", "train.finetune=motion trains AnimateDiff's motion modules, which Wan does not have: "
@@ -110,13 +130,19 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
     ]
 
 
+def dit_patch(cfg) -> int:
+    """The dit's patch (t2v.models.dit.resolve_patch): model.patch, or for 0 one cell where a frame is 16 cells or
+    fewer on a side, else 2."""
+    return cfg.model.patch or (1 if cfg.data.size // space_facts(cfg).cell <= 16 else 2)
+
+
 def _arch_checks(cfg) -> list[tuple[bool, str]]:
     """The frame size each architecture takes, and the options that belong to the other one."""
-    m, size = cfg.model, cfg.data.size
+    m, size, space = cfg.model, cfg.data.size, space_facts(cfg)
     if m.arch in PRETRAINED:  # their sizes are fixed by their weights: _pretrained_checks
         return []
     if m.arch != "dit":  # latent frames (SIZE / 8) are checked against the UNet by t2v.space, with the VAE at hand
-        unit = 8 * (m.patch or 1) if m.space == "pixel" else 8
+        unit = space.cell if space.vae else 8 * (m.patch or 1)
         after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
         return [(size >= unit and size % unit == 0, f"data.size must be a multiple of {unit} (the UNet halves it "
                                                     f"twice{after}), got {size}"),
@@ -126,10 +152,9 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
                 (not (m.downsample_time and m.frame_cond),
                  "model.frame_cond and model.downsample_time do not go together: one conditioning per frame needs "
                  "every frame at every level")]
-    side = size // 8 if m.space == "latent" else size  # t2v.models.dit.resolve_patch's rule (this module has no torch)
-    patch = m.patch or (1 if side <= 16 else 2)
+    side, patch = size // space.cell, dit_patch(cfg)
     return [
-        (size >= 8 and (m.space == "pixel" or size % 8 == 0),
+        (size >= 8 and size % space.cell == 0,
          "data.size must be >= 8, and a multiple of 8 for model.space=latent (the VAE downsamples 8x)"),
         (side % patch == 0, f"data.size must give frames ({side}x{side}) divisible by the dit's patch {patch} (model.patch)"),
         *[(not getattr(m, k), f"model.{k} applies to model.arch=unet only; a dit has {why}") for k, why in
@@ -154,10 +179,11 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (cfg.text.dim >= 1, "text.dim must be >= 1"),
         (cfg.text.max_tokens >= 1, "text.max_tokens must be >= 1"),
         (cfg.model.base_channels >= 0, "model.base_channels must be >= 0 (0 = from model.size)"),
-        (cfg.model.space in ("pixel", "latent"), "model.space must be 'pixel' or 'latent'"),
+        (cfg.model.space in SPACES, f"model.space must be one of {', '.join(SPACES)}, got {cfg.model.space!r}"),
         (cfg.model.in_channels >= 0, "model.in_channels must be >= 0 (0 = from the space: RGB or the VAE)"),
         (cfg.vae.batch_size >= 1, "vae.batch_size must be >= 1"),
-        (bool(cfg.vae.name.strip()) or cfg.model.space == "pixel", "vae.name must name a VAE for model.space=latent"),
+        (bool(cfg.vae.name.strip()) or not space_facts(cfg).vae,
+         f"vae.name must name a VAE for model.space={cfg.model.space}"),
         (0 <= cfg.model.dropout < 1, "model.dropout must be in [0, 1)"),
         (d.timesteps >= 2, "diffusion.timesteps must be >= 2"),
         (t.log_every >= 1, "train.log_every must be >= 1"),

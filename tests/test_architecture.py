@@ -105,3 +105,15 @@ def test_the_imports_form_no_circle():
         if node not in state:
             visit(node, [node])
     assert not circles, f"import circles: {circles}"
+
+
+def test_the_space_is_asked_not_named():
+    """What differs between pixel and latent space is answered by t2v/space.py (or, torch-free, by
+    t2v.config_checks.SPACES): no other module compares model.space with a name."""
+    import re
+
+    named = re.compile(r"""space\s*(==|!=)|space\s+(not\s+)?in\s+\(|["'](pixel|latent)["']\s*(==|!=|in\b)""")
+    hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for part in ("t2v", "jobs", "tools")
+            for p in _modules(part) if p.name != "space.py"
+            for i, line in enumerate(p.read_text().splitlines(), 1) if named.search(line)]
+    assert not hits, hits

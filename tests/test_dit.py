@@ -193,9 +193,9 @@ def test_auto_patch_rule_and_validation_agree(size, space, patch):
     assert resolve_patch(cfg_of(f"data.size={size}", f"model.space={space}", "model.patch=1")) == 1
 
 
-def test_validation_repeats_resolve_patch():
-    """t2v.config cannot import torch, so validate() repeats resolve_patch's rule: it accepts exactly the sizes
-    whose frames (pixels, or latent cells) divide by the patch resolve_patch picks."""
+def test_validation_accepts_what_resolve_patch_can_cut():
+    """validate() accepts exactly the sizes whose frames (pixels, or latent cells) divide by the patch
+    resolve_patch picks."""
     for space, sizes in (("pixel", range(8, 81)), ("latent", range(64, 400, 8))):
         for size in sizes:
             raw = C.Config()

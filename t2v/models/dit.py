@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from t2v.config_checks import dit_patch
 from t2v.models.layers import caption_conditioning, run_block, timestep_embedding, zero_
 
 # name -> (hidden, depth, heads). depth counts blocks (half spatial, half temporal), so it is even; heads keep
@@ -54,13 +55,9 @@ def resolve_size(size: str, hidden: int = 0, depth: int = 0, heads: int = 0) -> 
 
 
 def resolve_patch(cfg) -> int:
-    """model.patch, or for 0: 1 where a frame (in pixels, or latent cells for model.space=latent: data.size / 8)
-    is 16 or smaller, else 2. t2v.config_checks applies the same rule (it cannot import torch, so it repeats it;
-    tests/test_dit.py checks the two agree)."""
-    if cfg.model.patch:
-        return cfg.model.patch
-    side = cfg.data.size // 8 if cfg.model.space == "latent" else cfg.data.size
-    return 1 if side <= 16 else 2
+    """model.patch, or for 0: 1 where a frame (in pixels, or latent cells: data.size / 8) is 16 or smaller, else 2.
+    The rule lives in t2v.config_checks (torch-free), which checks it divides the frame before anything is built."""
+    return dit_patch(cfg)
 
 
 def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
