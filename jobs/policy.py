@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from t2v.runlog import CAP_EXIT, REQUEUE_EXIT
+from t2v.runlog import CAP_EXIT, NO_SPACE_EXIT, REQUEUE_EXIT
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ def decide(s: Stop) -> Decision:
         why = f"time limit reached (training exited with code {s.rc})"
     elif s.rc == REQUEUE_EXIT:
         why = "checkpoint saved"
+    elif s.rc == NO_SPACE_EXIT:
+        # A requeue would meet the same full disk or quota at its first save, and again, up to the restart cap.
+        return Decision("stop", s.rc, NO_SPACE_WHY)
     elif s.lost_nodes:
         # A rank lost its peers on a node Slurm already sees as gone: not our code's fault, so it may run again
         # (resuming from the last checkpoint) once Slurm has other nodes. A crash with every node up does not.
@@ -87,6 +90,9 @@ def decide(s: Stop) -> Decision:
         return Decision("stop", CAP_EXIT, f"{why}; restart cap {s.max_restarts} reached; not requeueing")
     return Decision("requeue", 0, why)
 
+
+NO_SPACE_WHY = ("training found no room to write (a full disk or quota; train.log's last line says where); not "
+                "requeueing: free space, then submit the same command again")
 
 # The table: every case a job meets, and what it must do. (name, inputs, expected action, expected exit code)
 CASES = [
@@ -110,6 +116,8 @@ CASES = [
     ("a rank crashed or hung, every node up", Stop(1, restart=1), "stop", 1),
     ("training failed", Stop(1), "stop", 1),
     ("bad config or data", Stop(2, restart=4), "stop", 2),
+    ("no room to write (full disk, quota)", Stop(NO_SPACE_EXIT, restart=1), "stop", NO_SPACE_EXIT),
+    ("no room to write, while being preempted", Stop(NO_SPACE_EXIT, preempting=True), "stop", NO_SPACE_EXIT),
     ("killed by the OOM killer", Stop(normalise_rc(137, "")), "stop", 137),
 ]
 
@@ -140,6 +148,8 @@ decide() {{
     why="time limit reached (training exited with code $rc)"
   elif [ "$rc" = {REQUEUE_EXIT} ]; then
     why="checkpoint saved"
+  elif [ "$rc" = {NO_SPACE_EXIT} ]; then
+    action=stop; code=$rc; why="{NO_SPACE_WHY}"; return 0
   elif [ -n "$lost" ]; then
     why="training exited with code $rc after node(s) $lost stopped responding"
   elif [ -n "$preempting" ]; then

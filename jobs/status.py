@@ -156,13 +156,18 @@ def last_word(log: str | Path) -> str:
 
 
 def training_error(run_dir: str | Path) -> str:
-    """The error that stopped training, when it is the last line of train.log ("error: ...")."""
+    """The error that stopped training: the last line of train.log ("error: ..."), else the ``error`` event that
+    ends metrics.jsonl (a run that found the disk full may have had room for one and not the other)."""
     log = Path(run_dir) / "train.log"
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
-        return ""
-    return lines[-1] if lines and lines[-1].startswith("error: ") else ""
+        lines = []
+    if lines and lines[-1].startswith("error: "):
+        return lines[-1]
+    records = runlog.read_records(run_dir)
+    last = records[-1] if records else {}
+    return f"error: {last.get('error', '')}" if last.get("event") == runlog.ERROR else ""
 
 
 def stopped(recs: list[dict], infos: Mapping[str, JobInfo]) -> list[str]:

@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,14 +30,26 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from t2v.files import atomic_path, atomic_write, write_text
+from t2v.files import NoSpaceError, atomic_path, atomic_write, no_space, reserve, write_text
 from t2v.progress import progress as progress_counter
+from t2v.runlog import NO_SPACE_EXIT
 
 log = logging.getLogger("t2v.data")
 
 
 class CacheError(RuntimeError):
     pass
+
+
+def no_room(e: BaseException, setting: str) -> int | None:
+    """A cache command that found no room to write (t2v.files.no_space): its one line on stderr, and the exit code
+    (NO_SPACE_EXIT); None when ``e`` is something else. ``setting``: the key that moves the cache elsewhere."""
+    full = no_space(e)
+    if full is None:
+        return None
+    print(f"error: {full}. Free space (or set {setting} to a folder with room), then run the same command again: "
+          "what is finished is kept", file=sys.stderr)
+    return NO_SPACE_EXIT
 
 
 # --- planning: which rows a shard builds ---------------------------------------------------------------------------
@@ -154,6 +167,7 @@ def write_array(npy: Path, shape: tuple, dtype, fill: Callable[[np.ndarray], obj
     may build at once, the last rename wins with identical content); returns what ``fill`` returns."""
     with atomic_path(npy) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        reserve(tmp)  # no room: an error now, not a SIGBUS halfway through the build
         got = fill(out)
         out.flush()
         del out  # unmapped before the rename
@@ -256,6 +270,12 @@ class Partial:
                 log.warning("the partial build in %s does not fit; starting over", self.path)
         if self.out is None:
             self.out = np.lib.format.open_memmap(self.path, mode="w+", dtype=dtype, shape=shape)
+            try:
+                reserve(self.path)  # no room: an error now, not a SIGBUS halfway through the build
+            except OSError as e:
+                self.out = None
+                self.path.unlink(missing_ok=True)  # it holds nothing yet
+                raise NoSpaceError(self.path, e) from None
 
     def save(self, states: Sequence[bytes]) -> None:
         """Write the state files (in ``states`` order): only after the array, so they never run ahead of it."""

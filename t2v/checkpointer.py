@@ -26,6 +26,7 @@ from t2v import distributed
 from t2v import runlog
 from t2v.checkpoint import rng_state, set_rng_state
 from t2v.config_checks import space_facts
+from t2v.files import free_bytes, human_bytes
 from t2v.models import check_base
 from t2v.runlog import TrainingError
 
@@ -72,6 +73,8 @@ class Checkpointer:
     scaler: torch.amp.GradScaler | None = None
     global_batch: int = 0
     data: dict = field(default_factory=dict)  # what the run's data adds to the data section: VAE identity, fps
+    last_size: int = 0  # bytes of the newest checkpoint, for the warning before the disk fills
+    space_warned: bool = False
 
     # --- resume ---------------------------------------------------------------------------------------------
     def latest(self) -> tuple[dict | None, Path | None]:
@@ -163,6 +166,20 @@ class Checkpointer:
             "time": time.time(),
         }
 
+    def _check_room(self) -> None:
+        """Warn once, while there is still time to act, when the file system of OUTDIR has room for fewer than two
+        more checkpoints of the last one's size (a save needs a whole one free beside those it keeps)."""
+        if self.space_warned:
+            return
+        if not self.last_size and (saved := ckpt_io.list_checkpoints(self.outdir)):
+            self.last_size = saved[-1][1].stat().st_size
+        free = free_bytes(self.outdir)
+        if self.last_size and free is not None and free < 2 * self.last_size:
+            self.space_warned = True
+            self.log.warn(f"{human_bytes(free)} free on the file system of {self.outdir}, and a checkpoint takes "
+                          f"{human_bytes(self.last_size)}: the next saves may not fit. Free space, or move the run "
+                          "folder and resubmit with OUTDIR set to it (a quota may leave less than this)")
+
     def due(self, done: int) -> bool:
         """A checkpoint every train.ckpt_every steps and at the last one."""
         return done % self.cfg.train.ckpt_every == 0 or done == self.cfg.train.steps
@@ -172,7 +189,9 @@ class Checkpointer:
         `saved OUTDIR/ckpt_NNNNNN.pt` line and a checkpoint event. Other ranks return None."""
         if not self.dist.is_main:
             return None
+        self._check_room()
         path = ckpt_io.save_checkpoint(self.state_dict(step, last_loss), ckpt_io.ckpt_path(self.outdir, step))
+        self.last_size = path.stat().st_size
         ckpt_io.prune(self.outdir, self.cfg.train.keep_last)
         self.log.line(f"saved {path}")
         self.log.event(runlog.CHECKPOINT, step, path=str(path))

@@ -246,13 +246,23 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any, where: str) -> None:
+    """Set one dotted key from a file, the environment or an argument; None (``key=null``, a YAML ``key:`` with no
+    value) puts it back to its default, so a key a config file sets can be undone on the command line."""
     section, _, name = key.partition(".")
     sub = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
     names = {f.name: f for f in dataclasses.fields(sub)} if sub is not None else {}
     if not name or name not in names:
         raise ConfigError(f"{where}: unknown config key {key!r}. Valid keys:\n  " + "\n  ".join(valid_keys(cfg)))
+    if value is None:
+        setattr(sub, name, default_of(key))
+        return
     hints = typing.get_type_hints(type(sub))
     setattr(sub, name, _convert(value, hints[name], key, where))
+
+
+def default_of(key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(Config(), section), name)
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -302,6 +312,7 @@ def load_config(
     cfg = Config()
     env = os.environ if env is None else env
     path = path or env.get("CONFIG") or None
+    origin: dict[str, str] = {}  # key -> where its value came from, for refusals that follow from the file
     if path:
         p = Path(path)
         if not p.is_file():
@@ -309,24 +320,30 @@ def load_config(
         data = read_yaml_mapping(p, ConfigError, "sections (data:, train:, ...)")
         lines = _yaml_lines(p)
         for key, value in flatten(data).items():
-            set_key(cfg, key, value, f"{p}:{lines.get(key, 1)}")
+            origin[key] = f"{p}:{lines.get(key, 1)}"
+            set_key(cfg, key, value, origin[key])
     for var, key in ENV_VARS.items():
         if env.get(var, "") != "":
-            set_key(cfg, key, env[var], f"environment variable {var}")
+            origin[key] = f"the environment variable {var}"
+            set_key(cfg, key, env[var], origin[key])
     for i, arg in enumerate(overrides):
         key, eq, value = arg.partition("=")
         if not eq:
             raise ConfigError(f"argument {i + 1} ({arg!r}): expected key=value, e.g. train.steps=5000")
-        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", f"argument {arg!r}")
-    validate(cfg)
+        origin[key.strip()] = f"argument {arg!r}"
+        # key=null puts the default back; so does key= (an empty string would rarely be a useful value)
+        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None, origin[key.strip()])
+    validate(cfg, origin)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, origin: Mapping[str, str] | None = None) -> None:
     """Every setting's range (t2v.config_checks), checked where the config is resolved: a bad value fails before
-    any data is read, with every problem listed at once."""
+    any data is read, with every problem listed at once; ``origin`` (key -> file:line or argument) lets a
+    problem say which key of the file to put back."""
     errors = config_checks.problems(cfg, valid_keys(cfg))
     if errors:
+        errors = [config_checks.with_undo(e, cfg, origin or {}, default_of) for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
@@ -368,6 +385,41 @@ def val_manifest(cfg: Config) -> Path:
     return Path(cfg.data.val_manifest) if cfg.data.val_manifest else Path(cfg.data.manifest).parent / "val.jsonl"
 
 
-def add_config_args(parser) -> None:
+def add_config_args(parser, manifest: bool = False) -> None:
+    """--config F and key=value overrides; with ``manifest``, a MANIFEST path too, in any order among them: the
+    positionals then land in ``positionals``, for split_positionals (argparse cannot tell a path from key=value)."""
     parser.add_argument("--config", default=None, help="YAML config file (default: $CONFIG)")
+    if manifest:
+        parser.add_argument("positionals", nargs="*", metavar="MANIFEST|key=value",
+                            help="the manifest (stands for data.manifest=MANIFEST) and config overrides such as "
+                                 "data.fps=8, in any order")
+        return
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=5000")
+
+
+def split_positionals(values: Sequence[str]) -> tuple[str, list[str]]:
+    """A command's positional arguments as (MANIFEST or "", key=value overrides), whatever their order.
+
+    argparse hands over every positional in one list (so that `MANIFEST --config F data.fps=8` and
+    `data.fps=8 MANIFEST` mean the same) and cannot tell a path from an override itself: an argument is an
+    override when the part before its first = looks like a config key and it is not an existing file; anything
+    else is the manifest. Refused here, before anything is decoded or encoded: two manifests, a manifest that does
+    not exist (often an override that lost its =), and a manifest that contradicts an explicit data.manifest=.
+    """
+    hint = "config overrides are written key=value, e.g. data.fps=8"
+    manifests, overrides = [], []
+    for value in values:
+        key, eq, _ = value.partition("=")
+        looks_like_key = key and all(c.isascii() and (c.isalnum() or c in "_.") for c in key)  # data.fps, train.lr
+        is_override = eq and looks_like_key and not Path(value).is_file()
+        (overrides if is_override else manifests).append(value)
+    if len(manifests) > 1:
+        raise ConfigError(f"two manifests given: {' and '.join(manifests)}; give one ({hint})")
+    manifest = manifests[0] if manifests else ""
+    if manifest and not Path(manifest).is_file():
+        raise ConfigError(f"manifest not found: {manifest} ({hint})")
+    for arg in overrides:
+        key, _, path = arg.partition("=")
+        if manifest and key == "data.manifest" and Path(path.strip()).resolve() != Path(manifest).resolve():
+            raise ConfigError(f"two manifests given: {manifest} and {arg}; give one")
+    return manifest, overrides

@@ -5,7 +5,9 @@ module stays about reading and writing settings, and this one about what they ma
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 
 
@@ -69,9 +71,9 @@ def _window_checks(cfg) -> list[tuple[bool, str]]:
         return checks + [(not (d.fps or d.frame_interval),
                           f"data.fps and data.frame_interval apply to data.sampling=window only (it is {d.sampling!r})")]
     checks.append((bool(d.fps) != bool(d.frame_interval),
-                   "data.sampling=window needs exactly one of data.fps (frames per second the model sees, e.g. 8) "
-                   f"and data.frame_interval (every k-th source frame); got fps={d.fps:g}, "
-                   f"frame_interval={d.frame_interval}"))
+                   "data.sampling=window needs exactly one of data.fps and data.frame_interval: set data.fps=8 "
+                   "(frames per second the model sees) or data.frame_interval=K (every K-th source frame); got "
+                   f"fps={d.fps:g}, frame_interval={d.frame_interval}"))
     if d.fps > 0 and strides:
         seconds = (d.frames - 1) * max(strides) / d.fps + 1 / d.fps
         checks.append((seconds <= d.max_seconds + 1e-9,
@@ -88,10 +90,10 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
         (t.finetune in FINETUNES, f"train.finetune must be one of {', '.join(FINETUNES)}, got {t.finetune!r}"),
         (t.lora_rank >= 1 and t.lora_alpha >= 0, "train.lora_rank must be >= 1 and train.lora_alpha >= 0 (0 = rank)"),
         (d.beta_start == d.beta_end == 0 or 0 < d.beta_start < d.beta_end < 1,
-         f"diffusion.beta_start and beta_end must both be 0 (Ho et al.'s 1e-4 and 0.02) or 0 < beta_start < beta_end "
+         f"diffusion.beta_start and diffusion.beta_end must both be 0 (Ho et al.'s 1e-4 and 0.02) or 0 < beta_start < beta_end "
          f"< 1, got {d.beta_start:g} and {d.beta_end:g}"),
         (d.beta_start == d.beta_end == 0 or (d.objective == "ddpm" and d.schedule == "linear"),
-         "diffusion.beta_start and beta_end apply to diffusion.objective=ddpm with diffusion.schedule=linear"),
+         "diffusion.beta_start and diffusion.beta_end apply to diffusion.objective=ddpm with diffusion.schedule=linear"),
         (t.sample_method != "sd-ddim" or (d.schedule == "linear" and d.shift == 1),
          "train.sample_method=sd-ddim is diffusers' DDIM over linear betas: it needs diffusion.schedule=linear and "
          "diffusion.shift=1"),
@@ -164,6 +166,38 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
         (not (m.hidden and m.heads) or m.hidden % m.heads == 0,
          f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads})"),
     ]
+
+
+def shown(value) -> str:
+    """A value as it is written in YAML or key=value."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else '""'
+
+
+def with_undo(message: str, cfg, origin: dict, default_of) -> str:
+    """For each key a refusal names that the config file (or the environment) set away from its default, where it
+    was set and how to undo it on the command line: a switch made there (model.arch=dit on top of a UNet config)
+    leaves keys of the file that no longer apply, and the message says which one to put back. ``origin``: key ->
+    where its value came from (file:line, environment variable, argument); ``default_of(key)``: its default."""
+    hints = []
+    for key in dict.fromkeys(re.findall(r"\b(?:data|text|model|diffusion|train|vae)\.[a-z_]+\b", message)):
+        where = origin.get(key, "")
+        if not where or where.startswith("argument"):
+            continue
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        if value == default_of(key):
+            continue
+        if where.startswith("environment"):
+            hints.append(f"{where} sets {key}={shown(value)}: unset it")
+        else:
+            hints.append(f"{where} sets {key}={shown(value)}: add {key}=null to put back its default "
+                         f"({shown(default_of(key))})")
+    return message + "".join(f"\n    ({h})" for h in hints)
 
 
 def problems(cfg, valid_keys: list[str]) -> list[str]:

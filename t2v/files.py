@@ -8,13 +8,79 @@ into each other's file (the last rename wins, with identical content).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+
+# A write refused for want of room: a full disk, an exceeded quota (Zaratan's scratch and home), a file size limit
+NO_SPACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                   errno.EFBIG: "a file size limit (ulimit -f) is reached"}
+
+
+class NoSpaceError(OSError):
+    """A write that found no room, said in one line: where, why, and how much is left."""
+
+    def __init__(self, path: str | os.PathLike, err: OSError):
+        super().__init__(err.errno, NO_SPACE_ERRNOS.get(err.errno, err.strerror), str(path))
+        self.path = Path(path)
+        self.free = free_bytes(self.path)
+
+    def __str__(self) -> str:
+        left = f"{human_bytes(self.free)} free on its file system" if self.free is not None else "free space unknown"
+        return f"no room to write {self.path}: {self.strerror} ({left})"
+
+
+def no_space(exc: BaseException | None) -> NoSpaceError | None:
+    """The full disk, quota or size limit behind ``exc`` (itself, or what it was raised from or during: torch.save
+    reports one as a RuntimeError of its zip writer) as a NoSpaceError, or None if it is something else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, NoSpaceError):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return NoSpaceError(exc.filename or "a file", exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free on the file system of ``path`` (or of its nearest existing parent), None if unknown. A quota
+    may leave less than this to its user: only a failed write tells."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (binary units, as df -h)."""
+    unit = next((u for u in ("TiB", "GiB", "MiB", "KiB") if n >= 2 ** (10 * ("KMGT".index(u[0]) + 1))), "B")
+    return f"{n:.0f} B" if unit == "B" else f"{n / 2 ** (10 * ('KMGT'.index(unit[0]) + 1)):.2f} {unit}"
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the blocks of a file about to be filled through a memory map (a sparse .npy): on a full disk or
+    quota this fails now with ENOSPC, where a write through the map would kill the process with SIGBUS. File
+    systems without fallocate keep the sparse file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise
+    finally:
+        os.close(fd)
 
 
 def temp_name(path: Path) -> Path:
@@ -38,16 +104,23 @@ def fsync_dir(folder: Path) -> None:
 @contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it is fsync'ed and renamed over
-    ``path``, on an exception removed (``path`` untouched)."""
+    ``path``, on an exception removed (``path`` untouched). A write that found no room raises NoSpaceError, once
+    the temporary file is gone (so the free space it reports is what there is)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        full = no_space(e)
+        if full is not None and not isinstance(e, NoSpaceError):
+            raise NoSpaceError(path, full) from e  # named by the file it was writing
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     if fsync:

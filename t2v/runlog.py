@@ -23,6 +23,7 @@ from typing import Iterable
 # --- exit codes ------------------------------------------------------------------------------------------------
 REQUEUE_EXIT = 75  # training saved a checkpoint and stopped: please requeue (EX_TEMPFAIL)
 USAGE_EXIT = 2  # a configuration or data error: fix it, resubmit; requeueing cannot help
+NO_SPACE_EXIT = 74  # a write found no room (full disk, quota): free space, resubmit; a requeue would meet it again
 
 
 class TrainingError(RuntimeError):
@@ -30,9 +31,9 @@ class TrainingError(RuntimeError):
 CAP_EXIT = 3  # the job script: restart cap reached, not training / not requeueing
 
 # --- metrics.jsonl events --------------------------------------------------------------------------------------
-START, RESUME, CHECKPOINT, VAL, PREVIEW_FAILED, PREEMPT, DONE = (
-    "start", "resume", "checkpoint", "val", "preview_failed", "preempt", "done")
-EVENTS = (START, RESUME, CHECKPOINT, VAL, PREVIEW_FAILED, PREEMPT, DONE)
+START, RESUME, CHECKPOINT, VAL, PREVIEW_FAILED, PREEMPT, DONE, ERROR = (
+    "start", "resume", "checkpoint", "val", "preview_failed", "preempt", "done", "error")
+EVENTS = (START, RESUME, CHECKPOINT, VAL, PREVIEW_FAILED, PREEMPT, DONE, ERROR)
 
 # --- marker lines the job scripts recognise in train.log --------------------------------------------------------
 OUT_PREFIX = "Out: "  # the first line: signal handlers are installed from here on
@@ -102,14 +103,19 @@ def events(records: Iterable[dict], name: str | None = None) -> list[dict]:
     return [r for r in records if "event" in r and (name is None or r["event"] == name)]
 
 
-def log_error(outdir: str | Path, msg: str) -> None:
-    """Append the error that stopped a run to its train.log (if the run folder exists), so the log says why the
-    run ended, not only stderr."""
-    path = Path(outdir) / "train.log"
-    if path.parent.is_dir():
+def log_error(outdir: str | Path, msg: str, reason: str = "") -> None:
+    """Append the error that stopped a run to its train.log and, as an ``error`` event with ``reason`` (e.g.
+    "no_space"), to its metrics.jsonl (if the run folder exists), so the log, `make status` and the report say why
+    the run ended, not only stderr. Best effort: on a full disk even these few bytes may not fit."""
+    folder = Path(outdir)
+    if not folder.is_dir():
+        return
+    step = max((r["step"] for r in read_records(folder) if isinstance(r.get("step"), int)), default=0)
+    record = {"event": ERROR, "step": step, "reason": reason or "error", "error": msg, "time": round(time.time(), 3)}
+    for path, line in ((folder / "train.log", f"error: {msg}"), (folder / "metrics.jsonl", json.dumps(record))):
         try:
-            with open(path, "a") as f:
-                f.write(f"error: {msg}\n")
+            with _open_appending(path) as f:
+                f.write(line + "\n")
         except OSError:
             pass
 

@@ -25,10 +25,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 from t2v import runlog
+from t2v.files import no_space
 
 # loss-record fields shown as scalars, under train/
 SCALARS = ("loss", "lr", "grad_norm", "clips_per_s", "step_time", "gpu_mem_gib")
@@ -52,6 +54,16 @@ def scalars(rec: dict) -> dict[str, float]:
     return {f"{prefix}/{k}": rec[k] for k in keys if isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)}
 
 
+def _quiet_no_room(args) -> None:
+    """threading.excepthook: TensorBoard's writer thread, finding the disk full, would print its traceback; the
+    same error reaches the training thread at the writer's next call, which says it in one line."""
+    if no_space(args.exc_value) is None:
+        _THREAD_HOOK(args)
+
+
+_THREAD_HOOK = threading.excepthook
+
+
 class TensorBoard:
     """Event files under ``logdir``. ``resumed_at``: the checkpoint step a resumed run goes on from (None when
     fresh), after which earlier files' records are purged. ``config``: the resolved config as YAML, shown as text
@@ -64,6 +76,7 @@ class TensorBoard:
             raise runlog.TrainingError(f"train.tensorboard=true needs the tensorboard package ({e}); pip install "
                                "tensorboard, or set train.tensorboard=false") from None
         self.logdir = Path(logdir)
+        threading.excepthook = _quiet_no_room
         self.writer = SummaryWriter(str(self.logdir), purge_step=None if resumed_at is None else resumed_at + 1,
                                     flush_secs=30)
         if config:  # indented: TensorBoard renders text as Markdown, and this keeps it a code block

@@ -35,6 +35,7 @@ from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
 from t2v.device import DeviceError, pick_device
+from t2v.files import no_space
 from t2v.models import build_model, count_params, ema_copy, identity, set_null_caption
 from t2v.objective import build_objective
 from t2v import runlog
@@ -285,7 +286,9 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
         if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
                 preview(ema, cfg, emb, done, device, log, space, fps)
-            except Exception as e:  # a preview is a picture: it must never end a long run
+            except Exception as e:  # a preview is a picture: it must never end a long run, unless the disk is full
+                if no_space(e):
+                    raise
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
                 log.event(runlog.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
         if (stop_now or done == stop_at) and done < steps:
@@ -306,6 +309,21 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     return 0
 
 
+def _out_of_space(cfg, e: BaseException) -> int:
+    """What a run that found no room to write says (one line, stderr, train.log and an ``error`` event) before it
+    exits with NO_SPACE_EXIT, which the job script does not requeue: a requeue would meet the same full disk."""
+    err = no_space(e)
+    saved = ckpt.list_checkpoints(cfg.train.outdir) if cfg is not None else []
+    kept = (f"nothing saved was lost: the newest checkpoint is {saved[-1][1]}" if saved else
+            "no checkpoint was saved yet")
+    msg = (f"{err}; {kept}. Free space (or move the run folder and set OUTDIR to it), then submit the same command "
+           "again: it resumes from there")
+    print(f"error: {msg}", file=sys.stderr)
+    if cfg is not None and distributed.detect().is_main:
+        runlog.log_error(cfg.train.outdir, msg, reason="no_space")
+    return runlog.NO_SPACE_EXIT
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m t2v.train", description=__doc__.split("\n")[0])
     config.add_config_args(p)
@@ -321,6 +339,8 @@ def main(argv=None) -> int:
             runlog.log_error(cfg.train.outdir, str(e))
         return runlog.USAGE_EXIT
     except RuntimeError as e:  # ranks that could not meet, or a collective that timed out or lost a peer
+        if no_space(e):
+            return _out_of_space(cfg, e)
         lost = distributed.lost_ranks(e, distributed.detect(), cfg.train.dist_timeout_s) if cfg else None
         if lost is None:
             raise
@@ -328,6 +348,10 @@ def main(argv=None) -> int:
         if distributed.detect().is_main:
             runlog.log_error(cfg.train.outdir, str(lost))
         return 1
+    except OSError as e:  # a write found no room (checkpoint, metrics, TensorBoard, preview): one line, not a trace
+        if not no_space(e):
+            raise
+        return _out_of_space(cfg, e)
     finally:
         # Python puts the default handlers back while it shuts down, so a late USR1 (a time-limit warning)
         # would kill a process that has already saved or finished. Ignored signals stay ignored.

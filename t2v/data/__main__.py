@@ -1,9 +1,14 @@
 """Data tools: ``python -m t2v.data {check,cache,latents,demo}``.
 
-  check MANIFEST [--video-root R] [--frames N]   list every bad line and video; exit 1 if any
-  cache [--config F] [key=value ...]            pre-decode cfg.data.manifest into the clip cache
-  latents [--config F] [key=value ...]          encode the training and validation clips with vae.name (GPU if any)
-  demo [--out DIR] [--seed S] [--n-train N ...] write the synthetic demo dataset
+  check MANIFEST [--video-root R] [--frames N]     list every bad line and video; exit 1 if any
+  check [MANIFEST] --config F [key=value ...]      the same as training with F reads it (windows at data.fps too)
+  cache [MANIFEST] [--config F] [key=value ...]    pre-decode MANIFEST (default data.manifest) into the clip cache
+  latents [MANIFEST] [--config F] [key=value ...]  encode the training and validation clips with vae.name (GPU if any)
+  demo [--out DIR] [--seed S] [--n-train N ...]    write the synthetic demo dataset
+
+MANIFEST, --config F, the key=value overrides and the other options come in any order (t2v.config.split_positionals
+tells a path from an override); a positional MANIFEST means data.manifest=MANIFEST. Every argument is parsed and the
+config loaded before a clip is read, so a typo fails in a second, not after the decoding.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
+from t2v.config import ConfigError, add_config_args, cache_dir, load_config, split_positionals, val_manifest
+from t2v.cachebuild import no_room
 from t2v.data.cache import CacheError, shard_argument, shard_count
 from t2v.data.manifest import ManifestError, Problem
 from t2v.device import DeviceError
@@ -27,15 +33,23 @@ def print_table(problems: list[Problem], out=None) -> None:
     print(text_table(("line", "kind", "message"), rows, sep=" | ", rule=True, right=[0]), file=out or sys.stdout)
 
 
+def load_with_manifest(config, overrides, manifest):
+    """The config, with a positional MANIFEST as data.manifest: set as given, not read as YAML (which would turn a
+    file named ~ or 0x10 into something else), and after the file and $MANIFEST, as the most explicit setting."""
+    cfg = load_config(config, overrides)
+    if manifest:
+        cfg.data.manifest = manifest
+    return cfg
+
+
 def cmd_check(args) -> int:
     from t2v.data.manifest import check_manifest
 
-    manifest, frames, cfg = args.manifest, args.frames, None
-    if "=" in manifest and not Path(manifest).is_file():  # `check data.fps=8`: argparse took it for the manifest
-        manifest, args.overrides = "", [manifest, *args.overrides]
-    if args.config or args.overrides:  # the checks training will make: FRAMES, and windows at data.fps
-        cfg = load_config(args.config, args.overrides)
-        manifest, frames = manifest or cfg.data.manifest, cfg.data.frames
+    manifest, overrides = split_positionals(args.positionals)
+    frames, cfg = args.frames, None
+    if args.config or overrides:  # the checks training will make: FRAMES, and windows at data.fps
+        cfg = load_with_manifest(args.config, overrides, manifest)
+        manifest, frames = cfg.data.manifest, cfg.data.frames
     if not manifest:
         raise ConfigError("check: name a MANIFEST, or give --config F / key=value arguments (data.manifest)")
     if cfg is not None and cfg.data.sampling == "window":
@@ -98,7 +112,8 @@ def cmd_cache(args) -> int:
     from t2v.data.cache import build_cache, build_shard, merge_shards
     from t2v.data.manifest import read_manifest
 
-    cfg = load_config(args.config, args.overrides)
+    manifest, overrides = split_positionals(args.positionals)
+    cfg = load_with_manifest(args.config, overrides, manifest)
     if cfg.data.sampling == "random_window":
         print("data.sampling='random_window' cannot be cached (each draw decodes other frames); "
               "data.sampling=window with data.fps caches every frame at that rate", file=sys.stderr)
@@ -167,7 +182,8 @@ def cmd_latents(args) -> int:
     from t2v.device import pick_device
     from t2v.vae import load_vae, vae_identity
 
-    cfg = load_config(args.config, args.overrides)
+    manifest, overrides = split_positionals(args.positionals)
+    cfg = load_with_manifest(args.config, overrides, manifest)
     if cfg.data.sampling == "random_window":
         raise CacheError("data.sampling='random_window' cannot be cached; data.sampling=window with data.fps can")
     device = pick_device(cfg.train.device)
@@ -242,22 +258,22 @@ def cmd_demo(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m t2v.data", description="Manifest checks, clip cache, demo data.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="list every bad line and unreadable or too short video in a manifest")
-    p.add_argument("manifest", nargs="?", default="", help="the manifest (default with --config: data.manifest)")
+    p = sub.add_parser("check", help="list every bad line and unreadable or too short video in a manifest",
+                       description="With --config F or key=value: check what training with that config reads "
+                                   "(data.frames, and windows at data.fps); the manifest defaults to data.manifest.")
+    add_config_args(p, manifest=True)
     p.add_argument("--video-root", default="", help='relative video paths resolve here ("" = the manifest folder)')
     p.add_argument("--frames", type=int, default=8, help="videos with fewer frames are reported too short")
-    p.add_argument("--config", default=None, help="check what training with this config reads (windows too)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.fps=8")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("cache", help="pre-decode the configured manifest into the clip cache")
-    add_config_args(p)
+    add_config_args(p, manifest=True)
     p.add_argument("--workers", type=int, default=1, help="decoding processes (the same bytes as one)")
     p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
                    help="decode only shard I of N into its own part file (one Slurm array task)")
     p.add_argument("--merge", type=shard_count, default=0, metavar="N", help="assemble the N finished shards into the cache")
     p.set_defaults(func=cmd_cache)
     p = sub.add_parser("latents", help="encode the configured manifests with the VAE into the latent cache")
-    add_config_args(p)
+    add_config_args(p, manifest=True)
     p.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
                    help="encode only shard I of N of each manifest into its own part file (one Slurm array task)")
     p.add_argument("--merge", type=shard_count, default=0, metavar="N", help="assemble the N finished shards into the cache")
@@ -271,13 +287,23 @@ def main(argv=None) -> int:
     p.add_argument("--kind", choices=("shapes", "shots"), default="shapes",
                    help="shapes: the demo (one 2 s shot per clip); shots: ~6 s at 24 fps, four shots, slow motion")
     p.set_defaults(func=cmd_demo)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in sub.choices:
+        parser.parse_args(argv)  # prints usage / help and exits
+    # parse_args stops taking positionals at the first option (`check M --config F data.fps=8` left data.fps=8
+    # over); the subcommand's parse_intermixed_args takes them anywhere (the top parser cannot: it has subparsers)
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ManifestError, ConfigError, VAEError, DeviceError, CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or quota: one line, not a traceback
+        code = no_room(e, "data.cache_dir")
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from t2v.cachebuild import Files
 from t2v.data.cache import MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
 from t2v.data.video import NoFrameRate, Timeline, VideoError, decode_frames, read_timeline
+from t2v.files import human_bytes
 
 log = logging.getLogger("t2v.data")
 
@@ -278,13 +279,8 @@ def open_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir) -> Win
 def size_line(n_clips: int, frames: int, bytes_per_frame: int) -> str:
     """What a build prints and the docs quote: frames and bytes in all and per clip."""
     total = frames * bytes_per_frame
-    return (f"{n_clips} clips, {frames:,} frames ({frames / max(n_clips, 1):.1f} per clip), {_bytes(total)} "
-            f"({_bytes(total / max(n_clips, 1))} per clip)")
-
-
-def _bytes(n: float) -> str:
-    unit = next((u for u in ("TiB", "GiB", "MiB", "KiB") if n >= 2 ** (10 * ("KMGT".index(u[0]) + 1))), "B")
-    return f"{n:.0f} B" if unit == "B" else f"{n / 2 ** (10 * ('KMGT'.index(unit[0]) + 1)):.2f} {unit}"
+    return (f"{n_clips} clips, {frames:,} frames ({frames / max(n_clips, 1):.1f} per clip), {human_bytes(total)} "
+            f"({human_bytes(total / max(n_clips, 1))} per clip)")
 
 
 def report_short(cache: Windowed, clips: Sequence[Clip], manifest, frames: int, strides: Sequence[int],

@@ -1,5 +1,11 @@
 """``python -m t2v.text embed``: embed every caption training will look up, once, into the text cache.
 
+  embed [MANIFEST] [--config F] [key=value ...] [--manifest PATH ...] [--shard I/N | --merge N]
+
+MANIFEST (it means data.manifest=MANIFEST), --config F, the key=value overrides and the options come in any order
+(t2v.config.split_positionals tells a path from an override); all are parsed and the config loaded before anything
+is encoded.
+
 The captions are those of data.manifest, of the validation manifest when there is one, of any --manifest, the
 sample prompts and "" (the unconditional input of classifier-free guidance). They are read with the data
 layer's caption normaliser (``t2v.data.manifest.row_captions``), so what is embedded here is exactly what
@@ -16,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from t2v.cachebuild import shard_argument, shard_count
+from t2v.cachebuild import no_room, shard_argument, shard_count
 from t2v.data.manifest import row_captions
 from t2v.device import DeviceError, pick_device
 from t2v.text.cache import EmbeddingCacheError, embed_captions, embed_shard, merge_embedding_shards
@@ -41,12 +47,12 @@ def read_captions(manifest: str | os.PathLike) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from t2v import text  # the package docstring's first line is the command's description
-    from t2v.config import ConfigError, add_config_args, cache_dir, load_config, val_manifest
+    from t2v.config import ConfigError, add_config_args, cache_dir, load_config, split_positionals, val_manifest
 
     parser = argparse.ArgumentParser(prog="python -m t2v.text", description=text.__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("embed", help="embed every caption of the manifest(s) once into the text cache")
-    add_config_args(p)
+    add_config_args(p, manifest=True)
     p.add_argument("--manifest", action="append", default=[], metavar="PATH",
                    help="another manifest whose captions to embed (repeatable; data.manifest and the "
                         "validation manifest are always included)")
@@ -59,11 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in sub.choices:
         parser.parse_args(argv)  # prints usage / help and exits
-    # key=value overrides may come before or after --options
+    # MANIFEST and key=value overrides may come before, between or after --options
     args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        manifest, overrides = split_positionals(args.positionals)
+        cfg = load_config(args.config, overrides)
+        if manifest:  # as given, not read as YAML; after the file and $MANIFEST, as the most explicit setting
+            cfg.data.manifest = manifest
         captions: list[str] = []
         for m in [cfg.data.manifest, *args.manifest]:
             if not Path(m).is_file():
@@ -86,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache = embed_captions(cfg.text, captions, out_dir, batch_size=args.batch_size,
                                    progress=not args.no_progress, device=device)
     except (ConfigError, TextEncoderError, EmbeddingCacheError, DeviceError, OSError) as e:
+        code = no_room(e, "text.cache_dir")  # a full disk or quota: its own line and exit code
+        if code is not None:
+            return code
         print(f"error: {e}", file=sys.stderr)
         return 2
     unique = len(set(captions))
