@@ -88,7 +88,7 @@ def prepare(cfg) -> None:
     clips = read_manifest(cfg.data.manifest)
     if open_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data")) is None:
         build_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data"), progress=False)
-    captions = sorted({c for clip in clips for c in clip.captions} | {prompt_of(*p) for p in PROMPTS}
+    captions = sorted({"", *(c for clip in clips for c in clip.captions)} | {prompt_of(*p) for p in PROMPTS}
                       | set(cfg.train.sample_prompts))
     cache = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))
     if cache.missing(captions) or (cfg.text.tokens and not cache.has_tokens):

@@ -56,13 +56,19 @@ EVAL_EVERY = 250
 
 
 def run_one(name: str, seed: int, steps: int, eval_every: int, work: Path, extra: list[str], tag: str = "") -> dict:
+    overrides = RECIPES[name] + extra
+    r = train_and_judge(work / f"{label(name, tag)}-seed{seed}", overrides, seed, steps, eval_every, name)
+    return {"recipe": label(name, tag), **r}
+
+
+def train_and_judge(outdir: Path, overrides: list[str], seed: int, steps: int, eval_every: int, name: str) -> dict:
+    """Train configs/demo.yaml with ``overrides`` for ``steps``, then judge every ``eval_every`` steps' checkpoint
+    on all 48 demo prompts beside the validation loss at that step; returns the run's result."""
     from t2v import config
     from t2v.demo_eval import check
     from t2v.runlog import read_records
     from t2v.train import train
 
-    outdir = work / f"{label(name, tag)}-seed{seed}"
-    overrides = RECIPES[name] + extra
     cfg = config.load_config(REPO / "configs" / "demo.yaml", [
         *overrides, f"train.seed={seed}", f"train.steps={steps}", f"train.ckpt_every={eval_every}",
         f"train.keep_last={steps // eval_every + 1}", "train.sample_every=0", f"train.val_every={eval_every}",
@@ -79,9 +85,9 @@ def run_one(name: str, seed: int, steps: int, eval_every: int, work: Path, extra
                       **{k: r[k] for k in ("color", "shape", "motion", "background")},
                       "per_shape": r["per_shape"], "per_color": r["per_color"], "per_motion": r["per_motion"]})
         print(f"  {name} seed {seed} step {step}: {json.dumps(evals[-1])}", flush=True)
-    return {"recipe": label(name, tag), "seed": seed, "overrides": overrides, "steps": steps,
-            "step_s": median_step_s(outdir), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "evals": evals}
+    return {"seed": seed, "overrides": overrides, "steps": steps, "step_s": median_step_s(outdir),
+            "threads": int(os.environ.get("OMP_NUM_THREADS", "0")), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "evals": evals}
 
 
 def label(name: str, tag: str) -> str:
@@ -119,24 +125,21 @@ def reached(evals: list[dict], kinds=ALL) -> int | None:
     return None
 
 
-def spawn(jobs: list[tuple[str, int]], n: int, threads: int, args) -> None:
-    """Run every (recipe, seed) in its own process, n at a time."""
+def spawn(jobs: list[tuple[str, list[str]]], n: int, threads: int, work: Path) -> None:
+    """Run every (name, command) in its own process from the repository, n at a time, each logging to
+    work/<name>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     pending, running = list(jobs), []
     while pending or running:
         while pending and len(running) < n:
-            name, seed = pending.pop(0)
-            log = open(Path(args.work) / f"{label(name, args.tag)}-seed{seed}.log", "w")
-            cmd = [sys.executable, "-m", "bench.recipe_sweep", "--one", name, str(seed), "--steps", str(args.steps),
-                   "--eval-every", str(args.eval_every), "--work", args.work,
-                   *(["--extra", args.extra] if args.extra else []), *(["--tag", args.tag] if args.tag else [])]
-            running.append(((name, seed), subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)))
-            print(f"started {name} seed {seed}", flush=True)
+            name, cmd = pending.pop(0)
+            log = open(Path(work) / f"{name}.log", "w")
+            running.append((name, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)))
+            print(f"started {name}", flush=True)
         time.sleep(2)
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
-            print(f"finished {item[0][0]} seed {item[0][1]}: exit {item[1].returncode}", flush=True)
+            print(f"finished {item[0]}: exit {item[1].returncode}", flush=True)
 
 
 def tables(results: list[dict]) -> str:
@@ -211,15 +214,20 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def add_run_args(p, steps: int, eval_every: int, work: str) -> None:
+    """What every sweep of judged demo runs takes: its length, how often it is judged, how it shares the machine."""
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--eval-every", type=int, default=eval_every)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
+    p.add_argument("--work", default=work)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
-    p.add_argument("--work", default="/tmp/t2v-recipe-sweep")
+    add_run_args(p, STEPS, EVAL_EVERY, "/tmp/t2v-recipe-sweep")
     p.add_argument("--extra", default="",
                    help="key=value,... added to every recipe (a list value may hold commas: k=[1,2])")
     p.add_argument("--tag", default="", help="name of the --extra variant: its results are RECIPE+TAG-seedN.json")
@@ -234,6 +242,7 @@ def main(argv=None) -> int:
         # a comma starts a new key=value only where one follows: model.channel_mults=[1,2,2] stays whole
         extra = [o for o in re.split(r",(?=[\w.]+=)", args.extra) if o]
         r = run_one(name, seed, args.steps, args.eval_every, Path(args.work), extra, args.tag)
+        RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{label(name, args.tag)}-seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         return 0
     if not args.table:
@@ -242,7 +251,10 @@ def main(argv=None) -> int:
             p.error(f"unknown recipe(s) {unknown}: expected some of {', '.join(RECIPES)}")
         seeds = [int(s) for s in args.seeds.split(",")]
         # seed-major: the first seed of every recipe finishes first, so a partial sweep still compares all four
-        spawn([(n, s) for s in seeds for n in args.recipes.split(",")], args.jobs, args.threads, args)
+        common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every), "--work", args.work,
+                  *(["--extra", args.extra] if args.extra else []), *(["--tag", args.tag] if args.tag else [])]
+        spawn([(f"{label(n, args.tag)}-seed{s}", [sys.executable, "-m", "bench.recipe_sweep", "--one", n, str(s), *common])
+               for s in seeds for n in args.recipes.split(",")], args.jobs, args.threads, Path(args.work))
     results = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))]
     print(tables(results))
     if results:

@@ -269,6 +269,24 @@ def test_umt5_captions_are_wan_pipelines_and_cached_at_their_length(pixel_wan, t
 
 
 @pytest.mark.slow
+def encoded_demo(tmp_path: Path, over: list[str], n_train: int, kind: str = "shapes"):
+    """The demo data (``kind``), its captions embedded and its clips encoded by `python -m t2v.data latents` with
+    ``over``: (the training config, the latents command's arguments)."""
+    from t2v.data.__main__ import main as data_main
+    from t2v.data.demo import make_demo
+    from t2v.data.manifest import read_manifest
+    from t2v.text import embed_captions
+
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", *over)
+    make_demo(tmp_path / "data", n_train=n_train, n_val=2, n_test=2, seed=0, kind=kind)
+    captions = [c for m in (cfg.data.manifest, C.val_manifest(cfg)) for clip in read_manifest(m) for c in clip.captions]
+    embed_captions(cfg.text, captions + list(cfg.train.sample_prompts) + [""], C.cache_dir(cfg, "text"), progress=False)
+    args = ["latents", "--config", str(REPO / "configs/tiny.yaml"), f"data.manifest={cfg.data.manifest}",
+            f"data.cache_dir={cfg.data.cache_dir}", f"text.cache_dir={cfg.text.cache_dir}", *over]
+    assert data_main(args) == 0
+    return cfg, args
+
+
 def test_wan_in_its_vae_space_trains_resumes_and_samples_what_wan_pipeline_decodes(tmp_path):
     """The path of a real fine-tune: Wan's own VAE (16 channels, 4x in time) encodes each clip of 4k+1 frames once
     (`python -m t2v.data latents`), normalised by its latents_mean/std; a LoRA trains, resumes bit-exact, and its
@@ -283,17 +301,7 @@ def test_wan_in_its_vae_space_trains_resumes_and_samples_what_wan_pipeline_decod
     over = [*wan_overrides(base, "data.frames=5", "model.space=latent", f"vae.name={base}", "vae.subfolder=vae",
                            "train.finetune=lora", "train.lora_rank=4", "train.steps=6", "train.ckpt_every=3",
                            "train.val_every=3", "train.lr=1e-2")]
-    cfg = tiny_config(tmp_path / "data", tmp_path / "run", *over)
-    from t2v.data.demo import make_demo
-    from t2v.data.manifest import read_manifest
-    from t2v.text import embed_captions
-
-    make_demo(tmp_path / "data", n_train=6, n_val=2, n_test=2, seed=0)
-    captions = [c for m in (cfg.data.manifest, C.val_manifest(cfg)) for clip in read_manifest(m) for c in clip.captions]
-    embed_captions(cfg.text, captions + list(cfg.train.sample_prompts) + [""], C.cache_dir(cfg, "text"), progress=False)
-    args = ["latents", "--config", str(REPO / "configs/tiny.yaml"), f"data.manifest={cfg.data.manifest}",
-            f"data.cache_dir={cfg.data.cache_dir}", f"text.cache_dir={cfg.text.cache_dir}", *over]
-    assert data_main(args) == 0
+    cfg, args = encoded_demo(tmp_path, over, n_train=6)
     shapes = sorted(np.load(p, mmap_mode="r").shape for p in (tmp_path / "data" / "cache").glob("latents_*.npy"))
     # train and val clips, mean/std, 1 + (5 - 1) / 4 latent frames, c h w
     assert shapes == [(2, 2, 2, 16, 2, 2), (6, 2, 2, 16, 2, 2)]
@@ -328,10 +336,6 @@ def test_wan_trains_on_windows_at_its_rate_from_encoded_windows_and_resumes_bit_
     """data.sampling=window in Wan's VAE space: `python -m t2v.data latents` encodes windows of 4k+1 frames inside
     the shots of each clip (the demo's "shots" set, cut every ~1.5 s); a LoRA trains on draws of them, validates on
     fixed ones, and a run cut in two ends bit-identical to an uninterrupted one."""
-    from t2v.data.__main__ import main as data_main
-    from t2v.data.demo import make_demo
-    from t2v.data.manifest import read_manifest
-    from t2v.text import embed_captions
     from t2v.train import train
 
     base = save_wan_pipeline(tmp_path / "wan", in_channels=16, text_dim=TEXT_DIM)
@@ -339,13 +343,7 @@ def test_wan_trains_on_windows_at_its_rate_from_encoded_windows_and_resumes_bit_
                            "model.space=latent", f"vae.name={base}", "vae.subfolder=vae", "train.finetune=lora",
                            "train.lora_rank=4", "train.steps=4", "train.ckpt_every=2", "train.val_every=4",
                            "train.val_clips=2", "train.lr=1e-2")]
-    cfg = tiny_config(tmp_path / "data", tmp_path / "run", *over)
-    make_demo(tmp_path / "data", n_train=4, n_val=2, n_test=2, seed=0, kind="shots")
-    captions = [c for m in (cfg.data.manifest, C.val_manifest(cfg)) for clip in read_manifest(m) for c in clip.captions]
-    embed_captions(cfg.text, captions + list(cfg.train.sample_prompts) + [""], C.cache_dir(cfg, "text"), progress=False)
-    args = ["latents", "--config", str(REPO / "configs/tiny.yaml"), f"data.manifest={cfg.data.manifest}",
-            f"data.cache_dir={cfg.data.cache_dir}", f"text.cache_dir={cfg.text.cache_dir}", *over]
-    assert data_main(args) == 0
+    cfg, _ = encoded_demo(tmp_path, over, n_train=4, kind="shots")
     shapes = sorted(np.load(p, mmap_mode="r").shape for p in (tmp_path / "data" / "cache").glob("latwin_*.npy"))
     assert shapes == [(4, 2, 2, 16, 2, 2), (8, 2, 2, 16, 2, 2)]  # val and train clips x 2 windows, 2 t' c h w
 
