@@ -397,6 +397,16 @@ def add_config_args(parser, manifest: bool = False) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=5000")
 
 
+def load_with_manifest(path, overrides: Sequence[str], manifest: str) -> Config:
+    """load_config, with a positional MANIFEST (split_positionals) as data.manifest: set as given, not read as
+    YAML (which would turn a file named ~ or 0x10 into something else), and after the file and $MANIFEST, as the
+    most explicit setting."""
+    cfg = load_config(path, overrides)
+    if manifest:
+        cfg.data.manifest = manifest
+    return cfg
+
+
 def split_positionals(values: Sequence[str]) -> tuple[str, list[str]]:
     """A command's positional arguments as (MANIFEST or "", key=value overrides), whatever their order.
 

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from t2v.config import ConfigError, add_config_args, cache_dir, load_config, split_positionals, val_manifest
+from t2v.config import (ConfigError, add_config_args, cache_dir, load_with_manifest, split_positionals,
+                        val_manifest)
 from t2v.cachebuild import no_room
 from t2v.data.cache import CacheError, shard_argument, shard_count
 from t2v.data.manifest import ManifestError, Problem
@@ -31,15 +32,6 @@ from t2v.vae import VAEError
 def print_table(problems: list[Problem], out=None) -> None:
     rows = [(p.line, p.kind, p.message) for p in problems]
     print(text_table(("line", "kind", "message"), rows, sep=" | ", rule=True, right=[0]), file=out or sys.stdout)
-
-
-def load_with_manifest(config, overrides, manifest):
-    """The config, with a positional MANIFEST as data.manifest: set as given, not read as YAML (which would turn a
-    file named ~ or 0x10 into something else), and after the file and $MANIFEST, as the most explicit setting."""
-    cfg = load_config(config, overrides)
-    if manifest:
-        cfg.data.manifest = manifest
-    return cfg
 
 
 def cmd_check(args) -> int:

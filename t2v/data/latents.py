@@ -266,11 +266,10 @@ class LatentWindowCache(Windowed):
 @dataclass
 class LatentVideoWindows(Windowed):
     """A video VAE's window cache. Rows: whole windows, (2, t', C, h, w) float16 each (the posterior's mean and std
-    of ``window`` frames at the cache's rate, encoded together), up to ``per_clip`` of them per clip, spread over
+    of data.frames frames at the cache's rate, encoded together), up to ``per_clip`` of them per clip, spread over
     its shots (t2v.data.windows.window_starts); each draw takes one of its clip's windows."""
 
     space: LatentSpace | None = None
-    window_frames: int = 0
     starts: list = field(default_factory=list)  # per clip, each encoded window's first frame (-1: padded)
     frames: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per clip, its frames at the rate
 
@@ -357,8 +356,8 @@ def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir,
             return None
         arr, meta = got
         if video:
-            return LatentVideoWindows(f.npy, size, rate, meta["paths"], _array=arr, space=space, window_frames=frames,
-                                      starts=meta["starts"], frames=np.asarray(meta["frames"]), **read_index(meta))
+            return LatentVideoWindows(f.npy, size, rate, meta["paths"], _array=arr, space=space, starts=meta["starts"],
+                                      frames=np.asarray(meta["frames"]), **read_index(meta))
         return LatentWindowCache(f.npy, size, rate, meta["paths"], _array=arr, space=space, **read_index(meta))
     return None
 

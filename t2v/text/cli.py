@@ -47,7 +47,7 @@ def read_captions(manifest: str | os.PathLike) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from t2v import text  # the package docstring's first line is the command's description
-    from t2v.config import ConfigError, add_config_args, cache_dir, load_config, split_positionals, val_manifest
+    from t2v.config import ConfigError, add_config_args, cache_dir, load_with_manifest, split_positionals, val_manifest
 
     parser = argparse.ArgumentParser(prog="python -m t2v.text", description=text.__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -70,9 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         manifest, overrides = split_positionals(args.positionals)
-        cfg = load_config(args.config, overrides)
-        if manifest:  # as given, not read as YAML; after the file and $MANIFEST, as the most explicit setting
-            cfg.data.manifest = manifest
+        cfg = load_with_manifest(args.config, overrides, manifest)
         captions: list[str] = []
         for m in [cfg.data.manifest, *args.manifest]:
             if not Path(m).is_file():
