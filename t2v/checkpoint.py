@@ -1,6 +1,7 @@
-"""Checkpoint files: atomic save, verified load, keep-last-k, newest-valid lookup.
+"""Checkpoints: atomic save, verified load, keep-last-k, newest-valid lookup.
 
-A checkpoint is `OUTDIR/ckpt_NNNNNN.pt`, a plain dict of tensors and primitives so that it loads with
+A checkpoint is `OUTDIR/ckpt_NNNNNN.pt`, or with train.parallel=fsdp a folder `OUTDIR/ckpt_NNNNNN/` that every rank
+writes its shards into (t2v.sharded); everything here takes either. A file is a plain dict of tensors and primitives so that it loads with
 `torch.load(weights_only=True)`: a file that carries arbitrary pickled objects is refused, never executed.
 Writes go to a temporary file in the same folder, are fsync'ed and then renamed over the final name, so
 a job killed mid-save leaves either the old set of checkpoints or the new one, never a torn file.
@@ -13,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2v import sharded
 from t2v.files import atomic_write
 
 log = logging.getLogger("t2v.checkpoint")
@@ -50,13 +53,26 @@ def ckpt_path(outdir: str | os.PathLike, step: int) -> Path:
     return Path(outdir) / f"ckpt_{step:06d}.pt"
 
 
+def step_of(path: Path) -> int | None:
+    """The step in a checkpoint's name (`ckpt_000200.pt` or the folder `ckpt_000200`), None for other names."""
+    m = CKPT_RE.match(path.name) or sharded.DIR_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def size_of(path: Path) -> int:
+    """Bytes of a checkpoint file, or of every file of a sharded folder."""
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
 def list_checkpoints(outdir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every `ckpt_NNNNNN.pt` in outdir, oldest first."""
+    """(step, path) of every `ckpt_NNNNNN.pt` file and `ckpt_NNNNNN/` folder in outdir, oldest first (a folder only
+    has its final name once its save finished: t2v.sharded)."""
     d = Path(outdir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
-    return sorted(found)
+    found = [(s, p) for p in d.iterdir()
+             if (s := step_of(p)) is not None and p.is_dir() == bool(sharded.DIR_RE.match(p.name))]
+    return sorted(found, key=lambda sp: (sp[0], sp[1].is_dir()))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -93,9 +109,12 @@ def _read(path: Path) -> bytes:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and verify one checkpoint. Raises CheckpointError with the reason (CheckpointReadError when the file
-    could not be read at all); never unpickles code."""
+    """Load and verify one checkpoint, a file or a sharded folder (read whole, in this process). Raises
+    CheckpointError with the reason (CheckpointReadError when the file could not be read at all); never unpickles
+    code."""
     path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
     try:
         data = _read(path)  # read first, parse from memory: an I/O error is told apart from bad bytes
     except FileNotFoundError:
@@ -107,6 +126,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         reason = "refused: it holds pickled objects other than tensors" if "global" in str(e).lower() else "corrupt"
         raise CheckpointError(f"{path}: {reason} ({_cause(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated ({_cause(e)})") from None
+    verify_state(state, path)
+    return state
+
+
+def _load_folder(path: Path) -> dict[str, Any]:
+    try:
+        state = sharded.load_full(path)
+    except sharded.ShardedError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointReadError(f"{path}: cannot be read ({e}); retry when the file system is back") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated ({_cause(e)})") from None
     verify_state(state, path)
     return state
@@ -129,9 +161,9 @@ def verify_state(state: Any, path: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)} (not a resumable t2v checkpoint)")
-    m = CKPT_RE.match(path.name)
-    if m and int(m.group(1)) != int(state["step"]):
-        raise CheckpointError(f"{path}: file name says step {int(m.group(1))} but it holds step {state['step']}")
+    named = step_of(path)
+    if named is not None and named != int(state["step"]):
+        raise CheckpointError(f"{path}: its name says step {named} but it holds step {state['step']}")
     for name in ("model", "ema"):
         bad = [k for k, v in state[name].items() if torch.is_tensor(v) and v.is_floating_point() and not _finite(v)]
         if bad:
@@ -145,37 +177,62 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite((a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()).all())
 
 
-def load_latest(outdir: str | os.PathLike, map_location="cpu") -> tuple[dict | None, Path | None]:
-    """Newest checkpoint that loads and verifies. A broken one is renamed `*.corrupt` (kept, never deleted)
-    with a warning, and the previous one is tried. One that cannot be read at all (CheckpointReadError) stops
-    the search: falling back would silently throw away the newest work."""
+def load_resume_state(path: Path) -> dict[str, Any]:
+    """What a resume reads before the model exists: a file whole; of a sharded folder, after checking that every
+    rank's file is there and whole, only its train state (each rank reads its shards later: t2v.sharded.load_into)."""
+    if not path.is_dir():
+        return load_checkpoint(path)
+    try:
+        sharded.check(path)
+        return sharded.load_train_state(path)
+    except sharded.ShardedError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointReadError(f"{path}: cannot be read ({e}); retry when the file system is back") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}/{sharded.TRAIN_STATE}: corrupt or truncated ({_cause(e)})") from None
+
+
+def load_latest(outdir: str | os.PathLike, load=load_checkpoint) -> tuple[dict | None, Path | None]:
+    """Newest checkpoint that ``load`` reads and verifies. A broken one is renamed `*.corrupt` (kept, never
+    deleted) with a warning, and the previous one is tried. One that cannot be read at all (CheckpointReadError)
+    stops the search: falling back would silently throw away the newest work."""
     for step, path in reversed(list_checkpoints(outdir)):
         try:
-            return load_checkpoint(path, map_location), path
+            return load(path), path
         except CheckpointReadError:
             raise
         except CheckpointError as e:
             bad = path.with_name(path.name + ".corrupt")
+            n = 1
+            while bad.is_dir():  # a folder cannot replace another one: keep both
+                bad, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
             log.warning("warning: %s; falling back to the previous checkpoint (kept as %s)", e, bad.name)
             os.replace(path, bad)
     return None, None
 
 
 def prune(outdir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints; returns what was removed."""
+    """Delete all but the newest `keep_last` checkpoints (files or folders); returns what was removed."""
     ckpts = list_checkpoints(outdir)
     removed = [p for _, p in ckpts[: max(0, len(ckpts) - keep_last)]]
     for p in removed:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return removed
 
 
 def clean_temp_files(outdir: str | os.PathLike) -> None:
-    """Remove temp files left by a save that was killed (they never replaced a real checkpoint)."""
+    """Remove what a save that was killed left (it never replaced a real checkpoint): temporary files, and
+    temporary folders of sharded saves."""
     d = Path(outdir)
     if d.is_dir():
         for p in d.glob(".ckpt_*.pt.tmp-*"):
             p.unlink(missing_ok=True)
+        for p in [*d.glob(".ckpt_*.tmp"), *d.glob(".ckpt_*.old")]:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def rng_state(device: torch.device) -> dict:

@@ -9,7 +9,9 @@ scaler, every RNG, the data position, the config), what a resume must match, whe
     ...
     if ckpt.due(step): ckpt.save(step, last_loss)
 
-t2v.checkpoint does the file I/O (atomic save, verified load, quarantine, keep-k); t2v.train is the loop.
+t2v.checkpoint does the file I/O (atomic save, verified load, quarantine, keep-k), t2v.sharded a sharded folder's
+(train.parallel=fsdp: every rank saves its shards); t2v.train is the loop. Either kind resumes into either kind of
+run, at any world size that divides the global batch.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ import torch
 from t2v import checkpoint as ckpt_io
 from t2v import config
 from t2v import distributed
+from t2v import parallel
 from t2v import runlog
+from t2v import sharded
 from t2v.checkpoint import rng_state, set_rng_state
 from t2v.config_checks import space_facts
 from t2v.files import free_bytes, human_bytes
@@ -83,10 +87,12 @@ class Checkpointer:
         another step because of its own passing read error."""
         if self.dist.is_main:
             ckpt_io.clean_temp_files(self.outdir)
-        state, path = ckpt_io.load_latest(self.outdir) if self.dist.is_main else (None, None)
+        # of a sharded folder only the train state: each rank reads its own shards in load_state_dict
+        load = ckpt_io.load_resume_state
+        state, path = ckpt_io.load_latest(self.outdir, load) if self.dist.is_main else (None, None)
         path = distributed.broadcast_object(path, self.dist)
         if not self.dist.is_main and path is not None:
-            state = ckpt_io.load_checkpoint(path)
+            state = load(path)
         return state, path
 
     def check_resume(self, state: dict | None, path: Path | None, asked: int, space) -> int:
@@ -111,8 +117,10 @@ class Checkpointer:
                           f"{cfg.train.batch_size} x {world} ranks{f' x {accum} micro-batches' if accum > 1 else ''} "
                           f"asks for {asked}): a resumed run keeps its data order")
         if global_batch % world:
-            raise TrainingError(f"{path}: global batch {global_batch} is not divisible by {world} ranks; resume with "
-                                "a world size that divides it")
+            was = state["data"].get("world_size", 1)
+            raise TrainingError(f"{path}: saved on {was} rank{'s' * (was != 1)} with global batch {global_batch}, "
+                                f"which {world} ranks cannot split evenly; resume on a world size that divides "
+                                f"{global_batch} (the global batch is kept so that the data order is)")
         return global_batch
 
     def attach(self, model, ema, opt, scaler, global_batch: int, data: dict | None = None) -> None:
@@ -128,35 +136,59 @@ class Checkpointer:
         if changed_base:
             raise TrainingError(changed_base)
         try:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-        except RuntimeError as e:  # only reachable through train.allow_changes=model.<key>
+            self._load_weights(state, path)
+        except (RuntimeError, KeyError) as e:  # only reachable through train.allow_changes=model.<key>
             lines = str(e).splitlines()
             raise TrainingError(f"{path}: its weights do not fit this model "
                                 f"({lines[1].strip() if len(lines) > 1 else e})") from None
-        self.opt.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], next(self.model.parameters()).device)
+        # a sharded save holds every rank's RNG; a rank the saving run did not have takes rank 0's
+        rng = state.get("rng_ranks", {}).get(f"rank{self.dist.rank}", state["rng"])
+        set_rng_state(rng, next(self.model.parameters()).device)
         step = int(state["step"])
         self.log.line(f"{runlog.RESUMED_PREFIX}{path} at step {step} (restart {restart})")
         world = self.dist.world_size
         if state["data"].get("world_size", 1) != world:
             self.log.line(f"world size {state['data'].get('world_size', 1)} -> {world}: global batch "
-                          f"{self.global_batch} kept, {self.global_batch // world} per rank")
+                          f"{self.global_batch} kept, {self.global_batch // world} per rank; the same clips, noise "
+                          "and timesteps as before, but from here the trajectory differs from an uninterrupted run by "
+                          "the order of float sums over ranks (not bit-exact)")
         self.log.event(runlog.RESUME, step, path=str(path), world_size=world, **({"nodes": nodes} if nodes else {}))
         return step
 
+    def _load_weights(self, state: dict, path: Path) -> None:
+        """Model, EMA and optimizer from a sharded folder (every rank its part) or a file (whole on every rank; a
+        sharded model keeps its own shards of it)."""
+        if path.is_dir():
+            sharded.load_into(path, self.model, self.ema, self.opt)
+        elif parallel.is_sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=whole)
+            set_model_state_dict(self.ema, state["ema"], options=whole)
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]  # the optimizer's order
+            set_optimizer_state_dict(self.model, self.opt, sharded.optimizer_by_name(state["optimizer"], names),
+                                     options=whole)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+
     # --- save -----------------------------------------------------------------------------------------------
     def state_dict(self, step: int, last_loss: float) -> dict[str, Any]:
-        """Everything a run needs to go on at ``step`` exactly as if it had never stopped."""
+        """Everything a run needs to go on at ``step`` exactly as if it had never stopped (a single file's)."""
+        return {**self.train_state(step, last_loss), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict()}
+
+    def train_state(self, step: int, last_loss: float, rng_ranks: list | None = None) -> dict[str, Any]:
+        """All of it but the weights and the optimizer state: a sharded save's train_state.pt."""
         cfg = self.cfg
         return {
             "format": ckpt_io.FORMAT_VERSION,
             "step": step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "config": config.to_dict(cfg),
             "rng": rng_state(next(self.model.parameters()).device),
@@ -164,6 +196,8 @@ class Checkpointer:
                      "world_size": self.dist.world_size, "grad_accum": cfg.train.grad_accum, **self.data},
             "metrics": {"loss": last_loss},
             "time": time.time(),
+            # one key a rank: each draws from its own generators (one key for all would keep one rank's)
+            **({"rng_ranks": {f"rank{r}": s for r, s in enumerate(rng_ranks)}} if rng_ranks else {}),
         }
 
     def _check_room(self) -> None:
@@ -172,7 +206,7 @@ class Checkpointer:
         if self.space_warned:
             return
         if not self.last_size and (saved := ckpt_io.list_checkpoints(self.outdir)):
-            self.last_size = saved[-1][1].stat().st_size
+            self.last_size = ckpt_io.size_of(saved[-1][1])
         free = free_bytes(self.outdir)
         if self.last_size and free is not None and free < 2 * self.last_size:
             self.space_warned = True
@@ -186,12 +220,23 @@ class Checkpointer:
 
     def save(self, step: int, last_loss: float) -> Path | None:
         """Rank 0 writes the checkpoint (atomically) and keeps the newest train.keep_last; the baseline's
-        `saved OUTDIR/ckpt_NNNNNN.pt` line and a checkpoint event. Other ranks return None."""
-        if not self.dist.is_main:
+        `saved OUTDIR/ckpt_NNNNNN.pt` line and a checkpoint event. Other ranks return None. A sharded model's
+        checkpoint is a folder every rank writes into (every rank must call this at the same step)."""
+        if parallel.is_sharded(self.model):
+            rngs = distributed.gather_object(rng_state(next(self.model.parameters()).device), self.dist)
+            if self.dist.is_main:
+                self._check_room()
+            path = sharded.save(ckpt_io.ckpt_path(self.outdir, step).with_suffix(""), self.model, self.ema, self.opt,
+                                self.train_state(step, last_loss, rngs) if self.dist.is_main else None,
+                                self.dist.is_main)
+            if not self.dist.is_main:
+                return None
+        elif not self.dist.is_main:
             return None
-        self._check_room()
-        path = ckpt_io.save_checkpoint(self.state_dict(step, last_loss), ckpt_io.ckpt_path(self.outdir, step))
-        self.last_size = path.stat().st_size
+        else:
+            self._check_room()
+            path = ckpt_io.save_checkpoint(self.state_dict(step, last_loss), ckpt_io.ckpt_path(self.outdir, step))
+        self.last_size = ckpt_io.size_of(path)
         ckpt_io.prune(self.outdir, self.cfg.train.keep_last)
         self.log.line(f"saved {path}")
         self.log.event(runlog.CHECKPOINT, step, path=str(path))

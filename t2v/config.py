@@ -170,6 +170,14 @@ class TrainConfig:
     wandb_project: str = "t2v-slurm"
     compile: bool = False
     channels_last: bool = False
+    # ddp: every rank holds the whole model and its Adam state; fsdp: each holds 1/N of them (FSDP2), and a
+    # checkpoint is a folder every rank writes its shard into (docs/multinode.md, docs/checkpoints.md)
+    parallel: str = "ddp"
+    # deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS workspace, no cuDNN autotuning): a GPU
+    # resume can then be compared bit for bit, at some cost in speed
+    deterministic: bool = False
+    # the card's peak TFLOP/s for MFU in metrics.jsonl; 0 = from t2v.flops' table of A100/H100/H200 peaks
+    peak_tflops: float = 0.0
     # a pretrained model (model.pretrained): "full" trains every weight, "lora" a low-rank adapter (peft) on
     # train.lora_targets; a checkpoint holds only what trains
     finetune: str = "full"

@@ -27,6 +27,7 @@ SAMPLERS = {"ddpm": ("ddim", "ddpm", "sd-ddim"), "flow": ("euler", "heun", "unip
 ARCHS = ("unet", "dit", "wan", "animatediff")
 PRETRAINED = ("wan", "animatediff")  # the families of t2v/models that load model.pretrained
 FINETUNES = ("full", "lora", "motion")
+PARALLELS = ("ddp", "fsdp")  # t2v.parallel
 TEXT_ENCODERS = ("clip", "hash", "tiny", "umt5", "sd_clip")  # t2v.text.encoders builds each
 
 
@@ -269,6 +270,11 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (d.shift > 0, "diffusion.shift must be > 0 (1 = the plain schedule)"),
         (d.snr_gamma >= 0, "diffusion.snr_gamma must be >= 0 (0 = off)"),
         (cfg.train.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision must be auto, bf16, fp16 or fp32"),
+        (t.parallel in PARALLELS, f"train.parallel must be one of {', '.join(PARALLELS)}, got {t.parallel!r}"),
+        (t.parallel != "fsdp" or t.precision != "fp16",
+         "train.precision=fp16 needs a gradient scaler over sharded gradients, which train.parallel=fsdp does not "
+         "have: use train.precision=bf16 (or auto, bf16 on every GPU FSDP runs on here) or fp32"),
+        (t.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0 = the card's from t2v.flops' table)"),
         *[(k in valid_keys, f"train.allow_changes: {k!r} is not a config key") for k in t.allow_changes],
     ]
     return [msg for ok, msg in checks if not ok]

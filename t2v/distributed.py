@@ -11,8 +11,10 @@ No port is derived from the job id, so two jobs that share a node cannot meet on
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +51,17 @@ class DistError(RuntimeError):
     a peer's connection closed (a rank crashed, hung, or lost its node), or the rendezvous failed."""
 
 
-def init(device_type: str, timeout_s: float = 600.0, run_dir: str | Path | None = None) -> Dist:
+def init(device_type: str, timeout_s: float = 600.0, run_dir: str | Path | None = None, alone: bool = False) -> Dist:
     """Join the process group. ``timeout_s`` bounds every collective, gloo's and NCCL's alike (torch's defaults
     differ: 30 min for gloo, 10 for NCCL), and the rendezvous itself. ``run_dir`` carries rank 0's port to the
-    others when MASTER_PORT=0."""
+    others when MASTER_PORT=0. ``alone``: a group even for one process (FSDP's sharding over one rank is the same
+    code path as over many, which is how one GPU checks it), with an in-memory store and no port."""
     d = detect()
+    if alone and not d.enabled and not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(d.local_rank)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
     if d.enabled and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -166,13 +174,39 @@ def broadcast_object(obj, d: Dist):
     return box[0]
 
 
+def gather_object(obj, d: Dist) -> list:
+    """Every rank's ``obj``, by rank, on every rank ([obj] on one process)."""
+    if not d.enabled:
+        return [obj]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
 
 
 def shutdown(d: Dist, run_dir: str | Path | None = None) -> None:
-    if d.enabled and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        if d.is_main and run_dir is not None and "SLURM_JOB_ID" in os.environ:
+        if d.is_main and d.enabled and run_dir is not None and "SLURM_JOB_ID" in os.environ:
             _rendezvous_file(Path(run_dir)).unlink(missing_ok=True)
+
+
+def exit_process(code: int) -> None:
+    """End this process with ``code``. A process that was one of several ranks leaves through ``os._exit`` once its
+    output is flushed: torch can abort a rank at interpreter exit after the process group is gone ("terminate
+    called without an active exception", pytorch#190489; about 1 two-rank run in 10 here), which would turn a run
+    that finished, or saved for a requeue, into a failed job. Nothing is left to run at that point: the loop has
+    saved, closed its logs and left the group. A single process exits the ordinary way."""
+    if not detect().enabled:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    os._exit(code)

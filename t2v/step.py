@@ -24,6 +24,7 @@ from t2v import config
 from t2v import diffusion
 from t2v import distributed
 from t2v import objective as objectives
+from t2v import parallel
 
 
 def lr_at(step: int, cfg: config.TrainConfig) -> float:
@@ -161,9 +162,8 @@ def train_step(s: StepState, step: int, x0: torch.Tensor, cond: Any, stop_reques
         mb = slice(i * m, (i + 1) * m)
         x_t = s.objective.noisy(x0[mb], noise[mb], t[mb])
         target = s.objective.target(x0[mb], noise[mb], t[mb])
-        # DDP all-reduces gradients in the last micro-batch's backward only (forward and backward under no_sync)
-        sync = i == k - 1 or not hasattr(s.net, "no_sync")
-        with nullcontext() if sync else s.net.no_sync():
+        # DDP and FSDP exchange gradients in the last micro-batch's backward only
+        with parallel.gradient_sync(s.net, i == k - 1):
             with autocast(s.device, s.precision):
                 out = s.forward(s.net, x_t, s.objective.model_time(t[mb]), _rows(cond, mb), keep[mb])
             loss = diffusion.training_loss(out.float(), target, s.objective.weight(t[mb])) / k
@@ -175,7 +175,7 @@ def train_step(s: StepState, step: int, x0: torch.Tensor, cond: Any, stop_reques
         s.opt.zero_grad(set_to_none=True)
         return StepResult(loss_value, stop, None)
     s.scaler.unscale_(s.opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.train.grad_clip)
+    grad_norm = parallel.local(torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.train.grad_clip))
     s.scaler.step(s.opt)
     s.scaler.update()
     s.opt.zero_grad(set_to_none=True)

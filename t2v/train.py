@@ -28,13 +28,15 @@ from t2v.checkpointer import (RESUME_MUST_MATCH, Checkpointer, TrainingError,  #
                               incompatible_changes)
 from t2v import config
 from t2v import distributed
+from t2v import flops
+from t2v import parallel
 from t2v.data.cache import CacheError
 from t2v.data.sources import trained_fps
 from t2v.data.windows import Rate
 from t2v.data.dataset import ClipDataset, StepSampler
 from t2v.data.manifest import ManifestError, read_manifest
 from t2v.data.video import VideoError
-from t2v.device import DeviceError, pick_device
+from t2v.device import DeviceError, no_deterministic_kernel, pick_device, set_deterministic
 from t2v.files import no_space
 from t2v.models import build_model, count_params, ema_copy, identity, set_null_caption
 from t2v.objective import build_objective
@@ -78,7 +80,31 @@ def pick_precision(cfg: config.Config, device: torch.device) -> str:
         return cfg.train.precision
     if device.type != "cuda":
         return "fp32"  # CPU autocast is slower than fp32 for convolutions and breaks bit-exact comparisons
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # fp16 needs a grad scaler, which sharded gradients (train.parallel=fsdp) do not have here
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32" if cfg.train.parallel == "fsdp" else "fp16"
+
+
+def step_flops(model, cfg: config.Config, space, objective, device, global_batch: int) -> int:
+    """Model FLOPs of one optimizer step (t2v.flops: forward and backward of one clip of the run's shape, counted
+    once, times the global batch)."""
+    shape = space.sample_shape(1, cfg.data.frames, cfg.data.size)  # 1 t c h w
+    example = {"x": torch.zeros(shape, device=device), "text": torch.zeros(1, cfg.text.dim, device=device)}
+    if config.uses_tokens(cfg):
+        example["tokens"] = torch.zeros(1, cfg.text.max_tokens, cfg.text.dim, device=device)  # 1 l d
+        example["token_mask"] = torch.ones(1, cfg.text.max_tokens, dtype=torch.bool, device=device)
+    if cfg.model.fps_cond:
+        example["fps"] = torch.full((1,), float(cfg.data.fps or 8), device=device)
+    t = objective.model_time(objective.draw_times(torch.Generator(device=device).manual_seed(0), 1, device))
+    return flops.train_flops_per_clip(model, example, t) * global_batch
+
+
+def card_peak(cfg: config.Config, device: torch.device, precision: str) -> float | None:
+    """TFLOP/s MFU is measured against: train.peak_tflops, else t2v.flops' table for this GPU (None: no MFU)."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops
+    if device.type != "cuda":
+        return None
+    return flops.peak_tflops(torch.cuda.get_device_name(device), precision, torch.backends.cuda.matmul.allow_tf32)
 
 
 def load_data(cfg: config.Config, log: RunLog, space):
@@ -109,7 +135,9 @@ def caption_tokens(emb: EmbeddingCache, captions, device) -> tuple[torch.Tensor,
             torch.stack([m for _, m in pairs]).to(device, non_blocking=True))
 
 
-def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = None) -> None:
+def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = None, write: bool = True) -> None:
+    """A grid of the EMA's samples for train.sample_prompts. A sharded EMA samples on every rank (each block's
+    weights are gathered from all of them); only ``write`` (rank 0) saves the grid."""
     prompts = [p for p in cfg.train.sample_prompts if p in emb]
     if not prompts:
         return
@@ -118,6 +146,8 @@ def preview(ema, cfg, emb, step, device, log, space=None, fps: float | None = No
     videos = generate(ema, cfg, text, tokens=tokens, token_mask=mask, steps=cfg.train.sample_steps,
                       method=cfg.train.sample_method, guidance=cfg.train.guidance, seed=cfg.train.seed, device=device,
                       space=space, fps=fps)
+    if not write:
+        return
     path = runlog.preview_path(cfg.train.outdir, step)
     save_grid(videos, path, prompts)
     log.line(f"sample grid {path}")
@@ -140,8 +170,10 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     """Train to cfg.train.steps, resuming from OUTDIR if it holds checkpoints. Returns the exit code:
     0 when all steps are done, REQUEUE_EXIT when a signal (or `stop_at`, for tests) stopped it after saving."""
     # --- process, device, precision ---------------------------------------------------------------------
+    set_deterministic(cfg.train.deterministic)  # before the first CUDA kernel: cuBLAS reads its setting once
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
-    dist = distributed.init(device.type, cfg.train.dist_timeout_s, cfg.train.outdir)
+    sharded = cfg.train.parallel == "fsdp"  # FSDP shards over a group even of one rank: the same code path
+    dist = distributed.init(device.type, cfg.train.dist_timeout_s, cfg.train.outdir, alone=sharded)
     precision = pick_precision(cfg, device)
     outdir = Path(cfg.train.outdir)
     restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
@@ -179,7 +211,8 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
                           rate=Rate.of(cfg.data), **caches)
     fps = trained_fps(cfg, caches.get("windows"))
     valset = None
-    if dist.is_main and cfg.train.val_every:
+    evaluates = dist.is_main or sharded  # a sharded EMA runs on every rank at once (t2v.parallel)
+    if evaluates and cfg.train.val_every:
         valset, why_not = load_val_set(cfg, emb, space)
         log.line(why_not or f"validation loss every {cfg.train.val_every} steps: {valset.videos.shape[0]} clips of "
                             f"{valset.manifest} at t = {', '.join(map(str, valset.timesteps))}")
@@ -193,12 +226,17 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     ema = ema_copy(model)  # what trains, averaged; a pretrained model's frozen base is shared, not copied
+    objective = build_objective(cfg.diffusion, device)  # DDPM or rectified flow: what x_t and the target are
+    flops_per_step = step_flops(model, cfg, space, objective, device, global_batch)  # before any wrapper
+    peak = card_peak(cfg, device, precision)
+    if sharded:  # each rank keeps 1/N of every weight, gradient, Adam state and EMA weight from here on
+        parallel.shard(model, precision, device)
+        parallel.shard(ema, precision, device)
     # fused: one kernel for all parameters (measured before -> after in bench/results/latest.md); only what trains
     # has optimizer state (a LoRA: the adapter's weights)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                             weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    objective = build_objective(cfg.diffusion, device)  # DDPM or rectified flow: what x_t and the target are
 
     checkpointer.attach(model, ema, opt, scaler, global_batch,
                         data={**space.checkpoint_data(), "fps": fps, **identity(model)})
@@ -216,10 +254,11 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
                     f"{trains:,} trained ({cfg.train.finetune})" if cfg.model.pretrained else
                     f"{cfg.model.size} {cfg.model.arch}: {count_params(model) / 1e6:.2f}M parameters")
             log.line(f"model {what} | "
-                     f"{cfg.diffusion.objective} | precision {precision} | "
+                     f"{cfg.diffusion.objective} | precision {precision} | {cfg.train.parallel} | "
                      f"global batch {global_batch} = {dist.world_size} x {per_rank_batch}"
                      f"{f' ({accum} micro-batches of {per_rank_batch // accum})' if accum > 1 else ''} | "
-                     f"lr {cfg.train.lr:g}")
+                     f"lr {cfg.train.lr:g} | {flops_per_step / 1e12:.4g} model TFLOP a step"
+                     f"{f' (MFU against {peak:g} TFLOP/s a rank)' if peak else ''}")
     steps = cfg.train.steps
     if start_step >= steps:
         log.line(f"nothing to do: {outdir} is already at step {start_step} of {steps}")
@@ -227,7 +266,9 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
         log.close()
         return 0
 
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    # FSDP's model gathers and reduces by itself; DDP wraps the model
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled and not sharded \
+        else model
     if cfg.train.compile:
         net = torch.compile(net)
     sampler = StepSampler(len(clips), global_batch, cfg.train.seed, start_step, dist.rank, dist.world_size, steps)
@@ -274,29 +315,32 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
         if done % cfg.train.log_every == 0 or done == steps:
             elapsed = time.time() - window_start
             log.line(f"step {done:06d} | loss {loss_value:.4f}")
+            utilisation = flops.mfu(flops_per_step, window_steps, elapsed, dist.world_size, peak)
             log.metrics(step=done, loss=loss_value, lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm),
                         clips_per_s=window_steps * global_batch / max(elapsed, 1e-9),
-                        step_time=elapsed / window_steps, world_size=dist.world_size, **peak_memory(device))
+                        step_time=elapsed / window_steps, world_size=dist.world_size, **peak_memory(device),
+                        **({} if utilisation is None else {"mfu": round(utilisation, 4)}))
             window_start, window_steps = time.time(), 0
         saved = checkpointer.due(done)
         if saved:
             checkpointer.save(done, last_loss)
         if valset is not None and (done % cfg.train.val_every == 0 or done == steps):
             log_val_loss(ema, objective, valset, done, device, log)
-        if dist.is_main and cfg.train.sample_every and done % cfg.train.sample_every == 0:
+            parallel.reshard(ema)
+        if evaluates and cfg.train.sample_every and done % cfg.train.sample_every == 0:
             try:
-                preview(ema, cfg, emb, done, device, log, space, fps)
+                preview(ema, cfg, emb, done, device, log, space, fps, write=dist.is_main)
+                parallel.reshard(ema)
             except Exception as e:  # a preview is a picture: it must never end a long run, unless the disk is full
                 if no_space(e):
                     raise
                 log.warn(f"preview at step {done} failed and was skipped: {type(e).__name__}: {e}")
                 log.event(runlog.PREVIEW_FAILED, done, error=f"{type(e).__name__}: {e}")
         if (stop_now or done == stop_at) and done < steps:
-            if dist.is_main:
-                log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {runlog.REQUEUE_MARK}")
-                if not saved:
-                    checkpointer.save(done, last_loss)
-                log.event(runlog.PREEMPT, done, signal=stop.signame or "stop_at")
+            log.line(f"signal {stop.signame or 'stop_at'} at step {done}: {runlog.REQUEUE_MARK}")
+            if not saved:
+                checkpointer.save(done, last_loss)  # rank 0 writes a file; with FSDP every rank its shards
+            log.event(runlog.PREEMPT, done, signal=stop.signame or "stop_at")
             distributed.barrier(dist)
             distributed.shutdown(dist, outdir)
             log.close()
@@ -341,6 +385,14 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # ranks that could not meet, or a collective that timed out or lost a peer
         if no_space(e):
             return _out_of_space(cfg, e)
+        if (op := no_deterministic_kernel(e)) is not None:
+            msg = (f"train.deterministic=true, but {op} has no deterministic kernel on this device; train without "
+                   "train.deterministic (a resume then restores the state exactly, but kernels may sum in another "
+                   "order), or change the setting that uses it")
+            print(f"error: {msg}", file=sys.stderr)
+            if distributed.detect().is_main:
+                runlog.log_error(cfg.train.outdir, msg)
+            return runlog.USAGE_EXIT
         lost = distributed.lost_ranks(e, distributed.detect(), cfg.train.dist_timeout_s) if cfg else None
         if lost is None:
             raise
@@ -360,4 +412,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

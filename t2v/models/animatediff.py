@@ -90,6 +90,9 @@ class AnimateDiffDenoiser(PretrainedDenoiser):
         self.text_dim = int(unet.config.cross_attention_dim)
         self.max_frames = int(unet.config.motion_max_seq_length)
 
+    def fsdp_units(self):  # t2v.parallel: one sharded unit a resolution level of the UNet
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
     def forward(self, x, t, text=None, tokens=None, token_mask=None, cond_mask=None, fps=None):
         if tokens is None:
             raise ValueError("model.arch=animatediff is conditioned on the caption's tokens: set text.tokens=true and "

@@ -215,6 +215,9 @@ class VideoDiT(nn.Module):
         if self.fps_mlp is not None:
             zero_(self.fps_mlp[-1])
 
+    def fsdp_units(self):  # t2v.parallel: one sharded unit a transformer block
+        return list(self.blocks)
+
     def forward(
         self,
         x: torch.Tensor,

@@ -272,6 +272,9 @@ class UNet3DCond(nn.Module):
         self.out_norm = nn.GroupNorm(num_groups(c), c)
         self.out_conv = zero_(nn.Conv3d(c, in_channels * patch ** 2, (1, 3, 3), padding=(0, 1, 1)))
 
+    def fsdp_units(self):  # t2v.parallel: one sharded unit a residual block
+        return [*self.down, self.mid1, self.mid2, *self.up]
+
     def _block(self, blk: nn.Module, h, emb, context, context_mask):
         return run_block(blk, self.checkpointing, h, emb, context, context_mask)
 

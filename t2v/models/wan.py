@@ -86,6 +86,9 @@ class WanDenoiser(PretrainedDenoiser):
             tokens = tokens[:, :self.text_len]  # WanPipeline truncates at the tokenizer: nothing real lies past it
         return F.pad(tokens, (0, 0, 0, self.text_len - tokens.shape[1]))  # b TEXT_LEN d
 
+    def fsdp_units(self):  # t2v.parallel: one sharded unit a transformer block
+        return list(self.transformer.blocks)
+
     def forward(self, x, t, text=None, tokens=None, token_mask=None, cond_mask=None, fps=None):
         context = self.captions(tokens, token_mask, cond_mask).to(x.dtype)
         h = rearrange(x, "b t c h w -> b c t h w")
