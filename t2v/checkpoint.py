@@ -59,6 +59,11 @@ def step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint's folder (not a run folder that holds checkpoints)."""
+    return path.is_file() or (path.is_dir() and step_of(path) is not None and (path / ".metadata").is_file())
+
+
 def size_of(path: Path) -> int:
     """Bytes of a checkpoint file, or of every file of a sharded folder."""
     return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size

@@ -134,9 +134,9 @@ def save_mp4(video: torch.Tensor, path: str | Path, fps: float = DEFAULT_FPS) ->
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder (its newest checkpoint that verifies)."""
+    """A checkpoint (a file or a sharded folder), or a run folder (its newest checkpoint that verifies)."""
     p = Path(path)
-    if p.is_file():
+    if ckpt.is_checkpoint(p):
         return p
     if p.is_dir():
         for _, c in reversed(ckpt.list_checkpoints(p)):

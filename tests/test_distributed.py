@@ -68,7 +68,8 @@ def test_a_resume_on_a_world_size_that_does_not_divide_the_global_batch_is_refus
     state = {"config": config.to_dict(cfg), "data": {"global_batch": 4, "world_size": 2, "vae": None}}
     space = SimpleNamespace(channels=3, identity=None)
     cp = Checkpointer(tmp_path, cfg, RunLog(tmp_path, enabled=False), Dist(0, 3))
-    with pytest.raises(TrainingError, match=r"ckpt_000010\.pt: global batch 4 is not divisible by 3 ranks"):
+    with pytest.raises(TrainingError, match=r"ckpt_000010\.pt: saved on 2 ranks with global batch 4, which 3 ranks cannot split evenly; "
+                                            r"resume on a world size that divides 4"):
         cp.check_resume(state, tmp_path / "ckpt_000010.pt", cfg.train.batch_size * 3, space)
     # 4 ranks divide it: the checkpoint's global batch is kept, 1 per rank
     assert Checkpointer(tmp_path, cfg, RunLog(tmp_path, enabled=False), Dist(0, 4)).check_resume(

@@ -2,7 +2,8 @@
 
 The checkpoint inventory answers "what would a resume load, and what is broken": every ckpt_*.pt (and the
 *.corrupt files a resume quarantined) is loaded with t2v.checkpoint.load_checkpoint (weights_only, on CPU), so a
-pickled object is refused, never executed. It never calls t2v.checkpoint.load_latest, which would rename broken
+pickled object is refused, never executed. A sharded checkpoint's folder (ckpt_*/, train.parallel=fsdp) is checked
+as a resume checks it, without reading its shards: every rank's file there and whole, its train state loading. It never calls t2v.checkpoint.load_latest, which would rename broken
 files: the report only reads. torch is imported on the first checkpoint only, so that the rest of the report
 works on a login node without it (the checkpoints are then listed as "not checked").
 """
@@ -21,7 +22,7 @@ from tools.reporting.parse import parse_log
 
 INVENTORY_COLUMNS = ["file", "step", "time_written", "time_source", "size_mb", "loss_step", "loss_near",
                      "has_ema", "has_optimizer", "status", "resume_pick"]
-CKPT_FILE_RE = re.compile(r"^ckpt_(?P<step>\d+)\.pt(?P<corrupt>\.corrupt)?$")
+CKPT_FILE_RE = re.compile(r"^ckpt_(?P<step>\d+)(?P<file>\.pt)?(?P<corrupt>\.corrupt\d*)?$")
 SAMPLE_RE = re.compile(r"^preview_step(?P<step>\d+)\.png$")
 EVAL_RE = re.compile(r"^step_(?P<step>\d+)\.json$")
 # What an eval file records about how it was made (t2v.eval): settings, not metrics to plot.
@@ -128,25 +129,32 @@ def inventory(run_dir: str | os.PathLike, losses: pd.DataFrame | None = None, lo
     run_dir = Path(run_dir)
     losses = losses if losses is not None else parse_log([])
     files = sorted(((int(m.group("step")), bool(m.group("corrupt")), p) for p in run_dir.iterdir()
-                    if p.is_file() and (m := CKPT_FILE_RE.match(p.name))), key=lambda t: (t[0], t[1]))
+                    if (m := CKPT_FILE_RE.match(p.name)) and p.is_file() == bool(m.group("file"))),
+                   key=lambda t: (t[0], t[1]))
     loader, why = None, "not checked"
     if load and files:
         try:
-            from t2v.checkpoint import load_checkpoint as loader
+            from t2v.checkpoint import load_checkpoint, load_resume_state
+
+            def loader(path, map_location="cpu"):  # a folder: checked as a resume checks it, shards unread
+                if not path.is_dir():
+                    return load_checkpoint(path, map_location=map_location)
+                return {**load_resume_state(path), "ema": True, "optimizer": True}  # .metadata lists both
         except ImportError as e:
             why = "not checked (no torch)" if "torch" in str(e) else f"not checked ({e})"
     rows = []
     for step, quarantined, p in files:
         st = p.stat()
+        size = sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else st.st_size  # every rank's file
         status, state = _check(p, loader) if loader else (why, None)
         written, tsrc = st.st_mtime, "mtime"
         if state is not None and isinstance(state.get("time"), (int, float)) and math.isfinite(state["time"]):
             written, tsrc = float(state["time"]), "checkpoint"
         lstep, lval = _loss_near(losses, step, written)
         rows.append({
-            "file": p.name, "step": step,
+            "file": p.name + "/" * p.is_dir(), "step": step,
             "time_written": _dt.datetime.fromtimestamp(written).isoformat(timespec="seconds"),
-            "time_source": tsrc, "size_mb": round(st.st_size / 2**20, 3), "loss_step": lstep, "loss_near": lval,
+            "time_source": tsrc, "size_mb": round(size / 2**20, 3), "loss_step": lstep, "loss_near": lval,
             "has_ema": bool(state.get("ema")) if state is not None else None,
             "has_optimizer": bool(state.get("optimizer")) if state is not None else None,
             "status": status + (" (quarantined)" if quarantined and status == "ok" else ""),
@@ -154,7 +162,7 @@ def inventory(run_dir: str | os.PathLike, losses: pd.DataFrame | None = None, lo
         })
         del state  # one checkpoint's tensors in memory at a time
     df = pd.DataFrame(rows, columns=INVENTORY_COLUMNS)
-    ok = df.index[(df["status"] == "ok") & ~df["file"].str.endswith(".corrupt")]
+    ok = df.index[(df["status"] == "ok") & ~df["file"].str.contains(r"\.corrupt\d*/?$")]
     if len(ok):
         df.loc[df.loc[ok, "step"].idxmax(), "resume_pick"] = True
     df["resume_pick"] = df["resume_pick"].astype(bool)

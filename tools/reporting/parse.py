@@ -37,7 +37,7 @@ FIELD_RE = re.compile(rf"\|\s*(?:(?P<key>lr|grad_norm)\s+(?P<val>{_FLOAT})|(?P<c
 OUT_RE = re.compile(rf"\b{re.escape(runlog.OUT_PREFIX.strip())}\s*(?P<out>.*?)\s*\|\s*Device:\s*(?P<device>\S+)")
 RESUME_RE = re.compile(rf"\b{re.escape(runlog.RESUMED_PREFIX)}(?P<path>\S+?) at step (?P<step>\d+)"
                        r"(?:\s*\(restart (?P<restart>\d+)\))?")
-SAVED_RE = re.compile(r"\bsaved (?P<path>\S*ckpt_(?P<step>\d+)\.pt)\b")
+SAVED_RE = re.compile(r"\bsaved (?P<path>\S*ckpt_(?P<step>\d+)(?:\.pt)?)(?![\w.])")  # a file, or a sharded folder
 SIGNAL_RE = re.compile(r"\bsignal (?P<sig>\S+) at step (?P<step>\d+)")  # SIGUSR1, SIGTERM, stop_at
 
 
