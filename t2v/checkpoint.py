@@ -44,7 +44,8 @@ class CheckpointReadError(CheckpointError):
 
 
 READ_RETRIES = (0.5, 2.0, 5.0)  # seconds between attempts at a read that failed with an I/O error
-# Tests only (tests/test_chaos.py): pause this many seconds halfway through writing a checkpoint, so that a SIGKILL
+# Tests only (tests/test_chaos.py, tests/test_fsdp.py): pause this many seconds halfway through writing a checkpoint
+# (a sharded one: after its shards, before its rename), so that a SIGKILL
 # sent while the pause lasts lands inside a save with a half-written temporary file.
 SAVE_PAUSE_ENV = "T2V_TEST_SAVE_PAUSE_S"
 

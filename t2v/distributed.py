@@ -197,10 +197,13 @@ def shutdown(d: Dist, run_dir: str | Path | None = None) -> None:
 
 def exit_process(code: int) -> None:
     """End this process with ``code``. A process that was one of several ranks leaves through ``os._exit`` once its
-    output is flushed: torch can abort a rank at interpreter exit after the process group is gone ("terminate
-    called without an active exception", pytorch#190489; about 1 two-rank run in 10 here), which would turn a run
-    that finished, or saved for a requeue, into a failed job. Nothing is left to run at that point: the loop has
-    saved, closed its logs and left the group. A single process exits the ordinary way."""
+    output is flushed. The cause it avoids: DDP's module sits in a reference cycle, so gloo's process group outlives
+    ``destroy_process_group`` until the garbage collector runs during interpreter finalisation, where the
+    destructor of gloo's worker thread takes the GIL of a dying interpreter and the process aborts ("terminate
+    called without an active exception", rc -6; pytorch#190489). Here that hit about 1 two-rank run in 8, and would
+    turn a run that finished, or saved for a requeue, into a failed job (tests/test_fsdp.py runs it 24 times).
+    Nothing is left to run at this point: the loop has saved, closed its logs and left the group. A single process
+    exits the ordinary way."""
     if not detect().enabled:
         sys.exit(code)
     logging.shutdown()

@@ -22,6 +22,8 @@ import io
 import os
 import re
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,9 @@ def save(final: Path, model, ema, opt, train_state: dict | None, is_main: bool) 
         dist.barrier()  # the folder exists before any rank writes into it
     dcp.save(tensors(model, ema, opt), checkpoint_id=str(tmp), no_dist=_no_dist())  # .metadata last, on rank 0
     if is_main:
+        from t2v.checkpoint import SAVE_PAUSE_ENV
+
+        time.sleep(float(os.environ.get(SAVE_PAUSE_ENV) or 0))  # tests only: a SIGKILL lands inside the save
         with open(tmp / TRAIN_STATE, "wb") as f:
             torch.save(train_state, f)
             f.flush()
@@ -166,7 +171,9 @@ def save_full(state: dict[str, Any], final: Path) -> Path:
     tmp = tmp_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dcp.save({k: state[k] for k in ("model", "ema", "optimizer")}, checkpoint_id=str(tmp), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({k: state[k] for k in ("model", "ema", "optimizer")}, checkpoint_id=str(tmp), no_dist=True)
     buf = io.BytesIO()
     torch.save({k: v for k, v in state.items() if k not in ("model", "ema", "optimizer")}, buf)
     (tmp / TRAIN_STATE).write_bytes(buf.getvalue())

@@ -1,6 +1,10 @@
 """Helpers for tests that train: a small demo dataset with its caches, and configs pointing at it."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -56,3 +60,30 @@ def assert_close(a: dict, b: dict, keys=("model", "ema")) -> None:
     for k in keys:
         for name in a[k]:
             torch.testing.assert_close(a[k][name], b[k][name], rtol=1e-4, atol=1e-5, msg=f"{k}.{name}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(data_dir, outdir, world: int, *args: str) -> list[subprocess.Popen]:
+    """Start `world` ranks the way srun does: one process per task, rank and size in the environment."""
+    cmd = [sys.executable, "-m", "t2v.train", "--config", str(REPO / "configs/tiny.yaml"),
+           f"data.manifest={data_dir / 'train.jsonl'}", f"data.cache_dir={data_dir / 'cache'}",
+           f"text.cache_dir={data_dir / 'cache'}", f"train.outdir={outdir}", *args]
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+        if world > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def finish(procs, timeout=300) -> list[tuple[int, str]]:
+    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]

@@ -2,15 +2,11 @@
 stops (saves, asks for requeue) the whole job; resume works on another world size."""
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 
 import pytest
 
-from runs import REPO, assert_close, load, prepare, tiny_config
+from runs import assert_close, finish, launch, load, prepare, tiny_config
 from t2v.train import REQUEUE_EXIT
 
 pytestmark = pytest.mark.slow
@@ -21,33 +17,6 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     prepare(tiny_config(d, d / "unused"))
     return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(data_dir, outdir, world: int, *args: str) -> list[subprocess.Popen]:
-    """Start `world` ranks the way srun does: one process per task, rank and size in the environment."""
-    cmd = [sys.executable, "-m", "t2v.train", "--config", str(REPO / "configs/tiny.yaml"),
-           f"data.manifest={data_dir / 'train.jsonl'}", f"data.cache_dir={data_dir / 'cache'}",
-           f"text.cache_dir={data_dir / 'cache'}", f"train.outdir={outdir}", *args]
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
-        if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    return procs
-
-
-def finish(procs, timeout=300) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
 @pytest.mark.parametrize("recipe", [(), ("model.arch=dit", "diffusion.objective=flow")], ids=["unet_ddpm", "dit_flow"])
