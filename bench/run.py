@@ -9,6 +9,7 @@ Sections (all by default):
   data     DataLoader clips/s from the pre-decoded clip cache vs decord per sample, 1 core
   text     cached caption embeddings vs a CLIP-B/32-sized text encoder run every step
   preempt  checkpoint save time, process start to first step on resume, steps lost to SIGUSR1
+  sharded  save and load of a sharded checkpoint folder (train.parallel=fsdp, DCP) vs one file, ~50 M parameters
   gpu      clips/s, MFU, peak memory, largest batch of base and large (bf16, channels-last, compile); CUDA only
   scale    grad_accum=4 vs 4 plain steps; peak memory with activation checkpointing; cache builds with 1 vs 2
            workers and 3 shards + merge
@@ -65,6 +66,7 @@ SECTION_FNS = {
     "exp": "bench.train_bench:bench_exp",
     "dit": "bench.dit_bench:bench_dit",
     "finetune": "bench.finetune:bench_finetune",
+    "sharded": "bench.sharded:bench_sharded",
 }
 SECTIONS = tuple(SECTION_FNS)
 

@@ -33,7 +33,7 @@ from t2v import runlog
 from t2v.files import no_space
 
 # loss-record fields shown as scalars, under train/
-SCALARS = ("loss", "lr", "grad_norm", "clips_per_s", "step_time", "gpu_mem_gib")
+SCALARS = ("loss", "lr", "grad_norm", "clips_per_s", "step_time", "gpu_mem_gib", "mfu")
 MARKED = (runlog.START, runlog.RESUME, runlog.PREEMPT, runlog.DONE, runlog.PREVIEW_FAILED)
 
 

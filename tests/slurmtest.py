@@ -169,8 +169,10 @@ def tensors(obj, prefix=""):
 
 
 def assert_bit_identical(a: Path, b: Path) -> None:
-    sa = torch.load(a, map_location="cpu", weights_only=True)
-    sb = torch.load(b, map_location="cpu", weights_only=True)
+    """Two checkpoints, files or sharded folders (train.parallel=fsdp), hold the same tensors."""
+    from t2v.checkpoint import load_checkpoint
+
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
     ta, tb = dict(tensors(sa)), dict(tensors(sb))
     assert ta.keys() == tb.keys()
     assert any(k.startswith(".model") for k in ta) and any(k.startswith(".optimizer") for k in ta)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = {"train", "data", "text", "preempt", "gpu", "exp", "latent", "scale", "dit", "finetune"}
+SECTIONS = {"train", "data", "text", "preempt", "gpu", "exp", "latent", "scale", "dit", "finetune", "sharded"}
 
 
 def test_bench_quick_runs_every_section(tmp_path):

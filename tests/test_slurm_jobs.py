@@ -253,6 +253,34 @@ def test_two_task_ddp_job_is_preempted_and_resumes(cluster, demo):
     assert (run / "ckpt_000400.pt").is_file()
 
 
+def test_two_task_fsdp_job_is_preempted_and_resumes_bit_exact(cluster, demo):
+    """train.parallel=fsdp through the same job script: each of 2 ranks writes its shards into the checkpoint
+    folder; a preemption saves, requeues and resumes, and the end is bit-identical to 2 ranks uninterrupted on the
+    host."""
+    from runs import finish, launch
+
+    steps, extra = 100, ("train.log_every=1", "train.ckpt_every=50", "train.batch_size=1", "train.parallel=fsdp")
+    run, ref = cluster / "fsdp", cluster / "fsdp reference"
+    jid = make_submit(run, demo, steps, *extra, TASKS="2")
+    host = launch(demo, ref, 2, f"train.steps={steps}", *extra)
+    wait_for(lambda: progressed(run, 0, 5), 300, "both ranks to train")
+    preempt()
+    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
+    info = wait_ended(jid, 900)
+    out = (run / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    assert "; requeueing" in out and "restart 1: training finished" in out
+    assert [rc for rc, _ in finish(host, 600)] == [0, 0]
+    stop = resume_step(run, 0)
+    assert re.search(rf"^saved {re.escape(str(run))}/ckpt_{stop:06d}$", (run / "train.log").read_text(), re.M)
+    assert (run / f"ckpt_{steps:06d}" / "__1_0.distcp").is_file()
+    assert losses_consistent(run) == losses_consistent(ref)
+    assert_bit_identical(run / f"ckpt_{steps:06d}", ref / f"ckpt_{steps:06d}")
+    row = next(l for l in subprocess.run(["make", "-s", "status"], cwd=REPO, capture_output=True, text=True,
+                                         check=True).stdout.splitlines() if l.split()[:1] == [jid])
+    assert re.match(rf"{jid}\s+COMPLETED\s+1\s+{steps}/{steps}\s", row), row
+
+
 def test_wan_lora_run_is_preempted_and_resumes_bit_exact(cluster, demo):
     """A pretrained fine-tune through the same job script: a LoRA on a tiny Wan saved in the hub's layout,
     preempted once, requeued, and at the end bit-identical to the same run uninterrupted on the host; its

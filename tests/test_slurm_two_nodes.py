@@ -156,6 +156,26 @@ def test_submitit_two_nodes_survives_preemption_bit_exact(cluster2, demo, straig
     assert_bit_identical(run / f"ckpt_{STEPS:06d}.pt", ref / f"ckpt_{STEPS:06d}.pt")
 
 
+def test_fsdp_on_two_nodes_is_preempted_and_resumes_bit_exact(cluster2, demo):
+    """train.parallel=fsdp with a rank on each node: the shards are written on both nodes into one folder of the
+    shared run folder; preempted once, requeued, and at the end bit-identical to 2 ranks uninterrupted on the
+    host."""
+    from runs import finish, launch
+
+    run, ref = cluster2 / "fsdp", cluster2 / "fsdp reference"
+    jid = make_submit(run, demo, STEPS, *EXTRA, "train.parallel=fsdp", **TWO_NODES)
+    host = launch(demo, ref, 2, f"train.steps={STEPS}", *EXTRA, "train.parallel=fsdp")
+    wait_for(lambda: progressed(run, 0, 10), 300, "both ranks to train 10 steps")
+    preempt()
+    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
+    info = wait_ended(jid, 600)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job_log(run, jid)
+    assert [rc for rc, _ in finish(host, 600)] == [0, 0]
+    assert "ranks: 2 (rank 0 on tn1, rank 1 on tn2)" in (run / "train.log").read_text()
+    assert losses_consistent(run) == losses_consistent(ref)
+    assert_bit_identical(run / f"ckpt_{STEPS:06d}", ref / f"ckpt_{STEPS:06d}")
+
+
 def test_a_killed_rank_fails_the_job_at_once_and_does_not_requeue(cluster2, demo):
     run = cluster2 / "killed rank"
     jid = make_submit(run, demo, 5000, "train.log_every=5", "train.ckpt_every=1000", **TWO_NODES)
