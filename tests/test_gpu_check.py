@@ -43,8 +43,8 @@ def test_a_failed_check_skips_what_needs_it_and_fails_the_summary(tmp_path, monk
     results = G.run_checks(plan, list(G.CHECKS), tmp_path / "log")
     status = {r.name: r.status for r in results}
     assert status == {"setup": "ok", "bf16": "FAIL", "preempt": "skipped", "fp16": "ok", "compile": "ok",
-                      "sample": "skipped", "dit": "ok", "bench": "ok", "wan": "ok"}
-    assert ran == ["setup", "fp16", "compile", "dit", "bench", "wan"]
+                      "sample": "skipped", "dit": "ok", "bench": "ok", "wan": "ok", "fsdp": "ok"}
+    assert ran == ["setup", "fp16", "compile", "dit", "bench", "wan", "fsdp"]
     text = G.summary(results, "test")
     assert "| bf16 | FAIL |" in text and "**FAILED: bf16**" in text and "needs bf16, which failed" in text
 
@@ -68,3 +68,6 @@ def test_rehearsal_runs_the_whole_flow_on_cpu(tmp_path):
     assert "| fp16 | skipped |" in text and "| sample | ok |" in text
     assert "| dit | ok |" in text and "10 Euler steps sampled" in text
     assert "| wan | ok |" in text and "lora (0.0 M of 0 M trained)" in text
+    fsdp = next(line for line in text.splitlines() if line.startswith("| fsdp |"))
+    assert "| fsdp | ok |" in fsdp and "saved folder ckpt_0000" in fsdp and "vs the straight run: bit-exact" in fsdp
+    assert "model TFLOP a step" in fsdp and "MFU" in fsdp and "% (median of 30 steps)" in fsdp

@@ -16,6 +16,8 @@ Checks, each a real command line (the ones users run), in this order:
   wan      Wan 2.1 T2V-1.3B's transformer at its real size (random weights, bf16, activation checkpointing) on
            17 x 256 x 256 clips as its latents: a LoRA and a full fine-tune through our train_step, peak GPU memory
            and clips/s of each (bench/finetune.py)
+  fsdp     train.parallel=fsdp on one GPU (one shard, the code path of many) with train.deterministic=true: 30 steps
+           straight, and signalled after step 15 then resumed from its sharded folder, bit-exact; MFU and model FLOPs
 
     python tools/gpu_check.py                  # on a GPU machine (make gpu-check installs first)
     python tools/gpu_check.py --rehearse       # the same flow on CPU with a tiny model: tests the script itself
@@ -41,8 +43,9 @@ from t2v.runlog import REQUEUE_EXIT  # noqa: E402
 # with room for Python start-up and the summary.
 # wan: the 1.3B model made on the GPU, 4 LoRA and 4 full fine-tuning steps (its time taken from compile, bench, setup,
 # fp16, dit and preempt, whose budgets were estimates with room)
-BUDGET = {"setup": 40, "bf16": 50, "preempt": 65, "fp16": 35, "compile": 70, "sample": 25, "dit": 40, "bench": 65,
-          "wan": 60}
+# fsdp: three short runs of base (its time taken from every other budget but setup and sample)
+BUDGET = {"setup": 40, "bf16": 45, "preempt": 55, "fp16": 30, "compile": 60, "sample": 25, "dit": 35, "bench": 55,
+          "wan": 55, "fsdp": 50}
 CHECKS = tuple(BUDGET)
 
 
@@ -145,37 +148,81 @@ def check_bf16(plan: Plan, log: Path) -> Result:
                                        f"{clips_per_s(out):.1f} clips/s", data={"losses": loss})
 
 
-def check_preempt(plan: Plan, log: Path) -> Result:
-    import torch
+def signalled(cmd: list[str], after: int, deadline: float, log: Path) -> int:
+    """Run ``cmd`` (a training with train.log_every=1), send SIGUSR1 once it logs step ``after``; its exit code."""
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}  (SIGUSR1 after step {after})\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(f"step {after:06d}"):
+                proc.send_signal(signal.SIGUSR1)
+                break
+        try:
+            rest = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise CheckFailed(f"the signalled run did not end in time (log {log})") from None
+        f.write(rest or "")
+    return proc.returncode
 
+
+def check_preempt(plan: Plan, log: Path) -> Result:
     from t2v import checkpoint as ckpt
 
     out = plan.workdir / "preempted"
     cmd = py("-m", "t2v.train", *plan.train_args(out, "train.steps=60", "train.log_every=1"))
     deadline = time.monotonic() + plan.timeouts["preempt"]
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}  (SIGUSR1 after step 40)\n")
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            if line.startswith("step 000040"):
-                proc.send_signal(signal.SIGUSR1)
-                break
-        rest = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
-        f.write(rest or "")
-    expect_rc(proc.returncode, REQUEUE_EXIT, "the signalled run", log)
+    expect_rc(signalled(cmd, 40, deadline, log), REQUEUE_EXIT, "the signalled run", log)
     stopped = ckpt.list_checkpoints(out)[-1][0]
     if stopped < 40:
         raise CheckFailed(f"SIGUSR1 after step 40 left its newest checkpoint at step {stopped}")
     expect_rc(run(cmd, max(1.0, deadline - time.monotonic()), log), 0, "the resume", log)
-    a = torch.load(plan.workdir / "straight" / "ckpt_000060.pt", map_location="cpu", weights_only=True)
-    b = torch.load(out / "ckpt_000060.pt", map_location="cpu", weights_only=True)
-    diff = state_difference(a, b)
+    diff = state_difference(ckpt.load_checkpoint(plan.workdir / "straight" / "ckpt_000060.pt"),
+                            ckpt.load_checkpoint(out / "ckpt_000060.pt"))
     status = "ok" if diff == 0.0 else "warn"
     exact = "bit-exact" if diff == 0.0 else f"largest difference {diff:.3g} (nondeterministic GPU kernels)"
     return Result("preempt", status, detail=f"SIGUSR1 at step 40: saved step {stopped}, exit {REQUEUE_EXIT}; "
                                             f"resumed to 60, vs the straight run: {exact}",
                   data={"stopped_at": stopped, "max_abs_difference": diff})
+
+
+def check_fsdp(plan: Plan, log: Path) -> Result:
+    """train.parallel=fsdp on one GPU (one shard: the code path of many ranks) with train.deterministic=true: 30
+    steps straight, and the same run signalled after step 15 and resumed from its sharded checkpoint folder; the
+    two must end bit-exact. MFU against the card's peak."""
+    from t2v import checkpoint as ckpt
+
+    extra = ["train.parallel=fsdp", "train.deterministic=true", "train.steps=30", "train.ckpt_every=1000",
+             "train.log_every=1", *(["train.peak_tflops=0.1"] if plan.rehearse else [])]
+    deadline = time.monotonic() + plan.timeouts["fsdp"]
+    straight, resumed = plan.workdir / "fsdp_straight", plan.workdir / "fsdp_resumed"
+    proc = run(py("-m", "t2v.train", *plan.train_args(straight, *extra)), plan.timeouts["fsdp"], log)
+    if proc.returncode != 0 and (straight / "train.log").is_file():
+        said = [line for line in (straight / "train.log").read_text().splitlines() if "no deterministic kernel" in line]
+        if said:  # an op of this model has no deterministic kernel on this card: worth knowing, not a broken run
+            return Result("fsdp", "warn", detail=said[-1])
+    expect_rc(proc, 0, "fsdp training", log)
+    cmd = py("-m", "t2v.train", *plan.train_args(resumed, *extra))
+    expect_rc(signalled(cmd, 15, deadline, log), REQUEUE_EXIT, "the signalled fsdp run", log)
+    stopped, folder = ckpt.list_checkpoints(resumed)[-1]
+    if not folder.is_dir():
+        raise CheckFailed(f"the fsdp run saved {folder}, not a sharded folder")
+    expect_rc(run(cmd, max(1.0, deadline - time.monotonic()), log), 0, "the fsdp resume", log)
+    diff = state_difference(ckpt.load_checkpoint(straight / "ckpt_000030"), ckpt.load_checkpoint(resumed / "ckpt_000030"))
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    mfu = sorted(r["mfu"] for r in rows if "mfu" in r)
+    model_line = next((line for line in (straight / "train.log").read_text().splitlines()
+                       if "model TFLOP a step" in line), "")
+    flops = model_line.rsplit("| ", 1)[-1]
+    utilisation = f"MFU {100 * mfu[len(mfu) // 2]:.1f}% (median of {len(mfu)} steps)" if mfu else \
+        "no MFU (a card the peak table does not know: set train.peak_tflops)"
+    exact = "bit-exact" if diff == 0.0 else f"largest difference {diff:.3g}"
+    return Result("fsdp", "ok" if diff == 0.0 else "warn",
+                  detail=f"one shard, deterministic kernels: SIGUSR1 at step 15 saved folder {folder.name}, resumed "
+                         f"to 30, vs the straight run: {exact}; {flops}; {utilisation}; "
+                         f"{clips_per_s(straight):.1f} clips/s",
+                  data={"stopped_at": stopped, "max_abs_difference": diff, "mfu": mfu, "model_line": model_line})
 
 
 def train_20_steps(plan: Plan, log: Path, name: str, setting: str) -> Path:
@@ -276,7 +323,7 @@ def check_wan(plan: Plan, log: Path) -> Result:
 
 RUNNERS = {"setup": check_setup, "bf16": check_bf16, "preempt": check_preempt, "fp16": check_fp16,
            "compile": check_compile, "sample": check_sample, "dit": check_dit, "bench": check_bench,
-           "wan": check_wan}
+           "wan": check_wan, "fsdp": check_fsdp}
 NEEDS = {"preempt": "bf16", "sample": "bf16"}  # compares with / samples from the bf16 run
 
 
