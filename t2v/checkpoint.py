@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from t2v import sharded
-from t2v.files import atomic_write
+from t2v.files import SAVE_PAUSE_ENV, atomic_write
 
 log = logging.getLogger("t2v.checkpoint")
 
@@ -44,10 +45,6 @@ class CheckpointReadError(CheckpointError):
 
 
 READ_RETRIES = (0.5, 2.0, 5.0)  # seconds between attempts at a read that failed with an I/O error
-# Tests only (tests/test_chaos.py, tests/test_fsdp.py): pause this many seconds halfway through writing a checkpoint
-# (a sharded one: after its shards, before its rename), so that a SIGKILL
-# sent while the pause lasts lands inside a save with a half-written temporary file.
-SAVE_PAUSE_ENV = "T2V_TEST_SAVE_PAUSE_S"
 
 
 def ckpt_path(outdir: str | os.PathLike, step: int) -> Path:
@@ -137,15 +134,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def _load_folder(path: Path) -> dict[str, Any]:
+@contextmanager
+def _folder_errors(path: Path, read: Path):
+    """A sharded folder's failures told as a file's are: a ShardedError (a missing or torn rank file) or bad bytes
+    in ``read`` -> CheckpointError (quarantined), an I/O error -> CheckpointReadError (never quarantined)."""
     try:
-        state = sharded.load_full(path)
+        yield
     except sharded.ShardedError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointReadError(f"{path}: cannot be read ({e}); retry when the file system is back") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated ({_cause(e)})") from None
+        raise CheckpointError(f"{read}: corrupt or truncated ({_cause(e)})") from None
+
+
+def _load_folder(path: Path) -> dict[str, Any]:
+    with _folder_errors(path, path):
+        state = sharded.load_full(path)
     verify_state(state, path)
     return state
 
@@ -188,15 +193,9 @@ def load_resume_state(path: Path) -> dict[str, Any]:
     rank's file is there and whole, only its train state (each rank reads its shards later: t2v.sharded.load_into)."""
     if not path.is_dir():
         return load_checkpoint(path)
-    try:
+    with _folder_errors(path, path / sharded.TRAIN_STATE):
         sharded.check(path)
         return sharded.load_train_state(path)
-    except sharded.ShardedError as e:
-        raise CheckpointError(str(e)) from None
-    except OSError as e:
-        raise CheckpointReadError(f"{path}: cannot be read ({e}); retry when the file system is back") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}/{sharded.TRAIN_STATE}: corrupt or truncated ({_cause(e)})") from None
 
 
 def load_latest(outdir: str | os.PathLike, load=load_checkpoint) -> tuple[dict | None, Path | None]:

@@ -18,6 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
+# Tests only (tests/test_chaos.py, tests/test_fsdp.py): pause this many seconds halfway through writing a checkpoint
+# (a file: after half its bytes; a sharded folder: after its shards, before its rename), so that a SIGKILL sent while
+# the pause lasts lands inside a save.
+SAVE_PAUSE_ENV = "T2V_TEST_SAVE_PAUSE_S"
+
 
 # A write refused for want of room: a full disk, an exceeded quota (Zaratan's scratch and home), a file size limit
 NO_SPACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",

@@ -69,7 +69,7 @@ def save(final: Path, model, ema, opt, train_state: dict | None, is_main: bool) 
     finished folder into place; returns ``final``."""
     import torch.distributed.checkpoint as dcp
 
-    from t2v.files import fsync_dir
+    from t2v.files import SAVE_PAUSE_ENV, fsync_dir
 
     tmp = tmp_dir(final)
     if is_main:
@@ -79,8 +79,6 @@ def save(final: Path, model, ema, opt, train_state: dict | None, is_main: bool) 
         dist.barrier()  # the folder exists before any rank writes into it
     dcp.save(tensors(model, ema, opt), checkpoint_id=str(tmp), no_dist=_no_dist())  # .metadata last, on rank 0
     if is_main:
-        from t2v.checkpoint import SAVE_PAUSE_ENV
-
         time.sleep(float(os.environ.get(SAVE_PAUSE_ENV) or 0))  # tests only: a SIGKILL lands inside the save
         with open(tmp / TRAIN_STATE, "wb") as f:
             torch.save(train_state, f)

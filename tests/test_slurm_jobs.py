@@ -48,6 +48,18 @@ def preempt() -> str:
     return p.stdout.strip()
 
 
+def preempted_once(run: Path, jid: str, after: int, what: str) -> str:
+    """Preempt job ``jid`` once it has trained ``after`` steps, wait for the resume and the end; its job log (the
+    job completed after one restart)."""
+    wait_for(lambda: progressed(run, 0, after), 300, what)
+    preempt()
+    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
+    info = wait_ended(jid, 900)
+    out = (run / f"slurm-{jid}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    return out
+
+
 def measure_speed(run: Path) -> None:
     times = [r["step_time"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "step_time" in r]
@@ -241,13 +253,8 @@ def test_two_task_ddp_job_is_preempted_and_resumes(cluster, demo):
     run = cluster / "ddp"
     jid = make_submit(run, demo, 400, "train.log_every=1", "train.ckpt_every=1000", "train.batch_size=1",
                       TASKS="2")
-    wait_for(lambda: progressed(run, 0, 5), 300, "both ranks to train")
+    out = preempted_once(run, jid, 5, "both ranks to train")
     assert "global batch 2 = 2 x 1" in (run / "train.log").read_text()
-    preempt()
-    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
-    info = wait_ended(jid, 900)
-    out = (run / f"slurm-{jid}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
     assert "; requeueing" in out and "restart 1: training finished" in out
     losses_consistent(run)  # every step after the resume continues where the saved one stopped
     assert (run / "ckpt_000400.pt").is_file()
@@ -263,12 +270,7 @@ def test_two_task_fsdp_job_is_preempted_and_resumes_bit_exact(cluster, demo):
     run, ref = cluster / "fsdp", cluster / "fsdp reference"
     jid = make_submit(run, demo, steps, *extra, TASKS="2")
     host = launch(demo, ref, 2, f"train.steps={steps}", *extra)
-    wait_for(lambda: progressed(run, 0, 5), 300, "both ranks to train")
-    preempt()
-    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
-    info = wait_ended(jid, 900)
-    out = (run / f"slurm-{jid}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    out = preempted_once(run, jid, 5, "both ranks to train")
     assert "; requeueing" in out and "restart 1: training finished" in out
     assert [rc for rc, _ in finish(host, 600)] == [0, 0]
     stop = resume_step(run, 0)
@@ -303,12 +305,7 @@ def test_wan_lora_run_is_preempted_and_resumes_bit_exact(cluster, demo):
                              f"train.outdir={ref}", f"train.steps={steps}"], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: progressed(run, 0, 10), 300, "the Wan LoRA to train")
-    preempt()
-    wait_for(lambda: len(resumes(run)) >= 1, 300, "the resume")
-    info = wait_ended(jid, 600)
-    out = (run / f"slurm-{jid}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    preempted_once(run, jid, 10, "the Wan LoRA to train")
     assert host.wait(timeout=600) == 0, host.stderr.read()
     final = f"ckpt_{steps:06d}.pt"
     assert_bit_identical(run / final, ref / final)
