@@ -44,7 +44,7 @@ from t2v import runlog
 from t2v import tracking
 from t2v.runlog import REQUEUE_EXIT, RunLog
 from t2v.sample import generate, save_grid
-from t2v.step import Cond, StepState, train_step
+from t2v.step import Cond, StepState, autocast, train_step
 from t2v.space import build_space
 from t2v.vae import VAEError
 from t2v.text import EmbeddingCache, EmbeddingCacheError, TextEncoderError, encoder_key
@@ -84,9 +84,9 @@ def pick_precision(cfg: config.Config, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp32" if cfg.train.parallel == "fsdp" else "fp16"
 
 
-def step_flops(model, cfg: config.Config, space, objective, device, global_batch: int) -> int:
+def step_flops(model, cfg: config.Config, space, objective, device, precision: str, global_batch: int) -> int:
     """Model FLOPs of one optimizer step (t2v.flops: forward and backward of one clip of the run's shape, counted
-    once, times the global batch)."""
+    once, times the global batch), under the run's autocast so that it needs no more memory than a step's clip."""
     shape = space.sample_shape(1, cfg.data.frames, cfg.data.size)  # 1 t c h w
     example = {"x": torch.zeros(shape, device=device), "text": torch.zeros(1, cfg.text.dim, device=device)}
     if config.uses_tokens(cfg):
@@ -95,7 +95,8 @@ def step_flops(model, cfg: config.Config, space, objective, device, global_batch
     if cfg.model.fps_cond:
         example["fps"] = torch.full((1,), float(cfg.data.fps or 8), device=device)
     t = objective.model_time(objective.draw_times(torch.Generator(device=device).manual_seed(0), 1, device))
-    return flops.train_flops_per_clip(model, example, t) * global_batch
+    with autocast(device, precision):
+        return flops.train_flops_per_clip(model, example, t) * global_batch
 
 
 def card_peak(cfg: config.Config, device: torch.device, precision: str) -> float | None:
@@ -185,6 +186,9 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
     if dist.enabled:
         log.line(f"ranks: {dist.world_size} ({distributed.describe_nodes(nodes)}) | rendezvous "
                  f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} | collective timeout {cfg.train.dist_timeout_s:g} s")
+    elif sharded:
+        log.line("train.parallel=fsdp on one process: one shard, the code path of many ranks and their checkpoint "
+                 "folders, but no memory saved (that takes several GPUs)")
     space = build_space(cfg, device)  # pixels, or a frozen VAE's latents (loaded once, here)
 
     # --- resume state (before anything that depends on the global batch) -------------------------------
@@ -227,7 +231,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
         model = model.to(memory_format=torch.channels_last_3d)
     ema = ema_copy(model)  # what trains, averaged; a pretrained model's frozen base is shared, not copied
     objective = build_objective(cfg.diffusion, device)  # DDPM or rectified flow: what x_t and the target are
-    flops_per_step = step_flops(model, cfg, space, objective, device, global_batch)  # before any wrapper
+    flops_per_step = step_flops(model, cfg, space, objective, device, precision, global_batch)  # before any wrapper
     peak = card_peak(cfg, device, precision)
     if sharded:  # each rank keeps 1/N of every weight, gradient, Adam state and EMA weight from here on
         parallel.shard(model, precision, device)

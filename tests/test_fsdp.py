@@ -84,6 +84,7 @@ def test_two_ranks_resume_on_one_keeping_the_global_batch(data_dir, straight, tm
         assert rc == 0, out
         assert f"at step {STEPS}" in out and "world size 2 -> 1: global batch 4 kept, 4 per rank" in out, out
         assert "not bit-exact" in out
+        assert ("train.parallel=fsdp on one process: one shard" in out) == (parallel == "fsdp")
         ends[parallel] = ckpt_io.load_checkpoint(ckpt_io.list_checkpoints(run)[-1][1])
     assert ends["ddp"]["step"] == ends["fsdp"]["step"] == 12
     assert_close(ends["ddp"], ends["fsdp"])
