@@ -154,6 +154,43 @@ def test_a_missing_or_torn_rank_file_is_named_and_the_resume_takes_the_previous_
         sharded.check(run / "ckpt_000004")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["wan_lora", "animatediff_motion"])
+def test_a_pretrained_fine_tune_under_fsdp_keeps_what_trains_resumes_exactly_and_exports(tmp_path, family):
+    """The pretrained families shard too (one process: one shard, the code path of many): the checkpoint folder
+    holds only what trains, a stopped run resumes bit-exactly, DDP trains the same, and export reads the folder."""
+    from pretrained import save_sd_pipeline, save_wan_pipeline
+    from t2v import export
+    from t2v.train import train
+
+    if family == "wan_lora":
+        base = save_wan_pipeline(tmp_path / "base", in_channels=3, text_dim=32)
+        over = ["model.arch=wan", f"model.pretrained={base}", "diffusion.objective=flow", "diffusion.shift=3",
+                "text.tokens=true", "text.dim=32", "data.frames=5", "train.finetune=lora", "train.lora_rank=4",
+                "train.lora_alpha=8", "train.lr=1e-2"]
+        trains = "lora_"
+    else:
+        base = save_sd_pipeline(tmp_path / "base", in_channels=3, text_dim=64)
+        over = ["model.arch=animatediff", f"model.pretrained={base}", "diffusion.objective=ddpm",
+                "diffusion.schedule=linear", "diffusion.beta_start=0.00085", "diffusion.beta_end=0.012",
+                "text.tokens=true", "text.dim=64", "data.size=16", "train.finetune=motion"]
+        trains = "motion_modules"
+    over += ["train.steps=6", "train.ckpt_every=3", "train.val_every=0", "train.sample_every=0"]
+    runs = {name: tiny_config(tmp_path / "data", tmp_path / name, *over, *extra)
+            for name, extra in (("whole", ["train.parallel=fsdp"]), ("cut", ["train.parallel=fsdp"]), ("ddp", []))}
+    prepare(runs["whole"], n_train=8)
+    assert train(runs["whole"]) == 0 and train(runs["ddp"]) == 0
+    assert train(runs["cut"], stop_at=2) != 0 and train(runs["cut"]) == 0
+    whole, cut = (ckpt_io.load_checkpoint(tmp_path / name / "ckpt_000006") for name in ("whole", "cut"))
+    assert_states_equal(whole, cut)
+    assert all(trains in n for n in whole["model"] if n not in ("null_tokens", "null_text"))
+    assert set(whole["optimizer"]["state"]) <= set(whole["model"])  # Adam state for what trains only
+    assert_close(load(tmp_path / "ddp" / "ckpt_000006.pt"), whole)
+    written = export.export(tmp_path / "whole")  # the newest checkpoint of the run: the folder
+    record = json.loads((tmp_path / "whole" / "export" / "ckpt_000006" / "t2v_export.json").read_text())
+    assert written.exists() and record["checkpoint"] == str(tmp_path / "whole" / "ckpt_000006")
+
+
 # --- the facts a run reports --------------------------------------------------------------------------------
 
 class Chain(nn.Module):
