@@ -144,6 +144,12 @@ def test_a_missing_or_torn_rank_file_is_named_and_the_resume_takes_the_previous_
     (newest / "__1_0.distcp").unlink()
     with pytest.raises(sharded.ShardedError, match=r"ckpt_000008/__1_0\.distcp: missing \(written by rank 1 of 2\)"):
         sharded.check(newest)
+    from tools.reporting.inventory import inventory
+
+    rows = inventory(run).set_index("file")  # the report reads only: it names the damage and renames nothing
+    assert rows.loc["ckpt_000008/", "status"].startswith("invalid: __1_0.distcp: missing (written by rank 1 of 2)")
+    assert rows.loc["ckpt_000004/", "status"] == "ok" and rows.loc["ckpt_000004/", "resume_pick"]
+    assert newest.is_dir()
     state, path = ckpt_io.load_latest(run, ckpt_io.load_resume_state)
     assert path == run / "ckpt_000004" and state["step"] == 4
     assert (run / "ckpt_000008.corrupt").is_dir()  # kept aside, not deleted: nothing saved is lost

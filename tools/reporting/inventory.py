@@ -3,9 +3,10 @@
 The checkpoint inventory answers "what would a resume load, and what is broken": every ckpt_*.pt (and the
 *.corrupt files a resume quarantined) is loaded with t2v.checkpoint.load_checkpoint (weights_only, on CPU), so a
 pickled object is refused, never executed. A sharded checkpoint's folder (ckpt_*/, train.parallel=fsdp) is checked
-as a resume checks it, without reading its shards: every rank's file there and whole, its train state loading. It never calls t2v.checkpoint.load_latest, which would rename broken
-files: the report only reads. torch is imported on the first checkpoint only, so that the rest of the report
-works on a login node without it (the checkpoints are then listed as "not checked").
+as a resume checks it, without reading its shards: every rank's file there and whole, its train state loading. It
+never calls t2v.checkpoint.load_latest, which would rename broken files: the report only reads. torch is imported
+on the first checkpoint only, so that the rest of the report works on a login node without it (the checkpoints are
+then listed as "not checked").
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def _check(path: Path, loader) -> tuple[str, dict | None]:
         state = loader(path, map_location="cpu")
     except CheckpointError as e:
         msg = str(e)
-        msg = msg[len(str(path)) + 2:] if msg.startswith(f"{path}: ") else msg
+        # what follows the checkpoint's own name: "corrupt ...", or in a folder "__1_0.distcp: missing ..."
+        msg = next((msg[len(pre):] for pre in (f"{path}: ", f"{path}/") if msg.startswith(pre)), msg)
         if msg.startswith("refused"):
             return "refused: pickled objects", None
         if msg.startswith("corrupt"):
@@ -122,7 +124,7 @@ def _check(path: Path, loader) -> tuple[str, dict | None]:
 
 
 def inventory(run_dir: str | os.PathLike, losses: pd.DataFrame | None = None, load: bool = True) -> pd.DataFrame:
-    """Every ckpt_*.pt and ckpt_*.pt.corrupt of run_dir: step, time written, size, loss near its step, what it
+    """Every ckpt_*.pt, sharded ckpt_*/ folder and quarantined *.corrupt of run_dir: step, time written, size, loss near its step, what it
     holds and whether it loads (with t2v.checkpoint.load_checkpoint, weights_only, on CPU). resume_pick marks
     the checkpoint a resume would take: the newest that loads and verifies (never a *.corrupt one).
     Reads only: nothing is renamed, even a broken file."""
