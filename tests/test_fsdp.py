@@ -239,7 +239,8 @@ def test_peak_table_knows_the_cluster_cards_and_mig_slices():
     assert flops.mfu(10**12, 10, 10.0, 2, None) is None
 
 
-def test_deterministic_names_the_op_that_has_no_deterministic_kernel():
+def test_deterministic_names_the_op_that_has_no_deterministic_kernel(tmp_path, monkeypatch, capsys):
+    from t2v import train as train_mod
     from t2v.device import no_deterministic_kernel, set_deterministic
 
     set_deterministic(True)
@@ -251,6 +252,16 @@ def test_deterministic_names_the_op_that_has_no_deterministic_kernel():
     finally:
         set_deterministic(False)
     assert no_deterministic_kernel(RuntimeError("CUDA out of memory")) is None
+
+    def meets_it(cfg):  # a run whose model meets that op: torch's own error, raised where training would
+        raise e.value
+    monkeypatch.setattr(train_mod, "train", meets_it)
+    for var in ("MANIFEST", "OUTDIR", "STEPS", "BS", "FRAMES", "SIZE", "LR"):
+        monkeypatch.delenv(var, raising=False)
+    assert train_mod.main(["--config", str(REPO / "configs/tiny.yaml"), f"train.outdir={tmp_path}",
+                           "train.deterministic=true"]) == 2
+    said = "train.deterministic=true, but put_ has no deterministic kernel on this device; train without"
+    assert f"error: {said}" in capsys.readouterr().err and said in (tmp_path / "train.log").read_text()
 
 
 def test_fsdp_settings_that_cannot_work_are_refused_by_name(tmp_path):
