@@ -124,8 +124,8 @@ def _check(path: Path, loader) -> tuple[str, dict | None]:
 
 
 def inventory(run_dir: str | os.PathLike, losses: pd.DataFrame | None = None, load: bool = True) -> pd.DataFrame:
-    """Every ckpt_*.pt, sharded ckpt_*/ folder and quarantined *.corrupt of run_dir: step, time written, size, loss near its step, what it
-    holds and whether it loads (with t2v.checkpoint.load_checkpoint, weights_only, on CPU). resume_pick marks
+    """Every ckpt_*.pt, sharded ckpt_*/ folder and quarantined *.corrupt of run_dir: step, time written, size,
+    loss near its step, what it holds and whether it loads (with t2v.checkpoint.load_checkpoint, weights_only, on CPU). resume_pick marks
     the checkpoint a resume would take: the newest that loads and verifies (never a *.corrupt one).
     Reads only: nothing is renamed, even a broken file."""
     run_dir = Path(run_dir)
@@ -147,7 +147,8 @@ def inventory(run_dir: str | os.PathLike, losses: pd.DataFrame | None = None, lo
     rows = []
     for step, quarantined, p in files:
         st = p.stat()
-        size = sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else st.st_size  # every rank's file
+        # every rank's file (t2v.checkpoint.size_of's sum, here without importing torch)
+        size = sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else st.st_size
         status, state = _check(p, loader) if loader else (why, None)
         written, tsrc = st.st_mtime, "mtime"
         if state is not None and isinstance(state.get("time"), (int, float)) and math.isfinite(state["time"]):
