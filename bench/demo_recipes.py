@@ -86,8 +86,8 @@ def prepare(cfg) -> None:
 
     make_demo(Path(cfg.data.manifest).parent)
     clips = read_manifest(cfg.data.manifest)
-    if open_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data")) is None:
-        build_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data"), progress=False)
+    if open_cache(clips, cfg.data.frames, cfg.data.frame_size, config.cache_dir(cfg, "data")) is None:
+        build_cache(clips, cfg.data.frames, cfg.data.frame_size, config.cache_dir(cfg, "data"), progress=False)
     captions = sorted({"", *(c for clip in clips for c in clip.captions)} | {prompt_of(*p) for p in PROMPTS}
                       | set(cfg.train.sample_prompts))
     cache = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))

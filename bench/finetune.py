@@ -81,7 +81,9 @@ def plain_loop(model, x0, tokens, lr: float):
 
 def flow_step_state(model: WanDenoiser, device: torch.device, precision: str, lr: float) -> StepState:
     """The StepState t2v.train builds for a Wan fine-tune: rectified flow at shift 3, fused AdamW over what trains,
-    the EMA sharing the frozen base."""
+    the EMA sharing the frozen base. A caption dropped for guidance (diffusion.cond_dropout, 10%) becomes the empty
+    caption, one token here, as t2v.models.set_null_caption gives it from the caption cache in a real run."""
+    model.null = torch.randn(1, model.transformer.config.text_dim, generator=torch.Generator().manual_seed(1)).to(device)
     cfg = config.Config()
     cfg.diffusion.objective, cfg.diffusion.shift, cfg.train.lr = "flow", 3.0, lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
@@ -168,13 +170,14 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
 
 def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
     """What `make gpu-check`'s wan check measures: the 1.3B transformer (random weights, made on the GPU), bf16
-    autocast with activation checkpointing, 17 x 256 x 256 clips as Wan's latents (5 x 16 x 32 x 32), captions of 14
-    real tokens; a LoRA (rank 16) and then a full fine-tune, each ``steps`` steps of our train_step: peak memory and
-    clips/s (the first step, compile and allocator warm-up, excluded). ``rehearse``: the tiny config on CPU."""
+    autocast with activation checkpointing, 17 x 240 x 320 clips (MSR-VTT's own frames, configs/wan_lora.yaml) as Wan's
+    latents (5 x 16 x 30 x 40), captions of 14 real tokens; a LoRA (rank 16) and then a full fine-tune, each ``steps``
+    steps of our train_step: peak memory and clips/s (the first step, compile and allocator warm-up, excluded).
+    ``rehearse``: the tiny config on CPU."""
     device = torch.device("cpu" if rehearse else "cuda")
     spec = WAN_QUICK if rehearse else WAN_1_3B
-    frames, side = (2, 4) if rehearse else (5, 32)
-    out = {"config": "tiny (CPU rehearsal)" if rehearse else "Wan 2.1 T2V-1.3B", "latent": [frames, 16, side, side]}
+    frames, (h, w) = (2, (4, 6)) if rehearse else (5, (30, 40))
+    out = {"config": "tiny (CPU rehearsal)" if rehearse else "Wan 2.1 T2V-1.3B", "latent": [frames, 16, h, w]}
     for mode in ("lora", "full"):
         from diffusers import WanTransformer3DModel
 
@@ -194,7 +197,7 @@ def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
         model = WanDenoiser(t, {"name": "random", "sha256": "-"})
         model.set_trainable()
         state = flow_step_state(model, device, "fp32" if rehearse else "bf16", 1e-4)  # t2v.train's default lr
-        x0 = torch.randn(1, frames, 16, side, side, device=device)
+        x0 = torch.randn(1, frames, 16, h, w, device=device)  # b t c h w
         d = spec["text_dim"]
         cond = Cond(torch.zeros(1, d, device=device), torch.randn(1, 14, d, device=device),
                     torch.ones(1, 14, dtype=torch.bool, device=device))

@@ -90,7 +90,7 @@ def pretrain(folder: Path, steps: int = PRETRAIN_STEPS, batch: int = PRETRAIN_BA
     cfg = base_config(folder)
     sweep.prepare(cfg)
     clips = read_manifest(cfg.data.manifest)
-    frames = open_cache(clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data"))
+    frames = open_cache(clips, cfg.data.frames, cfg.data.frame_size, config.cache_dir(cfg, "data"))
     captions = [image_caption(c.captions[0]) for c in clips]
     embed_captions(cfg.text, sorted(set(captions)), config.cache_dir(cfg, "text"), progress=False)
     text = EmbeddingCache.load(config.cache_dir(cfg, "text"), encoder_key(cfg.text))

@@ -40,7 +40,7 @@ from t2v.runlog import TrainingError
 # The temporal settings are here too: a run that changed how far apart its frames are would mix two kinds of motion.
 RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.objective", "diffusion.prediction",
                      "diffusion.schedule", "diffusion.timesteps", "diffusion.shift", "diffusion.beta_start",
-                     "diffusion.beta_end", "data.frames", "data.size", "vae.name", "vae.subfolder",
+                     "diffusion.beta_end", "data.frames", "data.size", "data.width", "vae.name", "vae.subfolder",
                      "data.sampling", "data.window", "data.fps", "data.frame_interval", "data.strides",
                      "data.max_seconds", "train.finetune", "train.lora_rank", "train.lora_alpha", "train.lora_targets")
 
@@ -51,10 +51,13 @@ HOW_NOT_WHAT = ("model.checkpointing",)
 def incompatible_changes(saved: config.Config, cfg: config.Config, channels: int = 3) -> list[str]:
     """``key: saved -> now`` for every model setting and RESUME_MUST_MATCH key that differs, except the keys
     ``train.allow_changes`` names (a deliberate change, e.g. fine-tuning at another SIZE). model.in_channels is
-    compared as resolved (0: the space's ``channels``): older latent checkpoints hold the VAE's channels there."""
+    compared as resolved (0: the space's ``channels``): older latent checkpoints hold the VAE's channels there;
+    data.width too (0 for any square frame), so a square run's checkpoints from before data.width resume and a
+    square run's change of data.size is that key alone."""
     a, b = config.to_dict(saved), config.to_dict(cfg)
     for d in (a, b):
         d["model"]["in_channels"] = d["model"]["in_channels"] or channels
+        d["data"]["width"] = 0 if d["data"].get("width") in (None, 0, d["data"]["size"]) else d["data"]["width"]
     keys = [f"model.{k}" for k in a["model"] if f"model.{k}" not in HOW_NOT_WHAT] + list(RESUME_MUST_MATCH)
     unused = {"text.name"} if cfg.text.encoder not in ("clip", "umt5", "sd_clip") else set()  # only these read it
     if not (space_facts(saved).vae or space_facts(cfg).vae):

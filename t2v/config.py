@@ -30,7 +30,8 @@ class DataConfig:
     manifest: str = "/scratch/data/manifests/train.manifest.processed.jsonl"
     video_root: str = ""  # relative video paths resolve here; "" = the manifest's folder
     frames: int = 8
-    size: int = 64
+    size: int = 64  # frame height, and width unless data.width is set
+    width: int = 0  # frame width; 0 = data.size (square). MSR-VTT's own frames: data.size=240 data.width=320
     # "even": FRAMES spread over the whole clip (the baseline); "window": FRAMES consecutive frames at data.fps inside
     # one shot, a fresh window every draw, from the window cache (t2v.data.windows); "random_window": FRAMES spread
     # over a random data.window fraction of the clip, decoded per sample (no cache)
@@ -52,6 +53,12 @@ class DataConfig:
     max_bad_clips: int = 50  # corrupt clips skipped at train time before training stops
     num_workers: int = 2
     val_manifest: str = ""  # clips for the validation loss; "" = val.jsonl beside the manifest (skipped if absent)
+
+    @property
+    def frame_size(self) -> int | tuple[int, int]:
+        """For the data code (t2v.data.video.frame_hw): a square's side, so square runs keep their caches' names, else
+        (height, width)."""
+        return self.size if self.width in (0, self.size) else (self.size, self.width)
 
 
 @dataclass

@@ -120,46 +120,55 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
             (d.objective == "ddpm" and d.prediction == "eps",
              "model.arch=animatediff was trained with DDPM predicting the noise: set diffusion.objective=ddpm and "
              "diffusion.prediction=eps"),
-            (cfg.data.size % 8 == 0, f"data.size must be a multiple of 8 (the SD UNet halves it three times), got "
-                                     f"{cfg.data.size}"),
+            *[(side % 8 == 0, f"{key} must be a multiple of 8 (the SD UNet halves it three times), got {side}")
+              for key, side in _sides(cfg)],
         ]
-    side = cfg.data.size // space_facts(cfg).cell
+    cell = space_facts(cfg).cell
     return checks + [
         (not m.motion_adapter, "model.motion_adapter applies to model.arch=animatediff"),
         (t.finetune != "motion", "train.finetune=motion trains AnimateDiff's motion modules, which Wan does not have: "
                                  "use train.finetune=lora or full"),
         (d.objective == "flow", "model.arch=wan was trained with rectified flow: set diffusion.objective=flow"),
-        (side % 2 == 0, f"data.size must give frames ({side}x{side}) divisible by Wan's 2x2 patches"),
+        *[(side % cell == 0 and side // cell % 2 == 0, f"{key}={side} must give latent frames ({side}/{cell} cells) "
+                                                       "divisible by Wan's 2x2 patches") for key, side in _sides(cfg)],
     ]
+
+
+def _sides(cfg) -> list[tuple[str, int]]:
+    """The frame's sides to check, by the key that sets each: data.size, and data.width where it differs."""
+    return [("data.size", cfg.data.size)] + ([("data.width", cfg.data.width)]
+                                             if cfg.data.width not in (0, cfg.data.size) else [])
 
 
 def dit_patch(cfg) -> int:
     """The dit's patch (t2v.models.dit.resolve_patch): model.patch, or for 0 one cell where a frame is 16 cells or
-    fewer on a side, else 2."""
-    return cfg.model.patch or (1 if cfg.data.size // space_facts(cfg).cell <= 16 else 2)
+    fewer on its longer side, else 2."""
+    return cfg.model.patch or (1 if max(cfg.data.size, cfg.data.width) // space_facts(cfg).cell <= 16 else 2)
 
 
 def _arch_checks(cfg) -> list[tuple[bool, str]]:
     """The frame size each architecture takes, and the options that belong to the other one."""
-    m, size, space = cfg.model, cfg.data.size, space_facts(cfg)
+    m, space = cfg.model, space_facts(cfg)
     if m.arch in PRETRAINED:  # their sizes are fixed by their weights: _pretrained_checks
         return []
     if m.arch != "dit":  # latent frames (SIZE / 8) are checked against the UNet by t2v.space, with the VAE at hand
         unit = space.cell if space.vae else 8 * (m.patch or 1)
         after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
-        return [(size >= unit and size % unit == 0, f"data.size must be a multiple of {unit} (the UNet halves it "
-                                                    f"twice{after}), got {size}"),
+        return [*[(side >= unit and side % unit == 0, f"{key} must be a multiple of {unit} (the UNet halves it "
+                                                      f"twice{after}), got {side}") for key, side in _sides(cfg)],
                 (not m.downsample_time or cfg.data.frames % 4 == 0,
                  f"data.frames must be a multiple of 4 with model.downsample_time (the UNet halves the frames with "
                  f"the frame size, up to twice), got {cfg.data.frames}"),
                 (not (m.downsample_time and m.frame_cond),
                  "model.frame_cond and model.downsample_time do not go together: one conditioning per frame needs "
                  "every frame at every level")]
-    side, patch = size // space.cell, dit_patch(cfg)
+    patch = dit_patch(cfg)
     return [
-        (size >= 8 and size % space.cell == 0,
-         "data.size must be >= 8, and a multiple of 8 for model.space=latent (the VAE downsamples 8x)"),
-        (side % patch == 0, f"data.size must give frames ({side}x{side}) divisible by the dit's patch {patch} (model.patch)"),
+        *[(side >= 8 and side % space.cell == 0,
+           f"{key} must be >= 8, and a multiple of 8 for model.space=latent (the VAE downsamples 8x), got {side}")
+          for key, side in _sides(cfg)],
+        *[(side // space.cell % patch == 0, f"{key}={side} must give frames ({side // space.cell} cells) divisible by "
+                                            f"the dit's patch {patch} (model.patch)") for key, side in _sides(cfg)],
         *[(not getattr(m, k), f"model.{k} applies to model.arch=unet only; a dit has {why}") for k, why in
           (("coords", "position embeddings"), ("frame_cond", "a frame position embedding"),
            ("temporal_attention", "temporal attention blocks"), ("downsample_time", "no downsampling"))],
@@ -237,6 +246,7 @@ def problems(cfg, valid_keys: list[str]) -> list[str]:
         (t.dist_timeout_s > 0, "train.dist_timeout_s must be > 0 (seconds a collective waits for the other ranks)"),
         (cfg.data.frames >= 1, "data.frames must be >= 1"),
         (cfg.data.sampling in SAMPLINGS, f"data.sampling must be one of {', '.join(SAMPLINGS)}"),
+        (cfg.data.width >= 0, "data.width must be >= 0 (0 = data.size, a square frame)"),
         (0 < cfg.data.window <= 1, "data.window must be in (0, 1]"),
         *_window_checks(cfg),
         (cfg.text.encoder in TEXT_ENCODERS, f"text.encoder must be one of {', '.join(TEXT_ENCODERS)}"),

@@ -301,7 +301,7 @@ def evaluate(
     Everything that can fail (weights, manifest, videos, caption embeddings) is checked before generating.
     """
     from t2v.data.manifest import read_manifest
-    from t2v.data.video import decode_uint8
+    from t2v.data.video import decode_uint8, frame_hw
     from t2v.data.windows import fixed_window
     from t2v.sample import embed_prompts, generate, load_ema_and_rate, resolve_checkpoint, space_for_sampling
 
@@ -335,7 +335,7 @@ def evaluate(
     ckpt_file = resolve_checkpoint(ckpt_path).resolve()
     cfg, model, step, fps = load_ema_and_rate(ckpt_file, device)
     space = space_for_sampling(cfg, device)  # samples are frames (a latent model's are decoded) before scoring
-    frames, size = cfg.data.frames, cfg.data.size
+    frames, size = cfg.data.frames, cfg.data.frame_size
     guidance = float(cfg.train.guidance if guidance is None else guidance)
     clips = read_manifest(manifest, video_root=video_root)
     chosen, captions = sample_eval_set(clips, num, seed)
@@ -344,7 +344,7 @@ def evaluate(
     # 2. Real clips (for FVD), decoded like training data at the model's FRAMES x SIZE; features right away.
     real_feats = None
     if fvd:
-        real = torch.empty(num, frames, 3, size, size, dtype=torch.uint8)
+        real = torch.empty(num, frames, 3, *frame_hw(size), dtype=torch.uint8)
         with _bar(num, "real clips", progress) as bar:
             for i, clip in enumerate(chosen):
                 u8 = (fixed_window(clip, cfg.data, seed, i)[0] if cfg.data.sampling == "window" else  # as trained
@@ -360,7 +360,7 @@ def evaluate(
         del real
 
     # 3. Generate (fixed noise per batch: seed and batch start), kept as uint8 like a saved video.
-    fake = torch.empty(num, frames, 3, size, size, dtype=torch.uint8)
+    fake = torch.empty(num, frames, 3, *frame_hw(size), dtype=torch.uint8)
     sampler = "Euler" if cfg.diffusion.objective == "flow" else "DDIM"  # generate()'s default for the objective
     with _bar(num, f"generating ({steps} {sampler} steps)", progress) as bar:
         for s in range(0, num, batch_size):

@@ -23,6 +23,7 @@ from t2v import validate
 from t2v.data.cache import build_cache, open_cache
 from t2v.data.latents import open_latents
 from t2v.data.sources import LATENTS_HINT, open_training_windows
+from t2v.data.video import describe_size, frame_hw
 from t2v.models.unet import resolve_size
 from t2v.runlog import TrainingError
 from t2v.step import draw_latents
@@ -39,8 +40,8 @@ class PixelSpace:
     bounded = True
     identity = None  # nothing beyond the config identifies pixel space
 
-    def sample_shape(self, b: int, frames: int, size: int) -> tuple[int, ...]:
-        return (b, frames, 3, size, size)  # b t c h w
+    def sample_shape(self, b: int, frames: int, size: int | tuple[int, int]) -> tuple[int, ...]:
+        return (b, frames, 3, *frame_hw(size))  # b t c h w
 
     def model_input(self, batch: dict, seed: int, step: int, rank: int, global_batch: int, device) -> torch.Tensor:
         return batch["video"].to(device, non_blocking=True)  # b t c h w, in [-1, 1]
@@ -59,10 +60,10 @@ class PixelSpace:
         if not (cfg.data.cache and cfg.data.sampling == "even"):
             return {}
         where = config.cache_dir(cfg, "data")
-        cache = open_cache(clips, cfg.data.frames, cfg.data.size, where)
+        cache = open_cache(clips, cfg.data.frames, cfg.data.frame_size, where)
         if cache is None:
             log.line(f"building the clip cache in {where} (once; `python -m t2v.data cache`)")
-            cache = build_cache(clips, cfg.data.frames, cfg.data.size, where, progress=log.enabled)
+            cache = build_cache(clips, cfg.data.frames, cfg.data.frame_size, where, progress=log.enabled)
         if cache.bad:
             log.warn(f"{len(cache.bad)} corrupt clips in the cache are skipped (see `python -m t2v.data check`)")
         return {"cache": cache}
@@ -88,9 +89,9 @@ class VAESpace:
     def channels(self) -> int:
         return self.latent.channels
 
-    def sample_shape(self, b: int, frames: int, size: int) -> tuple[int, ...]:
-        h = size // self.latent.factor
-        return (b, self.latent.latent_frames(frames), self.latent.channels, h, h)  # b t c h w
+    def sample_shape(self, b: int, frames: int, size: int | tuple[int, int]) -> tuple[int, ...]:
+        h, w = (side // self.latent.factor for side in frame_hw(size))
+        return (b, self.latent.latent_frames(frames), self.latent.channels, h, w)  # b t c h w
 
     def model_input(self, batch: dict, seed: int, step: int, rank: int, global_batch: int, device) -> torch.Tensor:
         """The VAE posterior (b 2 t c h w) -> this step's latent draw, b t c h w (its own (seed, step) generator)."""
@@ -109,10 +110,10 @@ class VAESpace:
         if cfg.data.sampling == "window":
             return {"windows": open_training_windows(cfg, clips, log, self.identity)}
         where = config.cache_dir(cfg, "data")
-        latents = open_latents(clips, cfg.data.frames, cfg.data.size, where, self.identity)
+        latents = open_latents(clips, cfg.data.frames, cfg.data.frame_size, where, self.identity)
         if latents is None:
             raise TrainingError(f"{cfg.data.manifest}: no latent cache for these clips at {cfg.data.frames}x"
-                                f"{cfg.data.size} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
+                                f"{describe_size(cfg.data.frame_size)} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
         if latents.bad:
             log.warn(f"{len(latents.bad)} corrupt clips in the latent cache are skipped")
         return {"latents": latents}
@@ -156,8 +157,9 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
         raise VAEError(str(e)) from None
     patch = 1 if cfg.model.arch != "unet" else cfg.model.patch or 1  # the others' sizes: t2v.config_checks
     unit = patch * 2 ** halvings
-    if cfg.data.size % latent.factor or (cfg.data.size // latent.factor) % unit:
-        raise VAEError(f"data.size={cfg.data.size}: latent frames are SIZE/{latent.factor} cells, which the UNet "
-                       f"halves {halvings} times (in patches of {patch}: model.patch); use a multiple of "
-                       f"{latent.factor * unit}")
+    for key, side in zip(("data.size", "data.width"), frame_hw(cfg.data.frame_size)):
+        if side % latent.factor or (side // latent.factor) % unit:
+            raise VAEError(f"{key}={side}: latent frames are {side}/{latent.factor} cells, which the UNet halves "
+                           f"{halvings} times (in patches of {patch}: model.patch); use a multiple of "
+                           f"{latent.factor * unit}")
     return VAESpace(vae, latent, vae_identity(cfg.vae, vae), cfg.vae.batch_size)

@@ -87,7 +87,7 @@ def pick_precision(cfg: config.Config, device: torch.device) -> str:
 def step_flops(model, cfg: config.Config, space, objective, device, precision: str, global_batch: int) -> int:
     """Model FLOPs of one optimizer step (t2v.flops: forward and backward of one clip of the run's shape, counted
     once, times the global batch), under the run's autocast so that it needs no more memory than a step's clip."""
-    shape = space.sample_shape(1, cfg.data.frames, cfg.data.size)  # 1 t c h w
+    shape = space.sample_shape(1, cfg.data.frames, cfg.data.frame_size)  # 1 t c h w
     example = {"x": torch.zeros(shape, device=device), "text": torch.zeros(1, cfg.text.dim, device=device)}
     if config.uses_tokens(cfg):
         example["tokens"] = torch.zeros(1, cfg.text.max_tokens, cfg.text.dim, device=device)  # 1 l d
@@ -210,7 +210,7 @@ def train(cfg: config.Config, stop_at: int | None = None) -> int:
 
     # --- data: manifest -> cached clips + cached caption embeddings -------------------------------------
     clips, caches, emb = load_data(cfg, log, space)
-    dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.size, cfg.train.seed, sampling=cfg.data.sampling,
+    dataset = ClipDataset(clips, emb, cfg.data.frames, cfg.data.frame_size, cfg.train.seed, sampling=cfg.data.sampling,
                           window=cfg.data.window, strides=cfg.data.strides, pad=cfg.data.short_clips == "pad",
                           rate=Rate.of(cfg.data), **caches)
     fps = trained_fps(cfg, caches.get("windows"))

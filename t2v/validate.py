@@ -81,7 +81,7 @@ def decoded_x0(cfg: config.Config, path: Path, clips: list) -> tuple[list[torch.
     videos = []
     for clip in clips:
         try:
-            videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.size, start=clip.start,
+            videos.append(to_model(decode_uint8(clip.video, cfg.data.frames, cfg.data.frame_size, start=clip.start,
                                                 end=clip.end)))
         except VideoError as e:
             return [], f"{path}:{clip.line}: {e}: validation loss off"
@@ -101,7 +101,7 @@ def window_x0(cfg: config.Config, path: Path, all_clips: list, n: int, space=Non
     if space is not None:  # latent space: its cached posterior means
         from t2v.data.latents import open_latent_windows
 
-        cache = open_latent_windows(all_clips, d.size, rate, config.cache_dir(cfg, "data"), space.identity, d.frames,
+        cache = open_latent_windows(all_clips, d.frame_size, rate, config.cache_dir(cfg, "data"), space.identity, d.frames,
                                     d.latent_windows)
         if cache is None:
             return [], [], f"no latent window cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
@@ -129,7 +129,7 @@ def latent_x0(cfg: config.Config, path: Path, all_clips: list, n: int, vae_id: s
     from t2v.data.latents import open_latents  # latent space only
 
     # the cache is keyed by every clip of the manifest, of which the first n are used
-    cache = open_latents(all_clips, cfg.data.frames, cfg.data.size, config.cache_dir(cfg, "data"), vae_id)
+    cache = open_latents(all_clips, cfg.data.frames, cfg.data.frame_size, config.cache_dir(cfg, "data"), vae_id)
     if cache is None:
         return [], f"no latent cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     if cache.bad & set(range(n)):

@@ -28,7 +28,7 @@ def prepare(cfg: C.Config, n_train: int = 48) -> None:
     """What `python -m t2v.data demo`, `... cache` and `python -m t2v.text embed` do before training."""
     make_demo(Path(cfg.data.manifest).parent, n_train=n_train, n_val=4, n_test=4, seed=0)
     clips = read_manifest(cfg.data.manifest)
-    build_cache(clips, cfg.data.frames, cfg.data.size, C.cache_dir(cfg, "data"), progress=False)
+    build_cache(clips, cfg.data.frames, cfg.data.frame_size, C.cache_dir(cfg, "data"), progress=False)
     val = read_manifest(C.val_manifest(cfg))
     captions = [c for clip in clips + val for c in clip.captions] + list(cfg.train.sample_prompts) + [""]
     embed_captions(cfg.text, captions, C.cache_dir(cfg, "text"), progress=False)

@@ -266,6 +266,6 @@ def test_unet_patches_must_divide_the_latent_frame(data):
     model = build_model(cfg, space.channels)
     z = torch.randn(space.sample_shape(2, cfg.data.frames, cfg.data.size))  # b t c h w: 2 x 4 x 4 x 8 x 8
     assert model.patch == 2 and model(z, torch.tensor([10, 900]), torch.randn(2, cfg.text.dim)).shape == z.shape
-    with pytest.raises(VAEError, match=r"latent frames are SIZE/2 cells, which the UNet halves 1 times \(in patches "
-                                       r"of 8: model.patch\); use a multiple of 32"):
+    with pytest.raises(VAEError, match=r"data.size=16: latent frames are 16/2 cells, which the UNet halves 1 times "
+                                       r"\(in patches of 8: model.patch\); use a multiple of 32"):
         build_space(latent_config(data, data / "unused", "model.patch=8"))

@@ -268,7 +268,6 @@ def test_umt5_captions_are_wan_pipelines_and_cached_at_their_length(pixel_wan, t
     assert torch.equal(reloaded.get_tokens(captions[1])[0], cache.get_tokens(captions[1])[0])
 
 
-@pytest.mark.slow
 def encoded_demo(tmp_path: Path, over: list[str], n_train: int, kind: str = "shapes"):
     """The demo data (``kind``), its captions embedded and its clips encoded by `python -m t2v.data latents` with
     ``over``: (the training config, the latents command's arguments)."""
@@ -287,10 +286,12 @@ def encoded_demo(tmp_path: Path, over: list[str], n_train: int, kind: str = "sha
     return cfg, args
 
 
+@pytest.mark.slow
 def test_wan_in_its_vae_space_trains_resumes_and_samples_what_wan_pipeline_decodes(tmp_path):
     """The path of a real fine-tune: Wan's own VAE (16 channels, 4x in time) encodes each clip of 4k+1 frames once
     (`python -m t2v.data latents`), normalised by its latents_mean/std; a LoRA trains, resumes bit-exact, and its
-    decoded samples are WanPipeline's video from the same noise and prompt embeddings."""
+    decoded samples are WanPipeline's video from the same noise and prompt embeddings. Frames are wider than high
+    (16 x 32, as MSR-VTT's 240 x 320 are), so a height and width swapped anywhere would show."""
     from diffusers import WanPipeline
 
     from t2v.data.__main__ import main as data_main
@@ -298,13 +299,14 @@ def test_wan_in_its_vae_space_trains_resumes_and_samples_what_wan_pipeline_decod
     from t2v.train import train
 
     base = save_wan_pipeline(tmp_path / "wan", in_channels=16, text_dim=TEXT_DIM)
-    over = [*wan_overrides(base, "data.frames=5", "model.space=latent", f"vae.name={base}", "vae.subfolder=vae",
+    over = [*wan_overrides(base, "data.frames=5", "data.width=32", "model.space=latent", f"vae.name={base}",
+                           "vae.subfolder=vae",
                            "train.finetune=lora", "train.lora_rank=4", "train.steps=6", "train.ckpt_every=3",
                            "train.val_every=3", "train.lr=1e-2")]
     cfg, args = encoded_demo(tmp_path, over, n_train=6)
     shapes = sorted(np.load(p, mmap_mode="r").shape for p in (tmp_path / "data" / "cache").glob("latents_*.npy"))
     # train and val clips, mean/std, 1 + (5 - 1) / 4 latent frames, c h w
-    assert shapes == [(2, 2, 2, 16, 2, 2), (6, 2, 2, 16, 2, 2)]
+    assert shapes == [(2, 2, 2, 16, 2, 4), (6, 2, 2, 16, 2, 4)]
     bad = [a.replace("data.frames=5", "data.frames=6") for a in args]
     assert data_main(bad) == 2  # refused before anything is encoded, naming the nearest frame counts
 
@@ -320,18 +322,19 @@ def test_wan_in_its_vae_space_trains_resumes_and_samples_what_wan_pipeline_decod
     mask = torch.ones(1, 5, dtype=torch.bool)
     ours = generate(model, run_cfg, torch.zeros(1, TEXT_DIM), tokens=tokens, token_mask=mask, steps=3,
                     guidance=4.0, seed=7, method="unipc", space=space)  # b t 3 h w in [-1, 1]
-    assert ours.shape == (1, 5, 3, 16, 16)
+    assert ours.shape == (1, 5, 3, 16, 32)
     pipe = WanPipeline.from_pretrained(base)
     pipe.transformer = model.transformer  # the fine-tuned transformer (its LoRA applied)
-    noise = torch.randn((1, 2, 16, 2, 2), generator=torch.Generator().manual_seed(7))  # b t c h w, as generate drew
+    noise = torch.randn((1, 2, 16, 2, 4), generator=torch.Generator().manual_seed(7))  # b t c h w, as generate drew
     prompt = model.captions(tokens, mask, None)
     negative = model.captions(model.null[None], None, None)  # the empty caption, from the checkpoint
     theirs = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, num_frames=5, height=16,
-                  width=16, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=3, guidance_scale=4.0,
+                  width=32, latents=noise.permute(0, 2, 1, 3, 4), num_inference_steps=3, guidance_scale=4.0,
                   output_type="pt").frames  # b t 3 h w in [0, 1]
     torch.testing.assert_close(ours, theirs * 2 - 1, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_wan_trains_on_windows_at_its_rate_from_encoded_windows_and_resumes_bit_exact(tmp_path):
     """data.sampling=window in Wan's VAE space: `python -m t2v.data latents` encodes windows of 4k+1 frames inside
     the shots of each clip (the demo's "shots" set, cut every ~1.5 s); a LoRA trains on draws of them, validates on

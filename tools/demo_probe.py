@@ -35,7 +35,7 @@ def demo_clips(cfg) -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
         rows.setdefault((r["color"], r["shape"], r["motion"]), r["id"])
     by_id = {c.id: c for c in read_manifest(cfg.data.manifest, cfg.data.video_root)}
     wanted = [p for p in PROMPTS if p in rows]
-    videos = [to_model(decode_uint8(by_id[rows[p]].video, cfg.data.frames, cfg.data.size)) for p in wanted]
+    videos = [to_model(decode_uint8(by_id[rows[p]].video, cfg.data.frames, cfg.data.frame_size)) for p in wanted]
     return torch.stack(videos), wanted
 
 

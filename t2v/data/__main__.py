@@ -24,6 +24,7 @@ from t2v.config import (ConfigError, add_config_args, cache_dir, load_with_manif
 from t2v.cachebuild import no_room
 from t2v.data.cache import CacheError, shard_argument, shard_count
 from t2v.data.manifest import ManifestError, Problem
+from t2v.data.video import describe_size, frame_hw
 from t2v.device import DeviceError
 from t2v.table import text_table
 from t2v.vae import VAEError
@@ -81,7 +82,7 @@ def _check_windows(cfg, manifest) -> list[Problem]:
     clips, problems = _parse(Path(manifest), cfg.data.video_root, check_files=True)
     for clip in progress_counter(clips, desc="checking windows", unit="clip"):
         try:
-            u8, plan, shots = decode_clip(str(clip.video), d.size, rate, clip.start, clip.end)
+            u8, plan, shots = decode_clip(str(clip.video), d.frame_size, rate, clip.start, clip.end)
         except NoFrameRate as e:
             problems.append(Problem(clip.line, "no_frame_rate", str(e)))
             continue
@@ -115,15 +116,17 @@ def cmd_cache(args) -> int:
         return _cache_windows(cfg, clips, args)
     t0 = time.time()
     if args.shard:
-        part = build_shard(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), *args.shard, workers=args.workers)
+        part = build_shard(clips, cfg.data.frames, cfg.data.frame_size, cache_dir(cfg), *args.shard,
+                           workers=args.workers)
         print(f"clip cache shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s); merge them with "
               f"`python -m t2v.data cache --merge {args.shard[1]}` and the same arguments")
         return 0
     if args.merge:
-        cache = merge_shards(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), args.merge)
+        cache = merge_shards(clips, cfg.data.frames, cfg.data.frame_size, cache_dir(cfg), args.merge)
     else:
-        cache = build_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), progress=True, workers=args.workers)
-    print(f"clip cache: {cache.npy} ({len(cache)} clips of {cfg.data.frames}x{cfg.data.size}, "
+        cache = build_cache(clips, cfg.data.frames, cfg.data.frame_size, cache_dir(cfg), progress=True,
+                            workers=args.workers)
+    print(f"clip cache: {cache.npy} ({len(cache)} clips of {cfg.data.frames}x{describe_size(cfg.data.frame_size)}, "
           f"{len(cache.bad)} bad, {time.time() - t0:.1f} s)")
     for i in sorted(cache.bad):
         print(f"  bad: {cfg.data.manifest}:{clips[i].line}: {clips[i].video}")
@@ -137,14 +140,14 @@ def _cache_windows(cfg, clips, args) -> int:
 
     rate, t0 = Rate.of(cfg.data), time.time()
     if args.shard:
-        part = build_windows_shard(clips, cfg.data.size, rate, cache_dir(cfg), *args.shard, workers=args.workers)
+        part = build_windows_shard(clips, cfg.data.frame_size, rate, cache_dir(cfg), *args.shard, workers=args.workers)
         print(f"window cache shard {args.shard[0]}/{args.shard[1]}: {part} ({time.time() - t0:.1f} s); merge them "
               f"with `python -m t2v.data cache --merge {args.shard[1]}` and the same arguments")
         return 0
     if args.merge:
-        cache = merge_windows(clips, cfg.data.size, rate, cache_dir(cfg), args.merge)
+        cache = merge_windows(clips, cfg.data.frame_size, rate, cache_dir(cfg), args.merge)
     else:
-        cache = build_windows(clips, cfg.data.size, rate, cache_dir(cfg), progress=True, workers=args.workers)
+        cache = build_windows(clips, cfg.data.frame_size, rate, cache_dir(cfg), progress=True, workers=args.workers)
     print_window_cache(cfg, cache, clips, cfg.data.manifest, f"{time.time() - t0:.1f} s")
     return 0
 
@@ -153,7 +156,7 @@ def print_window_cache(cfg, cache, clips, manifest, took: str) -> None:
     """What a window-cache build reports: size, cuts, and every clip it could not use, by file and line."""
     from t2v.data.windows import cached_seconds_line, report_short
 
-    print(f"window cache: {cache.npy} ({cfg.data.size}x{cfg.data.size} at {cache.rate.describe()}, at most "
+    print(f"window cache: {cache.npy} ({describe_size(cfg.data.frame_size)} at {cache.rate.describe()}, at most "
           f"{cfg.data.max_seconds:g} s per clip: {cached_seconds_line(cache)}; {took})")
     for i in sorted(cache.bad):
         print(f"  bad: {manifest}:{clips[i].line}: {clips[i].video}")
@@ -188,8 +191,8 @@ def cmd_latents(args) -> int:
         if cfg.data.sampling == "window":
             _latent_windows(cfg, clips, manifest, vae, vae_id, args, device)
             continue
-        clip_cache = open_cache(clips, cfg.data.frames, cfg.data.size, cache_dir(cfg))  # faster than decoding
-        common = (clips, cfg.data.frames, cfg.data.size, cache_dir(cfg), vae, vae_id)
+        clip_cache = open_cache(clips, cfg.data.frames, cfg.data.frame_size, cache_dir(cfg))  # faster than decoding
+        common = (clips, cfg.data.frames, cfg.data.frame_size, cache_dir(cfg), vae, vae_id)
         if args.shard:  # each manifest's slice I of N (one array task), merged once all are done
             part = build_latent_shard(*common, *args.shard, cfg.vae.batch_size, clip_cache=clip_cache)
             print(f"latent cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {part} ({time.time() - t0:.1f} s)")
@@ -199,10 +202,10 @@ def cmd_latents(args) -> int:
         else:
             cache = build_latents(*common, cfg.vae.batch_size, clip_cache=clip_cache, progress=True)
         s = cache.space
-        side = cfg.data.size // s.factor
-        row = 2 * s.latent_frames(cfg.data.frames) * s.channels * side * side * 2  # mean and std, float16
+        h, w = (side // s.factor for side in frame_hw(cfg.data.frame_size))
+        row = 2 * s.latent_frames(cfg.data.frames) * s.channels * h * w * 2  # mean and std, float16
         print(f"latent cache: {cache.npy} ({len(cache)} clips of {manifest}, {s.latent_frames(cfg.data.frames)}x"
-              f"{s.channels}x{side}x{side} latents of {cfg.vae.name}, {row:,} bytes a clip, {len(cache.bad)} "
+              f"{s.channels}x{h}x{w} latents of {cfg.vae.name}, {row:,} bytes a clip, {len(cache.bad)} "
               f"bad, {time.time() - t0:.1f} s on {device})")
     return 0
 
@@ -214,24 +217,25 @@ def _latent_windows(cfg, clips, manifest, vae, vae_id, args, device) -> None:
 
     t0, rate = time.time(), Rate.of(cfg.data)
     windows = (cfg.data.frames, cfg.data.latent_windows)  # used by a video VAE only
-    npy = build_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae, vae_id, cfg.vae.batch_size,
+    npy = build_latent_windows(clips, cfg.data.frame_size, rate, cache_dir(cfg), vae, vae_id, cfg.vae.batch_size,
                                shard=args.shard, merge_shards=args.merge, frames=windows[0], per_clip=windows[1])
     if args.shard:
         print(f"latent window cache shard {args.shard[0]}/{args.shard[1]} of {manifest}: {npy} ({time.time() - t0:.1f} s)")
         return
-    cache = open_latent_windows(clips, cfg.data.size, rate, cache_dir(cfg), vae_id, *windows)
+    cache = open_latent_windows(clips, cfg.data.frame_size, rate, cache_dir(cfg), vae_id, *windows)
     if cache is None:
         raise CacheError(f"latent window cache {npy}: source videos changed during the build; run it again")
-    s, side, took = cache.space, cfg.data.size // cache.space.factor, f"{time.time() - t0:.1f} s on {device}"
+    s, took = cache.space, f"{time.time() - t0:.1f} s on {device}"
+    cells = "x".join(str(side // s.factor) for side in frame_hw(cfg.data.frame_size))  # h x w
     if s.temporal > 1:  # whole windows encoded: count them, and their bytes
         n = sum(len(w) for w in cache.starts)
         row = cache.array[0].nbytes if len(cache.array) else 0
         print(f"latent window cache: {cache.npy} ({manifest}, {n} windows of {cfg.data.frames} frames at "
               f"{rate.describe()} in {len(cache) - len(cache.bad)} clips, each {s.latent_frames(cfg.data.frames)}x"
-              f"{s.channels}x{side}x{side} latents of {cfg.vae.name}: {row:,} bytes a window, "
+              f"{s.channels}x{cells} latents of {cfg.vae.name}: {row:,} bytes a window, "
               f"{cache.array.nbytes / max(len(cache), 1):,.0f} bytes a clip, {len(cache.bad)} bad; {took})")
         return
-    print(f"latent window cache: {cache.npy} ({manifest}, {s.channels}x{side}x{side} latents of {cfg.vae.name} at "
+    print(f"latent window cache: {cache.npy} ({manifest}, {s.channels}x{cells} latents of {cfg.vae.name} at "
           f"{rate.describe()}: {cached_seconds_line(cache)}; {took})")
 
 

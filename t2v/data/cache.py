@@ -23,7 +23,7 @@ import numpy as np
 from t2v.cachebuild import (CacheError, Files, bad_of, build_part, check_parts, merge_parts,
                             parse_shard, remove_parts, run_jobs, shard_argument, shard_count, shard_rows, write_array)
 from t2v.data.manifest import Clip
-from t2v.data.video import VideoError, decode_uint8
+from t2v.data.video import FrameSize, VideoError, decode_uint8, frame_hw
 from t2v.files import write_text
 
 log = logging.getLogger("t2v.data")
@@ -31,7 +31,7 @@ log = logging.getLogger("t2v.data")
 VERSION = 1  # bump when the decoding itself changes, so old caches are not reused
 
 
-def cache_key(clips: Sequence[Clip], frames: int, size: int) -> str:
+def cache_key(clips: Sequence[Clip], frames: int, size: FrameSize) -> str:
     sources = []
     for c in clips:
         try:
@@ -78,7 +78,7 @@ class ClipCache(MappedCache):
 
     npy: Path
     frames: int
-    size: int
+    size: FrameSize
     paths: list[str]
     bad: set[int] = field(default_factory=set)
     _array: np.ndarray | None = field(default=None, repr=False)
@@ -100,7 +100,7 @@ def read_mapped(npy: Path, meta_path: Path, what: str) -> tuple[np.ndarray, dict
         return None
 
 
-def open_cache(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike) -> ClipCache | None:
+def open_cache(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike) -> ClipCache | None:
     """The cache for exactly these clips and settings, or None if it is missing, stale or incomplete."""
     key = cache_key(clips, frames, size)
     f = _files(Path(cache_dir), key)
@@ -109,7 +109,7 @@ def open_cache(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | o
     if got is None:
         return None
     arr, meta = got
-    expected = (len(clips), frames, size, size, 3)
+    expected = (len(clips), *_row(frames, size))
     if (
         meta.get("key") != key
         or meta.get("paths") != [str(c.video) for c in clips]
@@ -131,7 +131,7 @@ def _decode_one(job: tuple) -> tuple[int, np.ndarray | None, str]:
         return i, None, str(e)
 
 
-def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, frames: int, size: int, workers: int,
+def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, frames: int, size: FrameSize, workers: int,
           progress: bool, desc: str) -> list[dict]:
     """Decode ``rows`` (by ``workers`` processes) into out[i - offset]; returns the bad clips (zeros in the array)
     in index order."""
@@ -146,7 +146,7 @@ def _fill(out: np.ndarray, offset: int, clips: Sequence[Clip], rows: range, fram
     return bad
 
 
-def _finish(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key: str, bad: list[dict]) -> None:
+def _finish(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: Path, key: str, bad: list[dict]) -> None:
     meta = {"key": key, "version": VERSION, "frames": frames, "size": size,
             "paths": [str(c.video) for c in clips], "bad": bad}
     f = _files(cache_dir, key)
@@ -154,7 +154,7 @@ def _finish(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key:
     log.info("clip cache: %d clips (%d bad) in %s", len(clips), len(bad), f.npy)
 
 
-def _opened(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key: str) -> ClipCache:
+def _opened(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: Path, key: str) -> ClipCache:
     cache = open_cache(clips, frames, size, cache_dir)
     if cache is None:  # a source file changed while we decoded: the key moved on
         raise CacheError(f"clip cache {_files(cache_dir, key).npy}: source videos changed during the build; "
@@ -162,12 +162,12 @@ def _opened(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, key:
     return cache
 
 
-def _row(frames: int, size: int) -> tuple:
-    return frames, size, size, 3
+def _row(frames: int, size: FrameSize) -> tuple:
+    return frames, *frame_hw(size), 3  # t h w c
 
 
 def build_cache(
-    clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, progress: bool = True,
+    clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, progress: bool = True,
     workers: int = 1,
 ) -> ClipCache:
     """Decode every clip ("even" sampling) into the cache, unless a valid cache is already there, with
@@ -191,7 +191,7 @@ def build_cache(
 
 # --- sharded builds (t2v.cachebuild): a deterministic slice per process (a Slurm array task), then one merge -------
 
-def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, shard: int, shards: int,
+def build_shard(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, shard: int, shards: int,
                 progress: bool = True, workers: int = 1) -> Path:
     """Decode shard ``shard`` of ``shards`` into its own part file (kept if already finished: rerunning the
     shards of a killed array job redoes only the unfinished ones). Returns the part's .npy."""
@@ -209,7 +209,7 @@ def build_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | 
                       lambda: open_cache(clips, frames, size, cache_dir) is not None, write)
 
 
-def merge_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
+def merge_shards(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike,
                  shards: int) -> ClipCache:
     """Assemble the ``shards`` part files into the cache file one process writes (the same bytes), atomically;
     the parts are removed once it is complete. Fails, naming them, if a part is missing."""

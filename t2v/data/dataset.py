@@ -16,7 +16,7 @@ import torch
 
 from t2v.data.cache import ClipCache
 from t2v.data.manifest import Clip, pick_caption
-from t2v.data.video import VideoError, decode_uint8, to_model
+from t2v.data.video import FrameSize, VideoError, decode_uint8, describe_size, frame_hw, to_model
 from t2v.data.windows import decode_clip, pick_window
 
 log = logging.getLogger("t2v.data")
@@ -107,7 +107,7 @@ class ClipDataset(torch.utils.data.Dataset):
         clips: Sequence[Clip],
         embeddings: Embeddings,
         frames: int,
-        size: int,
+        size: FrameSize,
         seed: int,
         sampling: str = "even",
         window: float = 0.5,
@@ -131,17 +131,18 @@ class ClipDataset(torch.utils.data.Dataset):
         if cache is not None:
             if sampling != "even":
                 raise ValueError(f"the clip cache holds 'even' sampling only, not {sampling!r}: set data.cache=false")
-            if len(cache) != len(clips) or (cache.frames, cache.size) != (frames, size):
+            if len(cache) != len(clips) or (cache.frames, frame_hw(cache.size)) != (frames, frame_hw(size)):
                 raise ValueError(
-                    f"clip cache {cache.npy} holds {len(cache)} clips of {cache.frames}x{cache.size}, "
-                    f"expected {len(clips)} of {frames}x{size}"
+                    f"clip cache {cache.npy} holds {len(cache)} clips of {cache.frames}x{describe_size(cache.size)}, "
+                    f"expected {len(clips)} of {frames}x{describe_size(size)}"
                 )
         self.clips, self.embeddings = list(clips), embeddings
         self.frames, self.size, self.seed = frames, size, seed
         self.sampling, self.window, self.cache = sampling, window, cache
-        if latents is not None and (len(latents) != len(clips) or (latents.frames, latents.size) != (frames, size)):
-            raise ValueError(f"latent cache {latents.npy} holds {len(latents)} clips of {latents.frames}x{latents.size}"
-                             f", expected {len(clips)} of {frames}x{size}")
+        if latents is not None and (len(latents) != len(clips) or
+                                    (latents.frames, frame_hw(latents.size)) != (frames, frame_hw(size))):
+            raise ValueError(f"latent cache {latents.npy} holds {len(latents)} clips of {latents.frames}x"
+                             f"{describe_size(latents.size)}, expected {len(clips)} of {frames}x{describe_size(size)}")
         self.latents = latents
         self.windows, self.strides, self.pad, self.rate = windows, tuple(strides), pad, rate
 

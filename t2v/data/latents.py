@@ -29,7 +29,7 @@ import torch
 from t2v.cachebuild import CacheError, Every, Files, Partial, bad_of, build_part, merge_parts, shard_rows, write_array
 from t2v.data.cache import ClipCache, MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
-from t2v.data.video import VideoError, decode_uint8, to_model
+from t2v.data.video import FrameSize, VideoError, decode_uint8, describe_size, frame_hw, to_model
 from t2v.data.window_build import Store, build, build_shard, merge
 from t2v.data.windows import (Rate, Windowed, files, open_index, padded_window, read_index, window_key,
                               window_starts)
@@ -42,7 +42,7 @@ log = logging.getLogger("t2v.data")
 VERSION = 1
 
 
-def latent_key(clips: Sequence[Clip], frames: int, size: int, vae_id: str) -> str:
+def latent_key(clips: Sequence[Clip], frames: int, size: FrameSize, vae_id: str) -> str:
     blob = json.dumps({"version": VERSION, "clips": cache_key(clips, frames, size), "vae": vae_id})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -57,14 +57,14 @@ class LatentCache(MappedCache):
 
     npy: Path
     frames: int
-    size: int
+    size: FrameSize
     space: LatentSpace
     paths: list[str]
     bad: set[int] = field(default_factory=set)
     _array: np.ndarray | None = field(default=None, repr=False)
 
 
-def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike,
+def open_latents(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike,
                  vae_id: str) -> LatentCache | None:
     """The latent cache of exactly these clips, settings and VAE, or None if it is missing or incomplete."""
     key = latent_key(clips, frames, size, vae_id)
@@ -81,23 +81,28 @@ def open_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str |
     return LatentCache(f.npy, frames, size, space, meta["paths"], {int(b["index"]) for b in meta["bad"]}, arr)
 
 
-def _row(frames: int, size: int, space: LatentSpace) -> tuple:
+def _cells(size: FrameSize, space: LatentSpace) -> tuple[int, int]:
+    """(h, w) of a latent frame: the frame's height and width over the VAE's spatial factor."""
+    return tuple(side // space.factor for side in frame_hw(size))
+
+
+def _row(frames: int, size: FrameSize, space: LatentSpace) -> tuple:
     """One clip's row: (2, T, C, h, w), the posterior's mean and std (T: a video VAE's latent frames)."""
-    h = size // space.factor
-    return 2, space.latent_frames(frames), space.channels, h, h
+    return 2, space.latent_frames(frames), space.channels, *_cells(size, space)
 
 
-def _space(vae, size: int, frames: int = 1) -> LatentSpace:
+def _space(vae, size: FrameSize, frames: int = 1) -> LatentSpace:
     space = LatentSpace.of(vae)
-    if size % space.factor:
-        raise CacheError(f"data.size={size} is not a multiple of the VAE's spatial factor {space.factor}")
+    if any(side % space.factor for side in frame_hw(size)):
+        raise CacheError(f"frame size {describe_size(size)} (data.size x data.width) is not a multiple of the VAE's "
+                         f"spatial factor {space.factor}")
     problem = space.frames_problem(frames)
     if problem:
         raise CacheError(problem)
     return space
 
 
-def _opened(clips: Sequence[Clip], frames: int, size: int, cache_dir: Path, vae_id: str) -> LatentCache:
+def _opened(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: Path, vae_id: str) -> LatentCache:
     cache = open_latents(clips, frames, size, cache_dir, vae_id)
     if cache is None:  # a source file changed while we encoded: the key moved on
         npy = _files(cache_dir, latent_key(clips, frames, size, vae_id)).npy
@@ -130,7 +135,7 @@ def _groups(n: int, frames: int, batch_frames: int) -> list[range]:
     return [range(s, min(s + per_group, n)) for s in range(0, n, per_group)]
 
 
-def _encode_group(out: np.ndarray, offset: int, clips: Sequence[Clip], group: range, frames: int, size: int, vae,
+def _encode_group(out: np.ndarray, offset: int, clips: Sequence[Clip], group: range, frames: int, size: FrameSize, vae,
                   batch_frames: int, clip_cache: ClipCache | None) -> list[dict]:
     """Encode one group into out[i - offset] (zeros for a clip that cannot be decoded); returns those bad clips."""
     videos, ok, bad = [], [], []
@@ -156,7 +161,7 @@ def _encode_group(out: np.ndarray, offset: int, clips: Sequence[Clip], group: ra
     return bad
 
 
-def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae, vae_id: str,
+def build_latents(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, vae, vae_id: str,
                   batch_frames: int = 16, clip_cache: ClipCache | None = None, progress: bool = True,
                   save_every_s: float = 30.0) -> LatentCache:
     """Encode every clip ("even" sampling, from ``clip_cache`` when given, else decoded) into the latent cache,
@@ -195,7 +200,7 @@ def build_latents(clips: Sequence[Clip], frames: int, size: int, cache_dir: str 
     return _opened(clips, frames, size, cache_dir, vae_id)
 
 
-def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: int, space: LatentSpace, clips, bad) -> None:
+def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: FrameSize, space: LatentSpace, clips, bad) -> None:
     meta = {"key": key, "version": VERSION, "vae": vae_id, "frames": frames, "size": size,
             "space": space.to_dict(), "paths": [str(c.video) for c in clips], "bad": bad}
     write_text(path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
@@ -203,7 +208,7 @@ def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: int, space
 
 # --- sharded builds (t2v.cachebuild: one Slurm array task per shard, then one merge), as for the clip cache ---------
 
-def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae, vae_id: str,
+def build_latent_shard(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, vae, vae_id: str,
                        shard: int, shards: int, batch_frames: int = 16, clip_cache: ClipCache | None = None,
                        progress: bool = True) -> Path:
     """Encode shard ``shard`` of ``shards`` (a contiguous run of the fixed groups, so each is encoded exactly as in
@@ -234,7 +239,7 @@ def build_latent_shard(clips: Sequence[Clip], frames: int, size: int, cache_dir:
                       lambda: open_latents(clips, frames, size, cache_dir, vae_id) is not None, write)
 
 
-def merge_latent_shards(clips: Sequence[Clip], frames: int, size: int, cache_dir: str | os.PathLike, vae,
+def merge_latent_shards(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, vae,
                         vae_id: str, shards: int) -> LatentCache:
     """The ``shards`` parts assembled into the file one build writes (the same bytes), atomically; parts removed."""
     cached = open_latents(clips, frames, size, cache_dir, vae_id)
@@ -299,12 +304,11 @@ def _video_id(vae_id: str, frames: int, per_clip: int) -> str:
     return f"{vae_id}|{per_clip} windows of {frames} frames"
 
 
-def video_latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, space: LatentSpace, frames: int,
+def video_latent_store(clips: Sequence[Clip], size: FrameSize, rate: Rate, vae_id: str, space: LatentSpace, frames: int,
                        per_clip: int, vae=None) -> Store:
     """A video VAE's window cache as the shared builder writes it: each clip decoded at ``size`` and the rate, and up
     to ``per_clip`` windows of ``frames`` frames inside its shots each encoded as one video."""
-    h = size // space.factor
-    row = (2, space.latent_frames(frames), space.channels, h, h)
+    row = _row(frames, size, space)
 
     def encode_windows(u8: np.ndarray, shots) -> tuple[np.ndarray, list[int]]:
         starts = window_starts(len(u8), shots, frames, per_clip)
@@ -320,7 +324,7 @@ def video_latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str
                  per_clip=per_clip)
 
 
-def latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, space: LatentSpace, vae=None,
+def latent_store(clips: Sequence[Clip], size: FrameSize, rate: Rate, vae_id: str, space: LatentSpace, vae=None,
                  batch_frames: int = 16) -> Store:
     """The latent window cache as the shared builder writes it: each clip's frames decoded at ``size`` and encoded
     by the VAE, ``batch_frames`` at a time from the clip's first frame (the same groups in any build)."""
@@ -328,12 +332,11 @@ def latent_store(clips: Sequence[Clip], size: int, rate: Rate, vae_id: str, spac
         mean, std = encode(vae, to_model(np.ascontiguousarray(u8)), batch_frames)  # t c h w each
         return torch.stack([mean, std], dim=1).numpy()  # t 2 c h w
 
-    h = size // space.factor
-    return Store("latwin", window_key(clips, size, rate, vae_id), (2, space.channels, h, h), "float16",
+    return Store("latwin", window_key(clips, size, rate, vae_id), (2, space.channels, *_cells(size, space)), "float16",
                  encode_frames if vae is not None else None, resumable=True, what="latent window cache")
 
 
-def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae_id: str, frames: int = 0,
+def open_latent_windows(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, vae_id: str, frames: int = 0,
                         per_clip: int = 0):
     """The latent window cache of exactly these clips, settings and VAE, or None if it is missing or incomplete:
     an image VAE's frames, or (given ``frames`` and ``per_clip``) a video VAE's encoded windows."""
@@ -348,9 +351,8 @@ def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir,
             space = None
         if space is None:
             continue
-        h = size // space.factor
         video = space.temporal > 1
-        row = (2, space.latent_frames(frames), space.channels, h, h) if video else (2, space.channels, h, h)
+        row = _row(frames, size, space) if video else (2, space.channels, *_cells(size, space))
         got = open_index(f.npy, f.meta, key, clips, row, np.float16, "latent window cache")
         if got is None:
             return None
@@ -362,7 +364,7 @@ def open_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir,
     return None
 
 
-def build_latent_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, vae, vae_id: str,
+def build_latent_windows(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, vae, vae_id: str,
                          batch_frames: int = 16, progress: bool = True, shard: tuple[int, int] | None = None,
                          merge_shards: int = 0, workers: int = 1, save_every_s: float = 30.0, frames: int = 0,
                          per_clip: int = 0) -> Path:

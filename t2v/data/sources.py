@@ -7,6 +7,7 @@ import numpy as np
 from t2v.config import Config, cache_dir
 from t2v.runlog import TrainingError
 from t2v.data.latents import open_latent_windows
+from t2v.data.video import describe_size
 from t2v.data.window_build import build_windows
 from t2v.data.windows import Rate, open_windows, report_short
 
@@ -19,18 +20,18 @@ def open_training_windows(cfg: Config, clips, log, vae_id: str | None):
     have been encoded), its too-short clips reported by line; None with data.cache=false (decoded per draw)."""
     rate, where = Rate.of(cfg.data), cache_dir(cfg, "data")
     if vae_id is not None:
-        windows = open_latent_windows(clips, cfg.data.size, rate, where, vae_id, cfg.data.frames,
+        windows = open_latent_windows(clips, cfg.data.frame_size, rate, where, vae_id, cfg.data.frames,
                                       cfg.data.latent_windows)
         if windows is None:
-            raise TrainingError(f"{cfg.data.manifest}: no latent window cache for these clips at {cfg.data.size}x"
-                                f"{cfg.data.size}, {rate.describe()} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
+            raise TrainingError(f"{cfg.data.manifest}: no latent window cache for these clips at "
+                                f"{describe_size(cfg.data.frame_size)}, {rate.describe()} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
     elif not cfg.data.cache:
         return None
     else:
-        windows = open_windows(clips, cfg.data.size, rate, where)
+        windows = open_windows(clips, cfg.data.frame_size, rate, where)
         if windows is None:
             log.line(f"building the window cache in {where} (once; `python -m t2v.data cache`)")
-            windows = build_windows(clips, cfg.data.size, rate, where, progress=log.enabled)
+            windows = build_windows(clips, cfg.data.frame_size, rate, where, progress=log.enabled)
     short = report_short(windows, clips, cfg.data.manifest, cfg.data.frames, cfg.data.strides,
                          cfg.data.short_clips == "pad")
     if windows.bad or short:

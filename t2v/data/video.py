@@ -31,6 +31,24 @@ except ImportError:  # decord has no wheels for some platforms (macOS arm64); fa
 SAMPLINGS = ("even", "random_window")
 
 
+# A frame size as the data code takes it: a square's side, or (height, width)
+FrameSize = int | tuple[int, int]
+
+
+def frame_hw(size: FrameSize) -> tuple[int, int]:
+    """(height, width) of a frame size: an int is a square's side (every square run's setting), a pair is
+    (height, width), as t2v.config.DataConfig.frame_size gives for MSR-VTT's own 240x320."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def describe_size(size: FrameSize) -> str:
+    """``64x64``, ``240x320``: height x width, as the error messages say it."""
+    return "{}x{}".format(*frame_hw(size))
+
+
 class VideoError(RuntimeError):
     """A video that cannot be decoded; ``.path`` names it."""
 
@@ -98,21 +116,22 @@ def _to_numpy(batch) -> np.ndarray:
     return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
 
 
-def _resize_u8(u8: np.ndarray, size: int) -> np.ndarray:
+def _resize_u8(u8: np.ndarray, size: FrameSize) -> np.ndarray:
     x = torch.from_numpy(u8).permute(0, 3, 1, 2).float()  # t h w c -> t c h w
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=frame_hw(size), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # t c h w -> t h w c
 
 
-def _open(path: str, size: int | None):
-    """A decord VideoReader, squashing frames to size x size (None: full size)."""
+def _open(path: str, size: FrameSize | None):
+    """A decord VideoReader, squashing frames to ``size`` (None: full size)."""
     if size is None:
         return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    return decord.VideoReader(path, ctx=decord.cpu(0), width=size, height=size, num_threads=1)
+    h, w = frame_hw(size)
+    return decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=1)
 
 
-def _get_batch(vr, path: str, idx, size: int):
-    """Frames ``idx`` of an open reader as (T, size, size, 3) uint8."""
+def _get_batch(vr, path: str, idx, size: FrameSize):
+    """Frames ``idx`` of an open reader as (T, H, W, 3) uint8."""
     try:
         return _to_numpy(vr.get_batch(idx))
     except DECORDError as e:
@@ -138,14 +157,15 @@ def _decode_error(path: str, e: Exception) -> VideoError:
 def decode_uint8(
     path: str | os.PathLike,
     frames: int,
-    size: int,
+    size: FrameSize,
     sampling: str = "even",
     window: float = 0.5,
     rng: np.random.Generator | None = None,
     start: float | None = None,
     end: float | None = None,
 ) -> np.ndarray:
-    """``frames`` frames of a video squashed to size x size (aspect ratio not kept): (T, H, W, 3) uint8."""
+    """``frames`` frames of a video squashed to ``size`` (a side, or (height, width); the aspect ratio is not kept):
+    (T, H, W, 3) uint8."""
     path = _checked_path(path)
     vr = None
     try:
@@ -168,8 +188,8 @@ def decode_uint8(
         raise _decode_error(path, e) from e
     finally:
         vr = None  # close the file now, not at some later garbage collection
-    if u8.shape != (frames, size, size, 3) or u8.dtype != np.uint8:
-        raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected ({frames}, {size}, {size}, 3) uint8")
+    if u8.shape != (frames, *frame_hw(size), 3) or u8.dtype != np.uint8:
+        raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected {(frames, *frame_hw(size), 3)} uint8")
     return u8
 
 
@@ -199,8 +219,8 @@ def read_timeline(path: str | os.PathLike) -> Timeline:
     return Timeline(starts, fps)
 
 
-def decode_frames(path: str | os.PathLike, idx: np.ndarray, size: int) -> np.ndarray:
-    """Source frames ``idx`` (any order, repeats allowed) squashed to size x size: (len(idx), H, W, 3) uint8."""
+def decode_frames(path: str | os.PathLike, idx: np.ndarray, size: FrameSize) -> np.ndarray:
+    """Source frames ``idx`` (any order, repeats allowed) squashed to ``size``: (len(idx), H, W, 3) uint8."""
     path = _checked_path(path)
     vr = None
     try:
@@ -210,8 +230,8 @@ def decode_frames(path: str | os.PathLike, idx: np.ndarray, size: int) -> np.nda
         raise _decode_error(path, e) from e
     finally:
         vr = None
-    if u8.shape != (len(idx), size, size, 3) or u8.dtype != np.uint8:
-        raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected ({len(idx)}, {size}, {size}, 3) uint8")
+    if u8.shape != (len(idx), *frame_hw(size), 3) or u8.dtype != np.uint8:
+        raise VideoError(path, f"decoded {u8.shape} {u8.dtype}, expected {(len(idx), *frame_hw(size), 3)} uint8")
     return u8
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from t2v.cachebuild import CacheError, Every, Files, Partial, build_part, merge_parts, run_jobs, shard_rows, write_array
 from t2v.data.manifest import Clip
-from t2v.data.video import VideoError, read_timeline
+from t2v.data.video import FrameSize, VideoError, frame_hw, read_timeline
 from t2v.data.windows import (VERSION, Plan, Rate, WindowCache, decode_clip, files, open_windows, plan, size_line,
                               window_key)
 from t2v.files import write_text
@@ -90,7 +90,7 @@ def _load_entries(state: Path, n: int) -> list | None:
     return entries if len(entries) == n else None
 
 
-def _write_rows(out_npy: Path, clips, rows: range, plans, size: int, rate: Rate, store: Store, workers: int,
+def _write_rows(out_npy: Path, clips, rows: range, plans, size: FrameSize, rate: Rate, store: Store, workers: int,
                 progress: bool, desc: str, save_every_s: float = 30.0) -> dict:
     """Decode (and encode) ``rows`` clip after clip at their planned lengths into out_npy; returns their index.
     A resumable store fills it in place (t2v.cachebuild.Partial), its state being each clip's index line."""
@@ -138,7 +138,7 @@ def _write_rows(out_npy: Path, clips, rows: range, plans, size: int, rate: Rate,
     return _table(entries)
 
 
-def write_index(path: Path, key: str, clips, size: int, rate: Rate, table: dict, **extra) -> None:
+def write_index(path: Path, key: str, clips, size: FrameSize, rate: Rate, table: dict, **extra) -> None:
     offsets = np.concatenate([[0], np.cumsum(table["lengths"])]).astype(int).tolist()
     meta = {"key": key, "version": VERSION, "size": size, "rate": rate.__dict__, "paths": [str(c.video) for c in clips],
             "offsets": offsets, "shots": table["shots"], "fps": table["fps"], "source_fps": table["source_fps"],
@@ -151,7 +151,7 @@ def _files(cache_dir: Path, store: Store) -> Files:
     return files(cache_dir, store.prefix, store.key)
 
 
-def build(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store, progress: bool = True,
+def build(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, store: Store, progress: bool = True,
           workers: int = 1, save_every_s: float = 30.0, **extra) -> Path:
     """Every clip into the cache ``store`` names, unless it is complete already; returns its .npy. Clips that cannot
     be read are recorded as bad (no rows). ``extra``: more fields for the index (the latent space)."""
@@ -171,7 +171,7 @@ def build(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store,
     return f.npy
 
 
-def build_shard(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store, shard: int, shards: int,
+def build_shard(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, store: Store, shard: int, shards: int,
                 progress: bool = True, workers: int = 1) -> Path:
     """Shard ``shard`` of ``shards`` (a contiguous run of clips) into its own part file; a finished one is kept."""
     cache_dir = Path(cache_dir)
@@ -188,7 +188,7 @@ def build_shard(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: 
                       lambda: _files(cache_dir, store).meta.is_file(), write)
 
 
-def merge(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store, shards: int, **extra) -> Path:
+def merge(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, store: Store, shards: int, **extra) -> Path:
     """The ``shards`` parts concatenated into the file one build writes (the same bytes), atomically; the parts
     are removed once it is complete. Fails, naming them, if a part is missing or the parts do not tile the clips."""
     f = _files(Path(cache_dir), store)
@@ -205,18 +205,18 @@ def merge(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, store: Store,
 
 # --- the pixel window cache ---------------------------------------------------------------------------------------
 
-def pixel_store(clips: Sequence[Clip], size: int, rate: Rate) -> Store:
-    return Store("windows", window_key(clips, size, rate), (size, size, 3), "uint8")
+def pixel_store(clips: Sequence[Clip], size: FrameSize, rate: Rate) -> Store:
+    return Store("windows", window_key(clips, size, rate), (*frame_hw(size), 3), "uint8")  # h w c
 
 
-def _opened(clips, size: int, rate: Rate, cache_dir, npy: Path) -> WindowCache:
+def _opened(clips, size: FrameSize, rate: Rate, cache_dir, npy: Path) -> WindowCache:
     cache = open_windows(clips, size, rate, cache_dir)
     if cache is None:  # a source file changed while we decoded: the key moved on
         raise CacheError(f"window cache {npy}: source videos changed during the build; run it again")
     return cache
 
 
-def build_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, progress: bool = True,
+def build_windows(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, progress: bool = True,
                   workers: int = 1) -> WindowCache:
     """The pixel window cache of these clips (built unless it is there), with ``workers`` decoding processes."""
     cached = open_windows(clips, size, rate, cache_dir)
@@ -226,11 +226,11 @@ def build_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, progr
     return _opened(clips, size, rate, cache_dir, npy)
 
 
-def build_windows_shard(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, shard: int, shards: int,
+def build_windows_shard(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, shard: int, shards: int,
                         progress: bool = True, workers: int = 1) -> Path:
     return build_shard(clips, size, rate, cache_dir, pixel_store(clips, size, rate), shard, shards, progress, workers)
 
 
-def merge_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir, shards: int) -> WindowCache:
+def merge_windows(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir, shards: int) -> WindowCache:
     npy = merge(clips, size, rate, cache_dir, pixel_store(clips, size, rate), shards)
     return _opened(clips, size, rate, cache_dir, npy)

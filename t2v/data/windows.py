@@ -31,7 +31,7 @@ import numpy as np
 from t2v.cachebuild import Files
 from t2v.data.cache import MappedCache, cache_key, read_mapped
 from t2v.data.manifest import Clip
-from t2v.data.video import NoFrameRate, Timeline, VideoError, decode_frames, read_timeline
+from t2v.data.video import FrameSize, NoFrameRate, Timeline, VideoError, decode_frames, frame_hw, read_timeline
 from t2v.files import human_bytes
 
 log = logging.getLogger("t2v.data")
@@ -58,7 +58,7 @@ class Rate:
         return f"{self.fps:g} fps" if self.fps else f"every {self.frame_interval}. source frame"
 
 
-def window_key(clips: Sequence[Clip], size: int, rate: Rate, store: str = "") -> str:
+def window_key(clips: Sequence[Clip], size: FrameSize, rate: Rate, store: str = "") -> str:
     """The cache's name: every source (path, size, mtime, range), the frame size, the rate, and what is stored of
     each frame (``store``: "" for pixels, the VAE's identity for latents)."""
     blob = json.dumps({"version": VERSION, "sources": cache_key(clips, 0, size), "size": size, "store": store,
@@ -127,10 +127,10 @@ def shot_starts(u8: np.ndarray, fps: float, threshold: float) -> list[int]:
     return [0] + sorted({c for c in cuts if 0 < c < len(u8)})
 
 
-def decode_clip(path: str, size: int, rate: Rate, start=None, end=None, p: Plan | None = None):
+def decode_clip(path: str, size: FrameSize, rate: Rate, start=None, end=None, p: Plan | None = None):
     """(frames (F, H, W, 3) uint8, plan, shot starts) of one clip, as the window cache stores it."""
     p = p or plan(read_timeline(path), rate, path, start, end)
-    u8 = decode_frames(path, p.indices, size) if len(p.indices) else np.zeros((0, size, size, 3), np.uint8)
+    u8 = decode_frames(path, p.indices, size) if len(p.indices) else np.zeros((0, *frame_hw(size), 3), np.uint8)
     shots = shot_starts(u8, p.fps, rate.cut_threshold) if rate.cuts else [0]
     return u8, p, shots
 
@@ -193,7 +193,7 @@ class Windowed(MappedCache):
     """Rows: frames, clip after clip (``offsets``); the pixel window cache and the latent one alike."""
 
     npy: Path
-    size: int
+    size: FrameSize
     rate: Rate
     paths: list[str]
     offsets: np.ndarray  # (N+1,) int64: clip i is rows offsets[i]:offsets[i+1]
@@ -264,12 +264,12 @@ def open_index(npy: Path, meta_path: Path, key: str, clips: Sequence[Clip], row:
     return arr, meta
 
 
-def open_windows(clips: Sequence[Clip], size: int, rate: Rate, cache_dir) -> WindowCache | None:
+def open_windows(clips: Sequence[Clip], size: FrameSize, rate: Rate, cache_dir) -> WindowCache | None:
     """The window cache of exactly these clips and settings, or None if it is missing or incomplete."""
     key = window_key(clips, size, rate)
     f = files(cache_dir, "windows", key)
     npy, meta_path = f.npy, f.meta
-    got = open_index(npy, meta_path, key, clips, (size, size, 3), np.uint8, "window cache")
+    got = open_index(npy, meta_path, key, clips, (*frame_hw(size), 3), np.uint8, "window cache")
     if got is None:
         return None
     arr, meta = got
@@ -301,7 +301,7 @@ def cached_seconds_line(cache: Windowed) -> str:
 def fixed_window(clip: Clip, data, seed: int, index: int) -> tuple[np.ndarray, float]:
     """One clip's window for a measurement that must not move between evaluations (validation, eval's real clips):
     drawn from (seed, index) at the first stride, the longest shot padded if no shot is long enough."""
-    u8, p, shots = decode_clip(str(clip.video), data.size, Rate.of(data), clip.start, clip.end)
+    u8, p, shots = decode_clip(str(clip.video), data.frame_size, Rate.of(data), clip.start, clip.end)
     got = pick_window(len(u8), shots, data.frames, data.strides[:1], np.random.default_rng([seed, index]), pad=True)
     if got is None:
         raise VideoError(clip.video, f"no frames between {clip.start}s and {clip.end}s")

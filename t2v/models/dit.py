@@ -55,7 +55,8 @@ def resolve_size(size: str, hidden: int = 0, depth: int = 0, heads: int = 0) -> 
 
 
 def resolve_patch(cfg) -> int:
-    """model.patch, or for 0: 1 where a frame (in pixels, or latent cells: data.size / 8) is 16 or smaller, else 2.
+    """model.patch, or for 0: 1 where a frame (in pixels, or latent cells: data.size / 8) is 16 or smaller on its
+    longer side, else 2.
     The rule lives in t2v.config_checks (torch-free), which checks it divides the frame before anything is built."""
     return dit_patch(cfg)
 
