@@ -170,10 +170,10 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
 
 def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
     """What `make gpu-check`'s wan check measures: the 1.3B transformer (random weights, made on the GPU), bf16
-    autocast with activation checkpointing, 17 x 240 x 320 clips (MSR-VTT's own frames, configs/wan_lora.yaml) as Wan's
-    latents (5 x 16 x 30 x 40), captions of 14 real tokens; a LoRA (rank 16) and then a full fine-tune, each ``steps``
-    steps of our train_step: peak memory and clips/s (the first step, compile and allocator warm-up, excluded).
-    ``rehearse``: the tiny config on CPU."""
+    autocast with activation checkpointing (the LoRA's frozen base in bf16, model.base_dtype), 17 x 240 x 320 clips
+    (MSR-VTT's own frames, configs/wan_lora.yaml) as Wan's latents (5 x 16 x 30 x 40), captions of 14 real tokens; a
+    LoRA (rank 16) and then a full fine-tune, each ``steps`` steps of our train_step: peak memory and clips/s (the
+    first step, compile and allocator warm-up, excluded). ``rehearse``: the tiny config on CPU."""
     device = torch.device("cpu" if rehearse else "cuda")
     spec = WAN_QUICK if rehearse else WAN_1_3B
     frames, (h, w) = (2, (4, 6)) if rehearse else (5, (30, 40))
@@ -196,6 +196,7 @@ def wan_at_real_size(rehearse: bool = False, steps: int = 4) -> dict:
             add_lora(t, 16, 16, ())
         model = WanDenoiser(t, {"name": "random", "sha256": "-"})
         model.set_trainable()
+        model.cast_base("bf16" if mode == "lora" else "fp32")  # configs/wan_lora.yaml's model.base_dtype
         state = flow_step_state(model, device, "fp32" if rehearse else "bf16", 1e-4)  # t2v.train's default lr
         x0 = torch.randn(1, frames, 16, h, w, device=device)  # b t c h w
         d = spec["text_dim"]

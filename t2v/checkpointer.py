@@ -45,7 +45,7 @@ RESUME_MUST_MATCH = ("text.encoder", "text.name", "text.dim", "diffusion.objecti
                      "data.max_seconds", "train.finetune", "train.lora_rank", "train.lora_alpha", "train.lora_targets")
 
 # model settings that change how the step computes, not what the weights are: a resume may change them freely
-HOW_NOT_WHAT = ("model.checkpointing",)
+HOW_NOT_WHAT = ("model.checkpointing", "model.base_dtype")
 
 
 def incompatible_changes(saved: config.Config, cfg: config.Config, channels: int = 3) -> list[str]:

@@ -55,9 +55,7 @@ class DataConfig:
     val_manifest: str = ""  # clips for the validation loss; "" = val.jsonl beside the manifest (skipped if absent)
 
     @property
-    def frame_size(self) -> int | tuple[int, int]:
-        """For the data code (t2v.data.video.frame_hw): a square's side, so square runs keep their caches' names, else
-        (height, width)."""
+    def frame_size(self) -> int | tuple[int, int]:  # t2v.data.video.frame_hw: a square's side keeps its caches' names
         return self.size if self.width in (0, self.size) else (self.size, self.width)
 
 
@@ -104,6 +102,7 @@ class ModelConfig:
     arch: str = "unet"
     pretrained: str = ""  # wan, animatediff: a hub name (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local diffusers folder
     motion_adapter: str = ""  # animatediff: a MotionAdapter's hub name or folder; "" = a fresh one, zero-initialised
+    base_dtype: str = "fp32"  # wan, animatediff: "bf16" keeps the frozen base in bf16 (half its memory; lora, motion)
     # dit: patch size in pixels (or latent cells); 0 = 2, or 1 where a frame is 16 or smaller. unet: p x p pixels
     # become one position with p²·c channels before the first level (space-to-depth); 0 = 1, none
     patch: int = 0

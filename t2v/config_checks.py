@@ -103,9 +103,9 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
          f"(got {cfg.text.max_tokens})"),
     ]
     if m.arch not in PRETRAINED:
-        return checks + [(not m.pretrained and not m.motion_adapter,
-                          f"model.pretrained and model.motion_adapter apply to model.arch={' or '.join(PRETRAINED)} "
-                          f"only (it is {m.arch!r})")]
+        return checks + [(not m.pretrained and not m.motion_adapter and m.base_dtype == "fp32",
+                          f"model.pretrained, model.motion_adapter and model.base_dtype apply to model.arch="
+                          f"{' or '.join(PRETRAINED)} only (it is {m.arch!r})")]
     fixed = [(not getattr(m, k), f"model.{k} applies to model.arch=unet or dit; model.arch={m.arch}'s network is "
                                  "fixed by its weights")
              for k in ("cross_attention", "temporal_attention", "coords", "frame_cond", "fps_cond", "downsample_time",
@@ -114,7 +114,7 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
     checks += [(bool(m.pretrained.strip()), f"model.arch={m.arch} needs model.pretrained: a hub name ({example}) "
                                             "or a local diffusers folder"),
                (cfg.text.tokens, f"model.arch={m.arch} is conditioned on per-token caption embeddings: set "
-                                 "text.tokens=true"), *fixed]
+                                 "text.tokens=true"), *fixed, *_base_dtype_checks(cfg)]
     if m.arch == "animatediff":
         return checks + [
             (d.objective == "ddpm" and d.prediction == "eps",
@@ -131,6 +131,22 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
         (d.objective == "flow", "model.arch=wan was trained with rectified flow: set diffusion.objective=flow"),
         *[(side % cell == 0 and side // cell % 2 == 0, f"{key}={side} must give latent frames ({side}/{cell} cells) "
                                                        "divisible by Wan's 2x2 patches") for key, side in _sides(cfg)],
+    ]
+
+
+def _base_dtype_checks(cfg) -> list[tuple[bool, str]]:
+    """model.base_dtype=bf16: the frozen weights in bf16, computed under bf16 autocast; what trains stays fp32."""
+    m, t = cfg.model, cfg.train
+    if m.base_dtype != "bf16":
+        return [(m.base_dtype == "fp32", f"model.base_dtype must be fp32 or bf16, got {m.base_dtype!r}")]
+    return [
+        (t.finetune != "full", "model.base_dtype=bf16 stores the frozen base in bf16, and train.finetune=full freezes "
+                               "nothing (its weights train in fp32): use train.finetune=lora or motion, or "
+                               "model.base_dtype=fp32"),
+        (t.precision in ("auto", "bf16"), f"model.base_dtype=bf16 computes the base in bf16 autocast: set "
+                                          f"train.precision=bf16 or auto (got {t.precision})"),
+        (t.parallel != "fsdp", "model.base_dtype=bf16 with train.parallel=fsdp: FSDP shards one dtype per unit and "
+                               "already divides the base's memory by the world size; use model.base_dtype=fp32"),
     ]
 
 

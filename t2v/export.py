@@ -40,7 +40,7 @@ def export(path: str | Path, fmt: str = "", out: str | Path | None = None) -> Pa
     src = resolve_checkpoint(path)
     if fmt in CONVERSIONS:
         return convert(src, fmt, out)
-    cfg, model, step = load_ema(src)
+    cfg, model, step = load_ema(src, base_dtype="fp32")  # a LoRA merged into the fp32 base, as it was published
     family = {"wan": "t2v.models.wan", "animatediff": "t2v.models.animatediff"}.get(cfg.model.arch)
     if family is None or not getattr(model, "base", None):
         raise ExportError(f"{src}: model.arch={cfg.model.arch} was trained from scratch; export writes a "

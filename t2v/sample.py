@@ -149,16 +149,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise ckpt.CheckpointError(f"{p}: no such checkpoint file or run folder")
 
 
-def load_ema(path: str | Path, device="cpu"):
-    """(config, EMA model in eval mode, step) from a checkpoint file or run folder."""
-    cfg, model, step, _ = load_ema_and_rate(path, device)
+def load_ema(path: str | Path, device="cpu", base_dtype: str = ""):
+    """(config, EMA model in eval mode, step) from a checkpoint file or run folder; ``base_dtype`` instead of the
+    run's model.base_dtype (export writes from an fp32 base)."""
+    cfg, model, step, _ = load_ema_and_rate(path, device, base_dtype)
     return cfg, model, step
 
 
-def load_ema_and_rate(path: str | Path, device="cpu"):
+def load_ema_and_rate(path: str | Path, device="cpu", base_dtype: str = ""):
     """load_ema's (config, model, step) and the frame rate it was trained at (None: unknown, "even" sampling)."""
     state = ckpt.load_checkpoint(resolve_checkpoint(path))
     cfg = config.from_dict(state["config"])
+    cfg.model.base_dtype = base_dtype or cfg.model.base_dtype
     model = build_model(cfg, state["data"].get("channels", 3))  # older checkpoints: model.in_channels says it
     changed_base = check_base(state["data"], model, path)
     if changed_base:

@@ -80,8 +80,10 @@ def pick_precision(cfg: config.Config, device: torch.device) -> str:
         return cfg.train.precision
     if device.type != "cuda":
         return "fp32"  # CPU autocast is slower than fp32 for convolutions and breaks bit-exact comparisons
-    # fp16 needs a grad scaler, which sharded gradients (train.parallel=fsdp) do not have here
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp32" if cfg.train.parallel == "fsdp" else "fp16"
+    # fp16 needs a grad scaler, which sharded gradients (train.parallel=fsdp) do not have here; a bf16 base
+    # (model.base_dtype) computes in bf16 whatever the card, slowly where it has no bf16 units
+    fp16_ok = cfg.train.parallel != "fsdp" and cfg.model.base_dtype != "bf16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16" if fp16_ok else "fp32"
 
 
 def step_flops(model, cfg: config.Config, space, objective, device, precision: str, global_batch: int) -> int:

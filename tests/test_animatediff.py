@@ -58,6 +58,20 @@ def test_a_fresh_adapter_leaves_the_image_model_frame_by_frame(sd):
     assert len(names) == len([n for n, p in model.named_parameters() if p.requires_grad])
 
 
+def test_a_bf16_base_keeps_the_motion_modules_fp32_and_computes_what_the_fp32_base_computes(sd):
+    """model.base_dtype=bf16 (configs/animatediff.yaml): the frozen SD UNet in bf16, the motion modules that train in
+    fp32; called in fp32 the model returns fp32 within bf16 rounding of the fp32 base's output."""
+    m32, m16 = (build_model(ad_config(sd, "train.finetune=motion", f"model.base_dtype={d}"), 3).eval()
+                for d in ("fp32", "bf16"))
+    assert {p.dtype for p in m16.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in m16.parameters() if p.requires_grad} == {torch.float32}
+    assert {k: v.dtype for k, v in m16.state_dict().items()} == {k: v.dtype for k, v in m32.state_dict().items()}
+    x, t, tokens = torch.randn(1, 4, 3, 16, 16), torch.tensor([500]), torch.randn(1, 77, TEXT_DIM)  # b t c h w
+    with torch.no_grad():
+        a, b = (m(x, t, tokens=tokens) for m in (m32, m16))
+    assert b.dtype == torch.float32 and 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+
+
 def test_sampler_equals_animatediff_pipeline(sd):
     """Same initial noise, prompt and negative-prompt embeddings: our sd-ddim sampling with guidance gives
     AnimateDiffPipeline's latents (its DDIM scheduler loaded from the same repository)."""

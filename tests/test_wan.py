@@ -124,6 +124,38 @@ def test_full_and_lora_state_dicts_hold_what_trains(pixel_wan):
     assert not any(id(p) in shared for n, p in lora.named_parameters() if "lora_" in n)
 
 
+def test_a_bf16_base_halves_the_frozen_weights_and_computes_what_the_fp32_base_computes(pixel_wan):
+    """model.base_dtype=bf16: the frozen weights in bf16 except what diffusers keeps in fp32 (Wan's norms, time
+    embedding, modulation), the LoRA in fp32 and the checkpoint's keys unchanged; called in fp32 (a sampler) it
+    computes under its own bf16 autocast and returns fp32, within bf16 rounding of the fp32 base."""
+    over = ("train.finetune=lora", "train.lora_rank=4", "diffusion.cond_dropout=0")
+    m32, m16 = (build_model(wan_config(pixel_wan, *over, f"model.base_dtype={d}"), 3) for d in ("fp32", "bf16"))
+    frozen = lambda m: {n: p for n, p in m.named_parameters() if not p.requires_grad}  # noqa: E731
+    keep = set(type(m16.transformer)._keep_in_fp32_modules)
+    kept = {n for n, p in frozen(m16).items() if p.dtype == torch.float32}
+    assert kept and all(keep & set(n.split(".")) for n in kept)  # fp32 only where diffusers keeps it at inference
+    assert all(p.dtype == torch.bfloat16 for n, p in frozen(m16).items() if n not in kept)
+    assert all(p.dtype == torch.float32 for p in m16.parameters() if p.requires_grad)
+    size = lambda m: sum(p.numel() * p.element_size() for p in frozen(m).values())  # noqa: E731
+    halved = sum(p.numel() for n, p in frozen(m32).items() if n not in kept)
+    assert size(m16) == size(m32) - 2 * halved  # 2 of 4 bytes saved on every other frozen weight (Wan 1.3B: 5.7 -> 2.8 GB)
+    assert {k: v.dtype for k, v in m16.state_dict().items()} == {k: v.dtype for k, v in m32.state_dict().items()}
+
+    x, t = torch.rand(2, 5, 3, 16, 16) * 2 - 1, torch.tensor([0.2, 0.7])  # b t c h w
+    tokens, mask = torch.randn(2, 7, TEXT_DIM), torch.ones(2, 7, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = (m(x, t * 1000, tokens=tokens, token_mask=mask) for m in (m32, m16))
+    assert b.dtype == torch.float32 and 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+    s32, s16 = step_state(m32, wan_config(pixel_wan, *over)), step_state(m16, wan_config(pixel_wan, *over))
+    s32.precision = s16.precision = "bf16"  # the step on a GPU: every matmul in bf16 whatever the weights' dtype
+    cond = Cond(torch.zeros(2, TEXT_DIM), tokens, mask)
+    assert train_step(s16, 3, x, cond).loss == pytest.approx(train_step(s32, 3, x, cond).loss, rel=2e-2)
+    with pytest.raises(C.ConfigError, match="train.finetune=full freezes nothing"):
+        wan_config(pixel_wan, "train.finetune=full", "model.base_dtype=bf16")
+    with pytest.raises(C.ConfigError, match="model.base_dtype apply to model.arch=wan or animatediff only"):
+        C.load_config(REPO / "configs/tiny.yaml", ["model.base_dtype=bf16"], env={})
+
+
 def test_the_base_digest_is_what_from_pretrained_loads(pixel_wan, tmp_path):
     """A fuller download of the same repository (fp16 or other variants beside the weights) is the same base."""
     from t2v.models.pretrained import weights_digest
@@ -241,6 +273,37 @@ def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, 
 
     with pytest.raises(CheckpointError, match="has other weights"):
         load_ema(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_bf16_base_run_resumes_bit_exact_samples_and_exports_fp32(pixel_wan, tmp_path):
+    """configs/wan_lora.yaml's model.base_dtype=bf16 through the documented commands: the LoRA trains and resumes
+    bit-exact, its checkpoint holds the fp32 adapter only, sampling (fp32, no autocast of its own) runs, and a
+    `--format full` export merges the adapter into the fp32 base, as the base was published."""
+    from safetensors.torch import load_file
+
+    from t2v import export as export_mod
+    from t2v.sample import generate, load_ema
+    from t2v.train import train
+
+    over = wan_overrides(pixel_wan, "data.frames=5", "train.finetune=lora", "train.lora_rank=4", "train.steps=4",
+                         "train.ckpt_every=2", "train.val_every=4", "train.lr=1e-2", "model.base_dtype=bf16")
+    whole = tiny_config(tmp_path / "data", tmp_path / "whole", *over)
+    prepare(whole, n_train=4)
+    assert train(whole) == 0
+    cut = tiny_config(tmp_path / "data", tmp_path / "cut", *over)
+    assert train(cut, stop_at=2) != 0 and train(cut) == 0
+    a = load(tmp_path / "whole" / "ckpt_000004.pt")
+    assert_states_equal(a, load(tmp_path / "cut" / "ckpt_000004.pt"))
+    assert all(v.dtype == torch.float32 for v in a["model"].values())
+    assert "val step 000004" in (tmp_path / "whole" / "train.log").read_text()
+    cfg, model, _ = load_ema(tmp_path / "whole")
+    video = generate(model, cfg, torch.zeros(1, TEXT_DIM), tokens=torch.randn(1, 3, TEXT_DIM),
+                     token_mask=torch.ones(1, 3, dtype=torch.bool), steps=2, seed=0)
+    assert video.shape == (1, 5, 3, 16, 16) and video.dtype == torch.float32 and torch.isfinite(video).all()
+    full = export_mod.export(tmp_path / "whole", "full", tmp_path / "full")
+    weights = load_file(full / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
 def test_umt5_captions_are_wan_pipelines_and_cached_at_their_length(pixel_wan, tmp_path):

@@ -107,8 +107,9 @@ class AnimateDiffDenoiser(PretrainedDenoiser):
             token_mask.bool())
         tokens, _ = self.drop_captions(tokens, mask, cond_mask)  # SD reads every one of its 77 tokens: no mask
         context = tokens.to(x.dtype).repeat_interleave(frames, dim=0)  # b l d -> (b t) l d, as AnimateDiffPipeline
-        out = self.unet(rearrange(x, "b t c h w -> b c t h w"), t, encoder_hidden_states=context).sample
-        return rearrange(out, "b c t h w -> b t c h w")
+        with self.compute(x):
+            out = self.unet(rearrange(x, "b t c h w -> b c t h w"), t, encoder_hidden_states=context).sample
+        return rearrange(out, "b c t h w -> b t c h w").to(x.dtype)
 
 
 def build(cfg, in_channels: int) -> AnimateDiffDenoiser:
@@ -132,6 +133,7 @@ def build(cfg, in_channels: int) -> AnimateDiffDenoiser:
         add_lora(unet, cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.lora_targets)
     model = AnimateDiffDenoiser(unet, identity)
     model.set_trainable()
+    model.cast_base(cfg.model.base_dtype)
     return model
 
 

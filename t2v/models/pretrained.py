@@ -7,9 +7,12 @@ behind our interface, of which only a part trains.
   * A dropped caption (classifier-free guidance) is the empty caption's embedding, what the family's pipeline
     samples with as its default negative prompt; it comes from the caption cache (which always holds "") through
     ``set_null_caption`` and travels in the checkpoint, so sampling does not need the cache for it.
+  * ``cast_base("bf16")`` (model.base_dtype) stores the frozen base in bf16; ``compute`` then runs the forward under
+    bf16 autocast wherever its caller has none (sampling, validation in fp32).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -135,12 +138,36 @@ class PretrainedDenoiser(nn.Module):
         self.base = base
         self.trainable: tuple[str, ...] = ()
         self.null: torch.Tensor | None = None  # the empty caption's real tokens (n d)
+        self.base_dtype = "fp32"  # model.base_dtype, once cast_base has run
         self._register_state_dict_hook(self._keep_trained)
         self._register_load_state_dict_pre_hook(self._take_null)
         self.register_load_state_dict_post_hook(self._base_not_missing)
 
     def set_trainable(self) -> None:
         self.trainable = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+
+    def cast_base(self, dtype: str) -> None:
+        """model.base_dtype=bf16: every frozen weight in bf16, half the base's memory (2.8 of Wan 1.3B's 5.7 GB),
+        except the modules the library keeps in fp32 at inference too (diffusers' ``_keep_in_fp32_modules``: Wan's
+        norms, time embedding and modulation table). What trains (a LoRA, the motion modules) stays fp32 for AdamW.
+        A bf16 matmul under autocast casts an fp32 weight to bf16 anyway, so the step computes almost the same."""
+        self.base_dtype = dtype
+        if dtype == "fp32":
+            return
+        keep = {k for m in self.modules() for k in (getattr(type(m), "_keep_in_fp32_modules", None) or ())}
+        for name, module in self.named_modules():
+            if keep & set(name.split(".")):
+                continue
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+
+    def compute(self, x: torch.Tensor):
+        """The forward's context: bf16 autocast for a bf16 base where the caller has no autocast of its own (a
+        sampler or validation in fp32), so that bf16 weights meet bf16 inputs; nothing otherwise."""
+        if self.base_dtype != "bf16" or torch.is_autocast_enabled(x.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
 
     def drop_captions(self, tokens: torch.Tensor, mask: torch.Tensor,
                       cond_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,8 +92,9 @@ class WanDenoiser(PretrainedDenoiser):
     def forward(self, x, t, text=None, tokens=None, token_mask=None, cond_mask=None, fps=None):
         context = self.captions(tokens, token_mask, cond_mask).to(x.dtype)
         h = rearrange(x, "b t c h w -> b c t h w")
-        out = self.transformer(hidden_states=h, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
-        return rearrange(out, "b c t h w -> b t c h w")
+        with self.compute(x):
+            out = self.transformer(hidden_states=h, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+        return rearrange(out, "b c t h w -> b t c h w").to(x.dtype)
 
 
 def build(cfg, in_channels: int) -> WanDenoiser:
@@ -113,6 +114,7 @@ def build(cfg, in_channels: int) -> WanDenoiser:
                               "trains AnimateDiff's motion modules, which Wan does not have)")
     model = WanDenoiser(transformer, identity)
     model.set_trainable()
+    model.cast_base(cfg.model.base_dtype)
     return model
 
 
