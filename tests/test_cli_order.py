@@ -96,7 +96,7 @@ def test_cache_builds_the_same_file_in_every_order_as_data_manifest_does(demo, c
     documented = ["cache", "--config", TINY, f"data.manifest={demo['train']}", *common]
     rc, expected, err = run(data_cli.main, documented, capsys)
     assert rc == 0, err
-    assert re.search(rf"clip cache: {tmp_path}/clips_\w+\.npy \(4 clips of 4x8, 0 bad", expected)
+    assert re.search(rf"clip cache: {tmp_path}/clips_\w+\.npy \(4 clips of 4x8x8, 0 bad", expected)
     for argv in [*orders(demo["train"], ("--config", TINY), common[0], common[1], ("--workers", "1")),
                  [f"data.manifest={demo['train']}", "--config", TINY, *common, demo["train"]]]:
         assert run(data_cli.main, ["cache", *argv], capsys)[:2] == (0, expected), argv
