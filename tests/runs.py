@@ -34,6 +34,20 @@ def prepare(cfg: C.Config, n_train: int = 48) -> None:
     embed_captions(cfg.text, captions, C.cache_dir(cfg, "text"), progress=False)
 
 
+def straight_and_cut(data_dir: Path, root: Path, *over: str, stop_at: int) -> tuple[C.Config, C.Config]:
+    """The demo data prepared, then two runs of the same config: root/whole straight through, root/cut stopped at
+    ``stop_at`` (saved as a preemption saves) and resumed by a second call, as a requeued job resumes. Returns
+    their configs; compare their last checkpoints with assert_states_equal."""
+    from t2v.train import REQUEUE_EXIT, train
+
+    whole, cut = (tiny_config(data_dir, root / name, *over) for name in ("whole", "cut"))
+    prepare(whole, n_train=8)
+    assert train(whole) == 0
+    assert train(cut, stop_at=stop_at) == REQUEUE_EXIT
+    assert train(cut) == 0
+    return whole, cut
+
+
 def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runs import assert_states_equal, load, prepare, tiny_config
+from runs import assert_states_equal, load, prepare, straight_and_cut, tiny_config
 from t2v import config as C
 from t2v.checkpointer import incompatible_changes
 from t2v.data.cache import cache_key
@@ -57,29 +57,25 @@ def test_the_msrvtt_wan_configs_are_native_and_480p():
 @pytest.mark.slow
 def test_a_wide_run_caches_trains_resumes_bit_exact_and_samples_wide(tmp_path):
     from t2v.sample import main as sample_main
-    from t2v.train import REQUEUE_EXIT, train
+    from t2v.train import train
 
     args = ("data.size=16", "data.width=24", "train.steps=6", "train.ckpt_every=3", "train.val_every=3",
             "train.sample_every=6")
-    cfg = tiny_config(tmp_path / "data", tmp_path / "straight", *args)
-    prepare(cfg, n_train=8)
+    straight_and_cut(tmp_path / "data", tmp_path, *args, stop_at=4)
     (npy,) = (tmp_path / "data" / "cache").glob("clips_*.npy")
     assert np.load(npy, mmap_mode="r").shape == (8, 4, 16, 24, 3)  # n t h w c: 16 high, 24 wide
-    assert train(cfg) == 0
-    assert train(tiny_config(tmp_path / "data", tmp_path / "cut", *args), stop_at=4) == REQUEUE_EXIT
-    assert train(tiny_config(tmp_path / "data", tmp_path / "cut", *args)) == 0
-    assert_states_equal(load(tmp_path / "straight" / "ckpt_000006.pt"), load(tmp_path / "cut" / "ckpt_000006.pt"))
-    assert "val step 000006" in (tmp_path / "straight" / "train.log").read_text()
+    assert_states_equal(load(tmp_path / "whole" / "ckpt_000006.pt"), load(tmp_path / "cut" / "ckpt_000006.pt"))
+    assert "val step 000006" in (tmp_path / "whole" / "train.log").read_text()
 
     out = tmp_path / "samples"
-    assert sample_main(["--ckpt", str(tmp_path / "straight"), "--prompt", "a red circle", "--steps", "2",
+    assert sample_main(["--ckpt", str(tmp_path / "whole"), "--prompt", "a red circle", "--steps", "2",
                         "--out", str(out), "--format", "mp4"]) == 0
     import decord
 
     assert decord.VideoReader(str(out / "a_red_circle.mp4"))[0].shape[:2] == (16, 24)  # as sampled, not resized
     # the run's checkpoint does not resume at another width
     with pytest.raises(TrainingError, match=r"ckpt_000006.pt: .*\(data.width: 24 -> 32\)"):
-        train(tiny_config(tmp_path / "data", tmp_path / "straight", *args[:1], "data.width=32", "train.steps=9"))
+        train(tiny_config(tmp_path / "data", tmp_path / "whole", *args[:1], "data.width=32", "train.steps=9"))
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pretrained import save_wan_pipeline, step_state
-from runs import assert_states_equal, load, prepare, tiny_config
+from runs import assert_states_equal, load, prepare, straight_and_cut, tiny_config
 from t2v import config as C
 from t2v.models import build_model, ema_copy
 from t2v.models.pretrained import PretrainedError
@@ -225,12 +225,7 @@ def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, 
     shutil.copytree(pixel_wan, base)
     over = wan_overrides(base, "data.frames=5", "train.finetune=lora", "train.lora_rank=4", "train.lora_alpha=8",
                          "train.steps=8", "train.ckpt_every=4", "train.val_every=0", "train.lr=1e-2")
-    whole = tiny_config(tmp_path / "data", tmp_path / "whole", *over)
-    prepare(whole, n_train=8)
-    assert train(whole) == 0
-    cut = tiny_config(tmp_path / "data", tmp_path / "cut", *over)
-    assert train(cut, stop_at=3) != 0  # stopped and saved at step 3, then resumed by a new process's call
-    assert train(cut) == 0
+    straight_and_cut(tmp_path / "data", tmp_path, *over, stop_at=3)
     a, b = load(tmp_path / "whole" / "ckpt_000008.pt"), load(tmp_path / "cut" / "ckpt_000008.pt")
     assert_states_equal(a, b)
     assert set(a["model"]) == set(a["ema"]) and len(a["model"]) == 33
@@ -284,15 +279,10 @@ def test_a_bf16_base_run_resumes_bit_exact_samples_and_exports_fp32(pixel_wan, t
 
     from t2v import export as export_mod
     from t2v.sample import generate, load_ema
-    from t2v.train import train
 
     over = wan_overrides(pixel_wan, "data.frames=5", "train.finetune=lora", "train.lora_rank=4", "train.steps=4",
                          "train.ckpt_every=2", "train.val_every=4", "train.lr=1e-2", "model.base_dtype=bf16")
-    whole = tiny_config(tmp_path / "data", tmp_path / "whole", *over)
-    prepare(whole, n_train=4)
-    assert train(whole) == 0
-    cut = tiny_config(tmp_path / "data", tmp_path / "cut", *over)
-    assert train(cut, stop_at=2) != 0 and train(cut) == 0
+    straight_and_cut(tmp_path / "data", tmp_path, *over, stop_at=2)
     a = load(tmp_path / "whole" / "ckpt_000004.pt")
     assert_states_equal(a, load(tmp_path / "cut" / "ckpt_000004.pt"))
     assert all(v.dtype == torch.float32 for v in a["model"].values())
