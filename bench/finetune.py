@@ -83,7 +83,8 @@ def flow_step_state(model: WanDenoiser, device: torch.device, precision: str, lr
     """The StepState t2v.train builds for a Wan fine-tune: rectified flow at shift 3, fused AdamW over what trains,
     the EMA sharing the frozen base. A caption dropped for guidance (diffusion.cond_dropout, 10%) becomes the empty
     caption, one token here, as t2v.models.set_null_caption gives it from the caption cache in a real run."""
-    model.null = torch.randn(1, model.transformer.config.text_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    g = torch.Generator().manual_seed(1)
+    model.null = torch.randn(1, model.transformer.config.text_dim, generator=g).to(device)
     cfg = config.Config()
     cfg.diffusion.objective, cfg.diffusion.shift, cfg.train.lr = "flow", 3.0, lr
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),

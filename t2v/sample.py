@@ -67,7 +67,8 @@ def generate(model, cfg: config.Config, text: torch.Tensor, tokens=None, token_m
     g = torch.Generator(device=device).manual_seed(seed)
     space = space or _shared_space(cfg.model.space, cfg.vae.name, cfg.vae.subfolder, cfg.vae.batch_size, str(device))
     # x0 is clipped to [-1, 1] at every step only where the space is bounded (pixels; latents are not)
-    x = objective.sample(denoise, space.sample_shape(b, cfg.data.frames, cfg.data.frame_size), steps, method, generator=g,
+    shape = space.sample_shape(b, cfg.data.frames, cfg.data.frame_size)  # b t c h w
+    x = objective.sample(denoise, shape, steps, method, generator=g,
                          device=device, eta=eta, progress=progress, clip=space.bounded)
     model.train(was_training)
     return space.to_frames(x)

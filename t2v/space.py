@@ -113,7 +113,8 @@ class VAESpace:
         latents = open_latents(clips, cfg.data.frames, cfg.data.frame_size, where, self.identity)
         if latents is None:
             raise TrainingError(f"{cfg.data.manifest}: no latent cache for these clips at {cfg.data.frames}x"
-                                f"{describe_size(cfg.data.frame_size)} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
+                                f"{describe_size(cfg.data.frame_size)} and the VAE {cfg.vae.name} in {where}.\n"
+                                f"{LATENTS_HINT}")
         if latents.bad:
             log.warn(f"{len(latents.bad)} corrupt clips in the latent cache are skipped")
         return {"latents": latents}

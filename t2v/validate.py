@@ -101,8 +101,8 @@ def window_x0(cfg: config.Config, path: Path, all_clips: list, n: int, space=Non
     if space is not None:  # latent space: its cached posterior means
         from t2v.data.latents import open_latent_windows
 
-        cache = open_latent_windows(all_clips, d.frame_size, rate, config.cache_dir(cfg, "data"), space.identity, d.frames,
-                                    d.latent_windows)
+        cache = open_latent_windows(all_clips, d.frame_size, rate, config.cache_dir(cfg, "data"), space.identity,
+                                    d.frames, d.latent_windows)
         if cache is None:
             return [], [], f"no latent window cache for {path}: validation loss off; `python -m t2v.data latents` builds it"
     videos, fps = [], []

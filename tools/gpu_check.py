@@ -14,8 +14,8 @@ Checks, each a real command line (the ones users run), in this order:
            grid of 256 px latents); clips/s per GPU and peak GPU memory, then a 10-step Euler sample
   bench    `bench/run.py --only gpu` with the batch search capped so that everything fits
   wan      Wan 2.1 T2V-1.3B's transformer at its real size (random weights, bf16, activation checkpointing) on
-           17 x 240 x 320 clips (MSR-VTT's own frames) as its latents: a LoRA and a full fine-tune through our train_step, peak GPU memory
-           and clips/s of each (bench/finetune.py)
+           17 x 240 x 320 clips (MSR-VTT's own frames) as its latents: a LoRA and a full fine-tune through our
+           train_step, peak GPU memory and clips/s of each (bench/finetune.py)
   fsdp     train.parallel=fsdp on one GPU (one shard, the code path of many) with train.deterministic=true: 30 steps
            straight, and signalled after step 15 then resumed from its sharded folder, bit-exact; MFU and model FLOPs
 

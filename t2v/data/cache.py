@@ -191,8 +191,8 @@ def build_cache(
 
 # --- sharded builds (t2v.cachebuild): a deterministic slice per process (a Slurm array task), then one merge -------
 
-def build_shard(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, shard: int, shards: int,
-                progress: bool = True, workers: int = 1) -> Path:
+def build_shard(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, shard: int,
+                shards: int, progress: bool = True, workers: int = 1) -> Path:
     """Decode shard ``shard`` of ``shards`` into its own part file (kept if already finished: rerunning the
     shards of a killed array job redoes only the unfinished ones). Returns the part's .npy."""
     cache_dir = Path(cache_dir)

@@ -200,7 +200,8 @@ def build_latents(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir
     return _opened(clips, frames, size, cache_dir, vae_id)
 
 
-def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: FrameSize, space: LatentSpace, clips, bad) -> None:
+def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: FrameSize, space: LatentSpace, clips,
+                bad) -> None:
     meta = {"key": key, "version": VERSION, "vae": vae_id, "frames": frames, "size": size,
             "space": space.to_dict(), "paths": [str(c.video) for c in clips], "bad": bad}
     write_text(path, json.dumps(meta, indent=1))  # last: its presence means the .npy is complete
@@ -208,8 +209,8 @@ def _write_meta(path: Path, key: str, vae_id: str, frames: int, size: FrameSize,
 
 # --- sharded builds (t2v.cachebuild: one Slurm array task per shard, then one merge), as for the clip cache ---------
 
-def build_latent_shard(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, vae, vae_id: str,
-                       shard: int, shards: int, batch_frames: int = 16, clip_cache: ClipCache | None = None,
+def build_latent_shard(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir: str | os.PathLike, vae,
+                       vae_id: str, shard: int, shards: int, batch_frames: int = 16, clip_cache: ClipCache | None = None,
                        progress: bool = True) -> Path:
     """Encode shard ``shard`` of ``shards`` (a contiguous run of the fixed groups, so each is encoded exactly as in
     one build) into its own part file; a finished part is kept. Returns the part's .npy."""

@@ -24,7 +24,8 @@ def open_training_windows(cfg: Config, clips, log, vae_id: str | None):
                                       cfg.data.latent_windows)
         if windows is None:
             raise TrainingError(f"{cfg.data.manifest}: no latent window cache for these clips at "
-                                f"{describe_size(cfg.data.frame_size)}, {rate.describe()} and the VAE {cfg.vae.name} in {where}.\n{LATENTS_HINT}")
+                                f"{describe_size(cfg.data.frame_size)}, {rate.describe()} and the VAE {cfg.vae.name} "
+                                f"in {where}.\n{LATENTS_HINT}")
     elif not cfg.data.cache:
         return None
     else:
