@@ -283,34 +283,45 @@ def test_two_task_fsdp_job_is_preempted_and_resumes_bit_exact(cluster, demo):
     assert re.match(rf"{jid}\s+COMPLETED\s+1\s+{steps}/{steps}\s", row), row
 
 
-def test_wan_lora_run_is_preempted_and_resumes_bit_exact(cluster, demo):
-    """A pretrained fine-tune through the same job script: a LoRA on a tiny Wan saved in the hub's layout,
-    preempted once, requeued, and at the end bit-identical to the same run uninterrupted on the host; its
-    checkpoints hold the adapter only."""
-    from pretrained import save_wan_pipeline
+# each pretrained family's way of training, on a tiny model saved in the hub's layout (tests/pretrained.py)
+FAMILIES = {
+    "wan_lora": ("diffusion.objective=flow", "train.finetune=lora", "train.lora_rank=4"),
+    "animatediff_motion": ("diffusion.objective=ddpm", "diffusion.schedule=linear", "diffusion.beta_start=0.00085",
+                           "diffusion.beta_end=0.012", "diffusion.prediction=eps", "train.finetune=motion"),
+}
 
-    base = save_wan_pipeline(cluster / "wan_base", in_channels=3, text_dim=64)  # pixels; tiny.yaml's 64-d captions
-    text = cluster / "wan_text"  # per-token captions, beside the shared cache (which has none)
-    wan = ["model.arch=wan", f"model.pretrained={base}", "diffusion.objective=flow", "text.tokens=true",
-           f"text.cache_dir={text}", "train.finetune=lora", "train.lora_rank=4", "train.log_every=1",
-           "train.ckpt_every=20", "train.val_every=0"]
-    embed = subprocess.run([PY, "-m", "t2v.text", "embed", "--config", "configs/tiny.yaml", *data_args(demo), *wan],
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_pretrained_fine_tune_is_preempted_and_resumes_bit_exact(cluster, demo, family):
+    """A pretrained fine-tune through the same job script: a Wan LoRA, or AnimateDiff's motion modules on a tiny
+    SD UNet, preempted once, requeued, and at the end bit-identical to the same run uninterrupted on the host; its
+    checkpoints hold what trains only."""
+    from pretrained import save_sd_pipeline, save_wan_pipeline
+
+    arch = family.split("_")[0]
+    save = save_wan_pipeline if arch == "wan" else save_sd_pipeline
+    base = save(cluster / f"{family}_base", in_channels=3, text_dim=64)  # pixels; tiny.yaml's 64-d captions
+    text = cluster / f"{family}_text"  # per-token captions, beside the shared cache (which has none)
+    over = [f"model.arch={arch}", f"model.pretrained={base}", *FAMILIES[family], "text.tokens=true",
+            f"text.cache_dir={text}", "train.log_every=1", "train.ckpt_every=20", "train.val_every=0"]
+    embed = subprocess.run([PY, "-m", "t2v.text", "embed", "--config", "configs/tiny.yaml", *data_args(demo), *over],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert embed.returncode == 0, embed.stderr
     steps = 120
-    run = cluster / "wan_lora"
-    jid = make_submit(run, demo, steps, *wan)
-    ref = cluster / "wan_reference"
-    host = subprocess.Popen([PY, "-m", "t2v.train", "--config", "configs/tiny.yaml", *data_args(demo), *wan,
+    run = cluster / family
+    jid = make_submit(run, demo, steps, *over)
+    ref = cluster / f"{family}_reference"
+    host = subprocess.Popen([PY, "-m", "t2v.train", "--config", "configs/tiny.yaml", *data_args(demo), *over,
                              f"train.outdir={ref}", f"train.steps={steps}"], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    preempted_once(run, jid, 10, "the Wan LoRA to train")
+    preempted_once(run, jid, 10, f"the {family} run to train")
     assert host.wait(timeout=600) == 0, host.stderr.read()
     final = f"ckpt_{steps:06d}.pt"
     assert_bit_identical(run / final, ref / final)
     state = torch.load(run / final, map_location="cpu", weights_only=True)
-    assert all("lora_" in k for k in state["model"] if k != "null_tokens") and state["data"]["base"]["name"] == str(base)
+    trained = "lora_" if family == "wan_lora" else "motion_modules"
+    assert all(trained in k for k in state["model"] if k != "null_tokens") and state["data"]["base"]["name"] == str(base)
 
 
 @pytest.mark.parametrize("sampling", ["even", "window"])
