@@ -121,7 +121,7 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
              "model.arch=animatediff was trained with DDPM predicting the noise: set diffusion.objective=ddpm and "
              "diffusion.prediction=eps"),
             *[(side % 8 == 0, f"{key} must be a multiple of 8 (the SD UNet halves it three times), got {side}")
-              for key, side in _sides(cfg)],
+              for key, side in frame_sides(cfg)],
         ]
     cell = space_facts(cfg).cell
     return checks + [
@@ -130,7 +130,8 @@ def _pretrained_checks(cfg) -> list[tuple[bool, str]]:
                                  "use train.finetune=lora or full"),
         (d.objective == "flow", "model.arch=wan was trained with rectified flow: set diffusion.objective=flow"),
         *[(side % cell == 0 and side // cell % 2 == 0, f"{key}={side} must give latent frames ({side}/{cell} cells) "
-                                                       "divisible by Wan's 2x2 patches") for key, side in _sides(cfg)],
+                                                       "divisible by Wan's 2x2 patches")
+          for key, side in frame_sides(cfg)],
     ]
 
 
@@ -150,7 +151,7 @@ def _base_dtype_checks(cfg) -> list[tuple[bool, str]]:
     ]
 
 
-def _sides(cfg) -> list[tuple[str, int]]:
+def frame_sides(cfg) -> list[tuple[str, int]]:
     """The frame's sides to check, by the key that sets each: data.size, and data.width where it differs."""
     return [("data.size", cfg.data.size)] + ([("data.width", cfg.data.width)]
                                              if cfg.data.width not in (0, cfg.data.size) else [])
@@ -171,7 +172,8 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
         unit = space.cell if space.vae else 8 * (m.patch or 1)
         after = f" after patches of {m.patch} pixels (model.patch)" if m.patch > 1 else ""
         return [*[(side >= unit and side % unit == 0, f"{key} must be a multiple of {unit} (the UNet halves it "
-                                                      f"twice{after}), got {side}") for key, side in _sides(cfg)],
+                                                      f"twice{after}), got {side}")
+                  for key, side in frame_sides(cfg)],
                 (not m.downsample_time or cfg.data.frames % 4 == 0,
                  f"data.frames must be a multiple of 4 with model.downsample_time (the UNet halves the frames with "
                  f"the frame size, up to twice), got {cfg.data.frames}"),
@@ -182,9 +184,10 @@ def _arch_checks(cfg) -> list[tuple[bool, str]]:
     return [
         *[(side >= 8 and side % space.cell == 0,
            f"{key} must be >= 8, and a multiple of 8 for model.space=latent (the VAE downsamples 8x), got {side}")
-          for key, side in _sides(cfg)],
+          for key, side in frame_sides(cfg)],
         *[(side // space.cell % patch == 0, f"{key}={side} must give frames ({side // space.cell} cells) divisible by "
-                                            f"the dit's patch {patch} (model.patch)") for key, side in _sides(cfg)],
+                                            f"the dit's patch {patch} (model.patch)")
+          for key, side in frame_sides(cfg)],
         *[(not getattr(m, k), f"model.{k} applies to model.arch=unet only; a dit has {why}") for k, why in
           (("coords", "position embeddings"), ("frame_cond", "a frame position embedding"),
            ("temporal_attention", "temporal attention blocks"), ("downsample_time", "no downsampling"))],

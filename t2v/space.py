@@ -20,8 +20,9 @@ import torch
 
 from t2v import config
 from t2v import validate
+from t2v.config_checks import frame_sides
 from t2v.data.cache import build_cache, open_cache
-from t2v.data.latents import open_latents
+from t2v.data.latents import latent_cells, open_latents
 from t2v.data.sources import LATENTS_HINT, open_training_windows
 from t2v.data.video import describe_size, frame_hw
 from t2v.models.unet import resolve_size
@@ -90,8 +91,8 @@ class VAESpace:
         return self.latent.channels
 
     def sample_shape(self, b: int, frames: int, size: int | tuple[int, int]) -> tuple[int, ...]:
-        h, w = (side // self.latent.factor for side in frame_hw(size))
-        return (b, self.latent.latent_frames(frames), self.latent.channels, h, w)  # b t c h w
+        cells = latent_cells(size, self.latent)  # h w
+        return (b, self.latent.latent_frames(frames), self.latent.channels, *cells)  # b t c h w
 
     def model_input(self, batch: dict, seed: int, step: int, rank: int, global_batch: int, device) -> torch.Tensor:
         """The VAE posterior (b 2 t c h w) -> this step's latent draw, b t c h w (its own (seed, step) generator)."""
@@ -158,7 +159,7 @@ def build_space(cfg: config.Config, device: torch.device | str = "cpu", vae=None
         raise VAEError(str(e)) from None
     patch = 1 if cfg.model.arch != "unet" else cfg.model.patch or 1  # the others' sizes: t2v.config_checks
     unit = patch * 2 ** halvings
-    for key, side in zip(("data.size", "data.width"), frame_hw(cfg.data.frame_size)):
+    for key, side in frame_sides(cfg):
         if side % latent.factor or (side // latent.factor) % unit:
             raise VAEError(f"{key}={side}: latent frames are {side}/{latent.factor} cells, which the UNet halves "
                            f"{halvings} times (in patches of {patch}: model.patch); use a multiple of "

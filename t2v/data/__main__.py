@@ -24,7 +24,7 @@ from t2v.config import (ConfigError, add_config_args, cache_dir, load_with_manif
 from t2v.cachebuild import no_room
 from t2v.data.cache import CacheError, shard_argument, shard_count
 from t2v.data.manifest import ManifestError, Problem
-from t2v.data.video import describe_size, frame_hw
+from t2v.data.video import describe_size
 from t2v.device import DeviceError
 from t2v.table import text_table
 from t2v.vae import VAEError
@@ -172,7 +172,7 @@ def print_window_cache(cfg, cache, clips, manifest, took: str) -> None:
 
 def cmd_latents(args) -> int:
     from t2v.data.cache import open_cache
-    from t2v.data.latents import build_latent_shard, build_latents, merge_latent_shards
+    from t2v.data.latents import build_latent_shard, build_latents, latent_cells, merge_latent_shards
     from t2v.data.manifest import read_manifest
     from t2v.device import pick_device
     from t2v.vae import load_vae, vae_identity
@@ -202,7 +202,7 @@ def cmd_latents(args) -> int:
         else:
             cache = build_latents(*common, cfg.vae.batch_size, clip_cache=clip_cache, progress=True)
         s = cache.space
-        h, w = (side // s.factor for side in frame_hw(cfg.data.frame_size))
+        h, w = latent_cells(cfg.data.frame_size, s)
         row = 2 * s.latent_frames(cfg.data.frames) * s.channels * h * w * 2  # mean and std, float16
         print(f"latent cache: {cache.npy} ({len(cache)} clips of {manifest}, {s.latent_frames(cfg.data.frames)}x"
               f"{s.channels}x{h}x{w} latents of {cfg.vae.name}, {row:,} bytes a clip, {len(cache.bad)} "
@@ -212,7 +212,7 @@ def cmd_latents(args) -> int:
 
 def _latent_windows(cfg, clips, manifest, vae, vae_id, args, device) -> None:
     """data.sampling=window: every clip decoded at data.fps, cut into shots and encoded (the latent window cache)."""
-    from t2v.data.latents import build_latent_windows, open_latent_windows
+    from t2v.data.latents import build_latent_windows, latent_cells, open_latent_windows
     from t2v.data.windows import Rate, cached_seconds_line
 
     t0, rate = time.time(), Rate.of(cfg.data)
@@ -226,7 +226,7 @@ def _latent_windows(cfg, clips, manifest, vae, vae_id, args, device) -> None:
     if cache is None:
         raise CacheError(f"latent window cache {npy}: source videos changed during the build; run it again")
     s, took = cache.space, f"{time.time() - t0:.1f} s on {device}"
-    cells = "x".join(str(side // s.factor) for side in frame_hw(cfg.data.frame_size))  # h x w
+    cells = "x".join(map(str, latent_cells(cfg.data.frame_size, s)))  # h x w
     if s.temporal > 1:  # whole windows encoded: count them, and their bytes
         n = sum(len(w) for w in cache.starts)
         row = cache.array[0].nbytes if len(cache.array) else 0

@@ -81,14 +81,14 @@ def open_latents(clips: Sequence[Clip], frames: int, size: FrameSize, cache_dir:
     return LatentCache(f.npy, frames, size, space, meta["paths"], {int(b["index"]) for b in meta["bad"]}, arr)
 
 
-def _cells(size: FrameSize, space: LatentSpace) -> tuple[int, int]:
+def latent_cells(size: FrameSize, space: LatentSpace) -> tuple[int, int]:
     """(h, w) of a latent frame: the frame's height and width over the VAE's spatial factor."""
     return tuple(side // space.factor for side in frame_hw(size))
 
 
 def _row(frames: int, size: FrameSize, space: LatentSpace) -> tuple:
     """One clip's row: (2, T, C, h, w), the posterior's mean and std (T: a video VAE's latent frames)."""
-    return 2, space.latent_frames(frames), space.channels, *_cells(size, space)
+    return 2, space.latent_frames(frames), space.channels, *latent_cells(size, space)
 
 
 def _space(vae, size: FrameSize, frames: int = 1) -> LatentSpace:
@@ -333,7 +333,8 @@ def latent_store(clips: Sequence[Clip], size: FrameSize, rate: Rate, vae_id: str
         mean, std = encode(vae, to_model(np.ascontiguousarray(u8)), batch_frames)  # t c h w each
         return torch.stack([mean, std], dim=1).numpy()  # t 2 c h w
 
-    return Store("latwin", window_key(clips, size, rate, vae_id), (2, space.channels, *_cells(size, space)), "float16",
+    row = (2, space.channels, *latent_cells(size, space))  # mean/std c h w
+    return Store("latwin", window_key(clips, size, rate, vae_id), row, "float16",
                  encode_frames if vae is not None else None, resumable=True, what="latent window cache")
 
 
@@ -353,7 +354,7 @@ def open_latent_windows(clips: Sequence[Clip], size: FrameSize, rate: Rate, cach
         if space is None:
             continue
         video = space.temporal > 1
-        row = _row(frames, size, space) if video else (2, space.channels, *_cells(size, space))
+        row = _row(frames, size, space) if video else (2, space.channels, *latent_cells(size, space))
         got = open_index(f.npy, f.meta, key, clips, row, np.float16, "latent window cache")
         if got is None:
             return None

@@ -125,9 +125,9 @@ def _check(path: Path, loader) -> tuple[str, dict | None]:
 
 def inventory(run_dir: str | os.PathLike, losses: pd.DataFrame | None = None, load: bool = True) -> pd.DataFrame:
     """Every ckpt_*.pt, sharded ckpt_*/ folder and quarantined *.corrupt of run_dir: step, time written, size,
-    loss near its step, what it holds and whether it loads (with t2v.checkpoint.load_checkpoint, weights_only, on CPU). resume_pick marks
-    the checkpoint a resume would take: the newest that loads and verifies (never a *.corrupt one).
-    Reads only: nothing is renamed, even a broken file."""
+    loss near its step, what it holds and whether it loads (with t2v.checkpoint.load_checkpoint, weights_only, on
+    CPU). resume_pick marks the checkpoint a resume would take: the newest that loads and verifies (never a
+    *.corrupt one). Reads only: nothing is renamed, even a broken file."""
     run_dir = Path(run_dir)
     losses = losses if losses is not None else parse_log([])
     files = sorted(((int(m.group("step")), bool(m.group("corrupt")), p) for p in run_dir.iterdir()
