@@ -110,8 +110,15 @@ def test_a_killed_and_resumed_run_shows_every_step_once_in_order(tmp_path):
     for line in proc.stdout:
         if line.startswith("step 000025"):
             break
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)  # after its checkpoint at 20, with steps 21-25 already logged
+    # Frozen after its checkpoint at 20, with steps 21-25 already logged, until W&B's service (a process of its own)
+    # has written its first block: a fast host reaches step 25 before the first flush (FLUSH_S), which would leave
+    # the killed file empty and the config check below with nothing to read (the cut-buffer case has its own test).
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while not any(r["type"] == "run" for d in (run / "wandb").glob("offline-run-*") for r in inspect_records(d)):
+        assert time.monotonic() < deadline, "W&B never wrote the first process's run record"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -145,6 +152,27 @@ def test_a_killed_and_resumed_run_shows_every_step_once_in_order(tmp_path):
         first = inspect_records(d)[1]
         assert first["type"] == "run" and first["run"]["run_id"] == run_id
         assert first["run"]["config"]["update"]["train"]["steps"] == 40
+
+
+def test_steps_a_kill_cut_from_the_wandb_file_are_sent_again_from_metrics_jsonl(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log = runlog.RunLog(tmp_path)
+    first = tracking.WandB(tmp_path, "offline", "p", None, {"train": {"steps": 40}}, log)
+    for step in range(1, 26):  # the killed process logged 1-25 to metrics.jsonl ...
+        log.metrics(step=step, loss=1.0 / step)
+        if step <= 10:  # ... but its W&B file got only 1-10 before the kill
+            first.record({"step": step, "loss": 1.0 / step})
+    first.close()
+    again = tracking.WandB(tmp_path, "offline", "p", 20, {"train": {"steps": 40}}, log)
+    assert again.held == 10
+    for step in range(21, 41):  # the process resumed from its checkpoint at 20
+        again.record({"step": step, "loss": 2.0 / step})
+    again.close()
+    log.close()
+    rows = [row for d in tracking.offline_runs(tmp_path, first.run_id) for row in tracking.wandb_history(d)]
+    assert [r["_step"] for r in rows] == list(range(1, 41))  # 11-20 from metrics.jsonl, 21-25 from the resumed run
+    assert [r["train/loss"] for r in rows] == pytest.approx([1.0 / s for s in range(1, 21)] +
+                                                            [2.0 / s for s in range(21, 41)])
 
 
 def test_without_the_tensorboard_package_the_error_says_what_to_do(tmp_path, monkeypatch):
