@@ -1,5 +1,6 @@
 """Does starting from weights pay? The field's own experiment, image -> video, on the demo and on CPU:
-`python -m bench.pretrain_evidence [--variants scratch,full,lora,motion] [--seeds 0,1,2] [--jobs 2] [--table]`.
+`python -m bench.pretrain_evidence [--variants scratch,full,lora,motion] [--seeds 0,1,2] [--jobs 2] [--table]`
+(`--results DIR` keeps a longer experiment's files apart: bench/results/pretrain_2000 holds the 2,000-step runs).
 
 1. Pretrain an image model: a small Stable Diffusion-shaped UNet2D (diffusers' UNet2DConditionModel, on pixels so
    that the demo judge reads its samples) on single frames of the demo clips, captioned by colour and shape only
@@ -11,7 +12,7 @@
    `scratch`: the same network from random weights (a UNet2D of the same config, seeded by the run's seed), full.
 3. Judge the EMA weights every --eval-every steps on all 48 demo prompts (t2v.demo_eval) and read the validation
    loss at fixed timesteps, as bench/recipe_sweep.py does; `--table` prints docs/finetune.md's table from the
-   results (bench/results/pretrain/<variant>-seed<N>.json).
+   results (--results, bench/results/pretrain/<variant>-seed<N>.json by default).
 
 Everything but what trains is the same in all four: the network, objective, data, batch, rate, EMA, steps and the
 judge's sampler. Each run is its own process with OMP_NUM_THREADS=--threads.
@@ -147,14 +148,15 @@ def main(argv=None) -> int:
     sweep.add_run_args(p, STEPS, EVAL_EVERY, "/tmp/t2v-pretrain-evidence")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--table", action="store_true", help="print the tables from the results")
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"where the results go (default {RESULTS})")
     args = p.parse_args(argv)
-    work = Path(args.work)
+    work, results_dir = Path(args.work), args.results.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.one:
         name, seed = args.one[0], int(args.one[1])
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        results_dir.mkdir(parents=True, exist_ok=True)
         r = run(name, seed, args.steps, args.eval_every, work)
-        (RESULTS / f"{name}-seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
+        (results_dir / f"{name}-seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         return 0
     if not args.table:
         unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -162,13 +164,14 @@ def main(argv=None) -> int:
             p.error(f"unknown variant(s) {unknown}: expected some of {', '.join(VARIANTS)}")
         if not (work / "image-base" / "unet" / "config.json").is_file():
             info = pretrain(work / "image-base", args.pretrain_steps)
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / "image-base.json").write_text(json.dumps(info, indent=1) + "\n")
+            results_dir.mkdir(parents=True, exist_ok=True)
+            (results_dir / "image-base.json").write_text(json.dumps(info, indent=1) + "\n")
         seeds = [int(s) for s in args.seeds.split(",")]
-        common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every), "--work", args.work]
+        common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every), "--work", args.work,
+                  "--results", str(results_dir)]
         sweep.spawn([(f"{v}-seed{s}", [sys.executable, "-m", "bench.pretrain_evidence", "--one", v, str(s), *common])
                      for s in seeds for v in args.variants.split(",")], args.jobs, args.threads, work)
-    results = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("*-seed*.json"))]
+    results = [json.loads(f.read_text()) for f in sorted(results_dir.glob("*-seed*.json"))]
     print(sweep.tables(results))
     return 0
 

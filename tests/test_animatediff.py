@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pretrained import save_sd_pipeline, step_state
-from runs import assert_states_equal, load, prepare, tiny_config
+from runs import assert_states_equal, load, straight_and_cut, tiny_config
 from t2v import config as C
 from t2v.models import build_model
 from t2v.models.pretrained import PretrainedError
@@ -195,11 +195,7 @@ def test_motion_run_resumes_bit_exact_and_exports_a_motion_adapter(sd, tmp_path)
     over = ad_overrides(sd, "data.frames=4", "train.finetune=motion", "train.steps=6", "train.ckpt_every=3",
                         "train.val_every=3", "train.lr=1e-3", "train.sample_every=6", "train.sample_steps=2",
                         "train.sample_method=sd-ddim")
-    whole = tiny_config(tmp_path / "data", tmp_path / "whole", *over)
-    prepare(whole, n_train=8)
-    assert train(whole) == 0
-    cut = tiny_config(tmp_path / "data", tmp_path / "cut", *over)
-    assert train(cut, stop_at=2) != 0 and train(cut) == 0
+    straight_and_cut(tmp_path / "data", tmp_path, *over, stop_at=2)
     a, b = load(tmp_path / "whole" / "ckpt_000006.pt"), load(tmp_path / "cut" / "ckpt_000006.pt")
     assert_states_equal(a, b)
     assert all("motion_modules" in n for n in a["model"] if n != "null_tokens") and a["data"]["base"]["adapter"] == "fresh"
