@@ -271,6 +271,38 @@ def test_lora_run_resumes_bit_exact_exports_and_refuses_another_base(pixel_wan, 
 
 
 @pytest.mark.slow
+def test_full_run_resumes_bit_exact_and_exports_a_pipeline_diffusers_loads(pixel_wan, tmp_path):
+    """configs/wan_full.yaml's recipe (train.finetune=full): every transformer weight trains, interrupted and resumed
+    equals uninterrupted bit for bit, the checkpoint holds the transformer (not the text encoder or the VAE), and the
+    default export is a WanPipeline folder whose transformer gives our EMA model's output."""
+    from diffusers import WanPipeline
+
+    from t2v import export as export_mod
+    from t2v.sample import load_ema
+
+    over = wan_overrides(pixel_wan, "data.frames=5", "train.finetune=full", "train.steps=4", "train.ckpt_every=2",
+                         "train.val_every=0", "train.lr=1e-3")
+    straight_and_cut(tmp_path / "data", tmp_path, *over, stop_at=3)
+    a = load(tmp_path / "whole" / "ckpt_000004.pt")
+    assert_states_equal(a, load(tmp_path / "cut" / "ckpt_000004.pt"))
+    base = WanPipeline.from_pretrained(pixel_wan).transformer
+    held = {n.removeprefix("transformer.") for n in a["model"] if n != "null_tokens"}
+    assert held == set(base.state_dict())  # the whole transformer, and nothing of the text encoder or VAE
+
+    written = export_mod.export(tmp_path / "whole")
+    assert written == tmp_path / "whole" / "export" / "ckpt_000004"
+    _, ours, _ = load_ema(tmp_path / "whole")
+    x, t, context = torch.randn(1, 3, 5, 16, 16), torch.tensor([400.0]), torch.randn(1, TEXT_LEN, TEXT_DIM)
+    with torch.no_grad():
+        before = base(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+        theirs = WanPipeline.from_pretrained(written).transformer(hidden_states=x, timestep=t,
+                                                                  encoder_hidden_states=context, return_dict=False)[0]
+        mine = ours.transformer(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+    assert (mine - before).abs().max() > 1e-3  # four steps moved the weights ...
+    torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-6)  # ... and the exported folder holds them
+
+
+@pytest.mark.slow
 def test_a_bf16_base_run_resumes_bit_exact_samples_and_exports_fp32(pixel_wan, tmp_path):
     """configs/wan_lora.yaml's model.base_dtype=bf16 through the documented commands: the LoRA trains and resumes
     bit-exact, its checkpoint holds the fp32 adapter only, sampling (fp32, no autocast of its own) runs, and a
