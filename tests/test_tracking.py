@@ -115,11 +115,13 @@ def test_a_killed_and_resumed_run_shows_every_step_once_in_order(tmp_path):
     # the killed file empty and the config check below with nothing to read (the cut-buffer case has its own test).
     proc.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + 60
-    while not any(r["type"] == "run" for d in (run / "wandb").glob("offline-run-*") for r in inspect_records(d)):
-        assert time.monotonic() < deadline, "W&B never wrote the first process's run record"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        while not any(r["type"] == "run" for d in (run / "wandb").glob("offline-run-*") for r in inspect_records(d)):
+            assert time.monotonic() < deadline, "W&B never wrote the first process's run record"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # a stopped process is not left behind, even when the wait fails
+        proc.wait()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in again.stdout
@@ -170,7 +172,8 @@ def test_steps_a_kill_cut_from_the_wandb_file_are_sent_again_from_metrics_jsonl(
     again.close()
     log.close()
     rows = [row for d in tracking.offline_runs(tmp_path, first.run_id) for row in tracking.wandb_history(d)]
-    assert [r["_step"] for r in rows] == list(range(1, 41))  # 11-20 from metrics.jsonl, 21-25 from the resumed run
+    # 11-20 from metrics.jsonl, 21-40 from the resumed run: the killed process's 21-25 are not sent
+    assert [r["_step"] for r in rows] == list(range(1, 41))
     assert [r["train/loss"] for r in rows] == pytest.approx([1.0 / s for s in range(1, 21)] +
                                                             [2.0 / s for s in range(21, 41)])
 
