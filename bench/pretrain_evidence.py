@@ -1,6 +1,8 @@
 """Does starting from weights pay? The field's own experiment, image -> video, on the demo and on CPU:
 `python -m bench.pretrain_evidence [--variants scratch,full,lora,motion] [--seeds 0,1,2] [--jobs 2] [--table]`
-(`--results DIR` keeps a longer experiment's files apart: bench/results/pretrain_2000 holds the 2,000-step runs).
+(`--results DIR` keeps a longer experiment's files apart: bench/results/pretrain_2000 holds the 2,000-step runs;
+`--set KEY=VALUE`, repeatable, changes a setting of every fine-tune, not of the image model's pretraining:
+bench/results/pretrain_shift8 holds `--set diffusion.shift=8`).
 
 1. Pretrain an image model: a small Stable Diffusion-shaped UNet2D (diffusers' UNet2DConditionModel, on pixels so
    that the demo judge reads its samples) on single frames of the demo clips, captioned by colour and shape only
@@ -134,9 +136,9 @@ def scratch_base(work: Path, seed: int) -> Path:
     return folder
 
 
-def run(variant: str, seed: int, steps: int, eval_every: int, work: Path) -> dict:
+def run(variant: str, seed: int, steps: int, eval_every: int, work: Path, extra=()) -> dict:
     base = scratch_base(work, seed) if variant == "scratch" else work / "image-base"
-    overrides = [*COMMON, f"model.pretrained={base}", *VARIANTS[variant]]
+    overrides = [*COMMON, f"model.pretrained={base}", *VARIANTS[variant], *extra]
     r = sweep.train_and_judge(work / f"{variant}-seed{seed}", overrides, seed, steps, eval_every, variant)
     return {"recipe": variant, **r}
 
@@ -149,13 +151,15 @@ def main(argv=None) -> int:
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--table", action="store_true", help="print the tables from the results")
     p.add_argument("--results", type=Path, default=RESULTS, help=f"where the results go (default {RESULTS})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of every fine-tune (not of the pretraining), after the experiment's own")
     args = p.parse_args(argv)
     work, results_dir = Path(args.work), args.results.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.one:
         name, seed = args.one[0], int(args.one[1])
         results_dir.mkdir(parents=True, exist_ok=True)
-        r = run(name, seed, args.steps, args.eval_every, work)
+        r = run(name, seed, args.steps, args.eval_every, work, args.set)
         (results_dir / f"{name}-seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         return 0
     if not args.table:
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
             (results_dir / "image-base.json").write_text(json.dumps(info, indent=1) + "\n")
         seeds = [int(s) for s in args.seeds.split(",")]
         common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every), "--work", args.work,
-                  "--results", str(results_dir)]
+                  "--results", str(results_dir), *(a for kv in args.set for a in ("--set", kv))]
         sweep.spawn([(f"{v}-seed{s}", [sys.executable, "-m", "bench.pretrain_evidence", "--one", v, str(s), *common])
                      for s in seeds for v in args.variants.split(",")], args.jobs, args.threads, work)
     results = [json.loads(f.read_text()) for f in sorted(results_dir.glob("*-seed*.json"))]
