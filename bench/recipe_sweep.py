@@ -82,7 +82,7 @@ def train_and_judge(outdir: Path, overrides: list[str], seed: int, steps: int, e
     for step in range(eval_every, steps + 1, eval_every):
         r = check(outdir / f"ckpt_{step:06d}.pt")
         evals.append({"step": step, "train_s": round(seconds[step], 1), "val_loss": val.get(step),
-                      **{k: r[k] for k in ("color", "shape", "motion", "background")},
+                      **{k: r[k] for k in ("color", "shape", "motion", "moving", "background")},
                       "per_shape": r["per_shape"], "per_color": r["per_color"], "per_motion": r["per_motion"]})
         print(f"  {name} seed {seed} step {step}: {json.dumps(evals[-1])}", flush=True)
     return {"seed": seed, "overrides": overrides, "steps": steps, "step_s": median_step_s(outdir),

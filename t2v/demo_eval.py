@@ -75,5 +75,6 @@ def summary(r: dict) -> str:
     return (f"demo check at step {r['step']} ({clips}, {r.get('sampler', 'DDIM')} {r['ddim_steps']}, "
             f"guidance {r['guidance']:g}): "
             f"colour {r['color']:.0%} (chance 25%), shape {r['shape']:.0%} (chance 33%), motion {r['motion']:.0%} "
-            f"(chance 25%), steady {r['steady']:.0%} (right and never jumping back), all three {r['all']:.0%}; background "
-            f"brightness {r['background']:.3f} (black = 0)")
+            f"(chance 25%), steady {r['steady']:.0%} (right and never jumping back), "
+            f"moving {r['moving']:.0%} (any way), all three {r['all']:.0%}; "
+            f"background brightness {r['background']:.3f} (black = 0)")

@@ -182,7 +182,9 @@ def _backstep(centres: list[tuple[int, float, float]], motion: str, width: int) 
 
 def score(verdicts: list[Verdict], wanted: list[tuple[str, str, str]]) -> dict:
     """Accuracies of colour, shape, motion (and all three at once) against (colour, shape, motion) triples, the
-    mean background brightness, and "steady": the motion is right and never jumps back (STEADY_TOLERANCE)."""
+    mean background brightness, "steady": the motion is right and never jumps back (STEADY_TOLERANCE), and
+    "moving": the shape travels (any direction, >= MIN_TRAVEL), which tells a model that draws still shapes from one
+    that moves them but does not take the direction from the caption (moving high, motion near chance)."""
     n = len(wanted)
     hits = {k: [getattr(v, k) == w[i] for v, w in zip(verdicts, wanted)] for i, k in enumerate(("color", "shape", "motion"))}
     return {
@@ -191,6 +193,7 @@ def score(verdicts: list[Verdict], wanted: list[tuple[str, str, str]]) -> dict:
         "motion": sum(hits["motion"]) / n,
         "all": sum(all(h) for h in zip(*hits.values())) / n,
         "steady": sum(m and v.backstep <= STEADY_TOLERANCE for m, v in zip(hits["motion"], verdicts)) / n,
+        "moving": sum(v.motion in _AXIS for v in verdicts) / n,
         "background": float(np.mean([v.background for v in verdicts])),
         "num": n,
     }
