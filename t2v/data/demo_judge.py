@@ -193,7 +193,7 @@ def score(verdicts: list[Verdict], wanted: list[tuple[str, str, str]]) -> dict:
         "motion": sum(hits["motion"]) / n,
         "all": sum(all(h) for h in zip(*hits.values())) / n,
         "steady": sum(m and v.backstep <= STEADY_TOLERANCE for m, v in zip(hits["motion"], verdicts)) / n,
-        "moving": sum(v.motion in _AXIS for v in verdicts) / n,
+        "moving": sum(v.motion in MOTIONS for v in verdicts) / n,
         "background": float(np.mean([v.background for v in verdicts])),
         "num": n,
     }
